@@ -1,0 +1,27 @@
+"""fsg — binary neural networks trained with learned gradient estimators.
+
+Fast and Slow Gradient generation (FSG, AAAI 2025) and the baselines it is measured against
+(STE; MetaQuant's FC-Grad, MultiFC, LSTMFC). Quick start::
+
+    import fsg
+    model = fsg.binarize(fsg.models.SmallCNN(), "dorefa")
+    trainer = fsg.Trainer(model, "fsg", optimizer="sgd", lr=1e-3)
+    for x, y in loader:
+        trainer.step(x, y)
+"""
+
+from . import estimators, mamba, models, quantizers, synthetic
+from .binarize import BinaryLayer, BinaryWeight, binarize, binarized_layers, is_binarized
+from .estimators import ESTIMATORS, Estimator, LayerContext, get_estimator, register_estimator
+from .quantizers import QUANTIZERS, Quantizer, get_quantizer, register_quantizer
+from .trainer import StepResult, Trainer, evaluate, make_optimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "binarize", "binarized_layers", "is_binarized", "BinaryLayer", "BinaryWeight",
+    "Estimator", "LayerContext", "ESTIMATORS", "get_estimator", "register_estimator",
+    "Quantizer", "QUANTIZERS", "get_quantizer", "register_quantizer",
+    "Trainer", "StepResult", "evaluate", "make_optimizer",
+    "estimators", "mamba", "models", "quantizers", "synthetic", "__version__",
+]

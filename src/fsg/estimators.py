@@ -1,0 +1,383 @@
+"""Gradient estimators for binarized layers, registered by name.
+
+Every estimator implements one small interface (:class:`Estimator`). For each binarized layer
+``l`` the trainer hands it a :class:`LayerContext` — the previous step's ``g = ∂L/∂Ŵ`` and
+``W̃``, the current latent ``W``, its calibration ``c(W)`` and the previous ``W.grad`` — and
+receives two tensors shaped like ``W``:
+
+* the **look-ahead direction** ``D_l`` (differentiable in the hypernetwork's parameters): the
+  trainer forwards with ``W_meta = W − η·D_l``, so the task loss trains the hypernetwork;
+* the **update direction** ``U_l`` (detached): the trainer sets ``W.grad = U_l`` and lets the base
+  optimizer take its step.
+
+==============  ==============================================  ==========================================  ===================
+name            hypernetwork output ``G`` (gradient w.r.t. W̃)   ``D`` (look-ahead)                          ``U`` (``W.grad``)
+==============  ==============================================  ==========================================  ===================
+``ste``         — (autograd's clipped STE gradient is kept)      —                                           ``∂L/∂W`` (STE)
+``fc-grad``     ``M(g)``, ``M``: 1→h→1 linear, element-wise      ``c⊙G + (W.grad_prev − c⊙G).detach()``      ``c⊙G``
+``multifc``     ``g ⊙ M(W̃)``, ``M``: 1→h→h→1                   same                                        ``c⊙G``
+``lstmfc``      ``g ⊙ FC(LSTM(W̃))``, LSTM state carried           same                                        ``c⊙G``
+``fsg``         ``G_fast = g ⊙ F(W̃)``; ``G_slow = S([e_l, HGS])``  ``β·G_slow + (1−β)·c⊙G_fast``                ``D`` (combined) or ``c⊙G_fast`` (fast)
+==============  ==============================================  ==========================================  ===================
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .mamba import Mamba
+
+__all__ = [
+    "LayerContext",
+    "Estimator",
+    "STE",
+    "FCGrad",
+    "MultiFC",
+    "LSTMFC",
+    "FSG",
+    "ElementwiseMLP",
+    "SlowNet",
+    "ESTIMATORS",
+    "register_estimator",
+    "get_estimator",
+]
+
+
+@dataclass
+class LayerContext:
+    """What the trainer knows about binarized layer ``index`` at the start of step ``t``.
+
+    ``grad`` and ``w_tilde`` come from step ``t−1``'s forward/backward (``g⁽ᵗ⁻¹⁾ = ∂L/∂Ŵ`` and
+    ``W̃⁽ᵗ⁻¹⁾``); ``weight`` is the current latent ``W``; ``calibration`` is ``c(W)``;
+    ``prev_update`` is ``W.grad`` left by step ``t−1`` (the refined gradient, or the STE gradient
+    after the observe step).
+    """
+
+    index: int
+    name: str
+    weight: Tensor
+    grad: Tensor
+    w_tilde: Tensor
+    calibration: Tensor
+    prev_update: Optional[Tensor]
+
+
+class Estimator(nn.Module):
+    """Base class. Subclasses set :attr:`lookahead` and implement :meth:`directions`.
+
+    ``lookahead = True`` (every hypernetwork method): step 0 only observes; each later step
+    computes directions from the previous step's gradient, forwards at ``W − η·D`` and updates
+    with ``U``. ``lookahead = False``: the trainer forwards at ``W``; after the backward it calls
+    :meth:`directions` with the *current* gradient and uses ``U`` (a fixed estimator needs no
+    look-ahead). ``natural_gradient = True`` keeps autograd's STE gradient as ``W.grad``.
+    """
+
+    lookahead: bool = True
+    natural_gradient: bool = False
+
+    def setup(self, layer_names: Sequence[str], layer_shapes: Sequence[torch.Size]) -> None:
+        """Called once by the trainer with the binarized layers (in order)."""
+        self.layer_names = list(layer_names)
+        self.layer_shapes = [torch.Size(s) for s in layer_shapes]
+
+    def directions(self, ctx: LayerContext) -> Tuple[Tensor, Tensor]:  # pragma: no cover
+        """Return ``(D, U)`` for one layer; see the module docstring."""
+        raise NotImplementedError
+
+    def observe(self, index: int, grad: Tensor, w_tilde: Tensor) -> None:
+        """Called after every backward with the new ``∂L/∂Ŵ`` and ``W̃`` of layer ``index``."""
+
+    def meta_param_groups(self) -> List[dict]:
+        """Hypernetwork parameter groups, one Adam each: ``[{"name", "params", "lr"}, ...]``."""
+        return []
+
+
+ESTIMATORS: Dict[str, Type[Estimator]] = {}
+
+
+def register_estimator(name: str) -> Callable[[Type[Estimator]], Type[Estimator]]:
+    """Class decorator adding an :class:`Estimator` subclass to the registry under ``name``."""
+
+    def deco(cls: Type[Estimator]) -> Type[Estimator]:
+        ESTIMATORS[name] = cls
+        cls.registered_name = name
+        return cls
+
+    return deco
+
+
+def get_estimator(name, **kwargs) -> Estimator:
+    """Build an estimator from its registered name; an :class:`Estimator` is returned as is."""
+    if isinstance(name, Estimator):
+        return name
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}: choose one of {', '.join(sorted(ESTIMATORS))}")
+    return ESTIMATORS[name](**kwargs)
+
+
+def _check_int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _check_lr(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+
+class ElementwiseMLP(nn.Module):
+    """Bias-free MLP ``1 → h → … → h → 1`` applied to every element of a tensor independently.
+
+    ``depth`` linear layers; ``nonlinearity`` (``None``, ``"relu"`` or ``"tanh"``) between them.
+    With ``None`` (FSG's default) the map is linear, ``x ↦ a·x`` with a learned factorised ``a``.
+    """
+
+    def __init__(self, hidden: int = 100, depth: int = 3, nonlinearity: Optional[str] = None):
+        super().__init__()
+        _check_int("hidden", hidden)
+        _check_int("depth", depth, 2)
+        _check_choice("nonlinearity", nonlinearity, (None, "relu", "tanh"))
+        dims = [1] + [hidden] * (depth - 1) + [1]
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:]))
+        self.nonlinearity = nonlinearity
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.reshape(-1, 1)
+        for i, lin in enumerate(self.layers):
+            y = lin(y)
+            if i < len(self.layers) - 1 and self.nonlinearity is not None:
+                y = torch.relu(y) if self.nonlinearity == "relu" else torch.tanh(y)
+        return y.view_as(x)
+
+
+class SlowNet(nn.Module):
+    """Sequence model ``(B, T, 1) → (B, T, 1)``: one Mamba block, or an LSTM + linear head."""
+
+    def __init__(self, kind: str = "mamba", d_state: int = 16, d_conv: int = 8, expand: int = 100,
+                 lstm_hidden: int = 100):
+        super().__init__()
+        _check_choice("slow_net", kind, ("mamba", "lstm"))
+        self.kind = kind
+        if kind == "mamba":
+            self.mamba = Mamba(d_model=1, d_state=d_state, d_conv=d_conv, expand=expand)
+        else:
+            self.lstm = nn.LSTM(1, _check_int("lstm_hidden", lstm_hidden), batch_first=True)
+            self.head = nn.Linear(lstm_hidden, 1, bias=False)
+
+    def forward(self, seq: Tensor) -> Tensor:
+        if self.kind == "mamba":
+            return self.mamba(seq)
+        return self.head(self.lstm(seq)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# estimators
+
+
+@register_estimator("ste")
+class STE(Estimator):
+    """Straight-through estimator: plain training with autograd's clipped STE gradient."""
+
+    lookahead = False
+    natural_gradient = True
+
+    def directions(self, ctx: LayerContext) -> Tuple[Tensor, Tensor]:
+        u = ctx.calibration * ctx.grad
+        return u, u
+
+
+class _MetaQuant(Estimator):
+    """Common MetaQuant look-ahead rule: ``D = c⊙G + (W.grad_prev − c⊙G).detach()``, ``U = c⊙G``."""
+
+    def __init__(self, meta_lr: float = 1e-3):
+        super().__init__()
+        self.meta_lr = _check_lr("meta_lr", meta_lr)
+
+    def refined(self, ctx: LayerContext) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def directions(self, ctx: LayerContext) -> Tuple[Tensor, Tensor]:
+        cg = ctx.calibration * self.refined(ctx)
+        prev = ctx.prev_update if ctx.prev_update is not None else cg.detach()
+        return cg + (prev - cg).detach(), cg.detach()
+
+    def meta_param_groups(self) -> List[dict]:
+        return [{"name": "meta", "params": list(self.parameters()), "lr": self.meta_lr}]
+
+
+@register_estimator("fc-grad")
+class FCGrad(_MetaQuant):
+    """MetaQuant FC-Grad: ``G = M(g)``, ``M`` two bias-free linear layers ``1→h→1``."""
+
+    def __init__(self, hidden: int = 100, nonlinearity: Optional[str] = None, meta_lr: float = 1e-3):
+        super().__init__(meta_lr)
+        self.net = ElementwiseMLP(hidden, depth=2, nonlinearity=nonlinearity)
+
+    def refined(self, ctx: LayerContext) -> Tensor:
+        return self.net(ctx.grad)
+
+
+@register_estimator("multifc")
+class MultiFC(_MetaQuant):
+    """MetaQuant MultiFC: ``G = g ⊙ M(W̃)``, ``M`` three bias-free linear layers ``1→h→h→1``."""
+
+    def __init__(self, hidden: int = 100, nonlinearity: Optional[str] = None, meta_lr: float = 1e-3):
+        super().__init__(meta_lr)
+        self.net = ElementwiseMLP(hidden, depth=3, nonlinearity=nonlinearity)
+
+    def refined(self, ctx: LayerContext) -> Tensor:
+        return ctx.grad * self.net(ctx.w_tilde)
+
+
+@register_estimator("lstmfc")
+class LSTMFC(_MetaQuant):
+    """MetaQuant LSTMFC: ``G = g ⊙ FC(LSTM(W̃))``.
+
+    A one-layer LSTM (hidden ``h``) runs element-wise (batch = elements, sequence length 1); its
+    ``(h, c)`` state per binarized layer is carried (detached) from step to step.
+    """
+
+    def __init__(self, hidden: int = 20, meta_lr: float = 1e-3):
+        super().__init__(meta_lr)
+        self.hidden = _check_int("hidden", hidden)
+        self.lstm = nn.LSTM(1, hidden)
+        self.fc = nn.Linear(hidden, 1)
+        self.states: List[Optional[Tuple[Tensor, Tensor]]] = []
+
+    def setup(self, layer_names, layer_shapes) -> None:
+        super().setup(layer_names, layer_shapes)
+        self.states = [None] * len(self.layer_names)
+
+    def refined(self, ctx: LayerContext) -> Tensor:
+        x = ctx.w_tilde.reshape(1, -1, 1)
+        _, (h, c) = self.lstm(x, self.states[ctx.index])
+        self.states[ctx.index] = (h.detach(), c.detach())
+        return ctx.grad * self.fc(h[0]).view_as(ctx.grad)
+
+    def get_extra_state(self):
+        return {"states": self.states}
+
+    def set_extra_state(self, state) -> None:
+        self.states = list(state["states"])
+
+
+@register_estimator("fsg")
+class FSG(Estimator):
+    """Fast and Slow Gradient generation (AAAI 2025).
+
+    * fast-net ``F`` (element-wise MLP ``1→h→h→1`` on ``W̃``): ``G_fast = g ⊙ F(W̃)``.
+    * HGS: per layer a FIFO of the last ``history`` gradients ``g``, pushed every step.
+    * LRE: a learned embedding per binarized layer, prepended as the first slow-net token.
+    * slow-net ``S`` (Mamba, d_model = 1, or LSTM) reading the history:
+      ``layout="flat"``: one sequence per layer ``[e_l, vec g⁽ᵗ⁻ᴸ⁾, …, vec g⁽ᵗ⁻¹⁾]``, ``G_slow``
+      = outputs at the last ``n_l`` positions; ``layout="temporal"``: one sequence per element
+      ``[e_l, g_i⁽ᵗ⁻ᴸ⁾, …, g_i⁽ᵗ⁻¹⁾]``, ``G_slow`` = output at the last position.
+    * ``D = β·G_slow + (1−β)·c⊙G_fast``; ``U = D`` (``update="combined"``, the paper) or
+      ``U = c⊙G_fast`` (``update="fast"``, the reference code).
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.9,
+        history: int = 5,
+        update: str = "combined",
+        lre: bool = True,
+        slow_net: str = "mamba",
+        layout: str = "flat",
+        fast_hidden: int = 100,
+        fast_nonlinearity: Optional[str] = None,
+        d_state: int = 16,
+        d_conv: int = 8,
+        expand: int = 100,
+        lstm_hidden: int = 100,
+        fast_lr: float = 1e-2,
+        slow_lr: float = 1e-3,
+        lre_lr: float = 1e-3,
+    ):
+        super().__init__()
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+        self.beta = float(beta)
+        self.history_len = _check_int("history (L)", history)
+        _check_choice("update", update, ("combined", "fast"))
+        _check_choice("layout", layout, ("flat", "temporal"))
+        self.update, self.layout, self.use_lre = update, layout, bool(lre)
+        self.fast = ElementwiseMLP(fast_hidden, depth=3, nonlinearity=fast_nonlinearity)
+        self.slow = SlowNet(slow_net, d_state=d_state, d_conv=d_conv, expand=expand, lstm_hidden=lstm_hidden)
+        self.fast_lr = _check_lr("fast_lr", fast_lr)
+        self.slow_lr = _check_lr("slow_lr", slow_lr)
+        self.lre_lr = _check_lr("lre_lr", lre_lr)
+        self.lre: Optional[nn.Embedding] = None
+        self.hgs: List[Deque[Tensor]] = []
+
+    def setup(self, layer_names, layer_shapes) -> None:
+        super().setup(layer_names, layer_shapes)
+        n = len(self.layer_names)
+        if self.use_lre and (self.lre is None or self.lre.num_embeddings != n):
+            p = next(self.fast.parameters())
+            self.lre = nn.Embedding(n, 1).to(device=p.device, dtype=p.dtype)
+        self.hgs = [deque(maxlen=self.history_len) for _ in range(n)]
+
+    def observe(self, index: int, grad: Tensor, w_tilde: Tensor) -> None:
+        self.hgs[index].append(grad.detach())
+
+    def slow_gradient(self, index: int) -> Tensor:
+        """``G_slow`` of layer ``index`` from its history (the last entry is ``g⁽ᵗ⁻¹⁾``)."""
+        hist = list(self.hgs[index])
+        if not hist:
+            raise RuntimeError(f"FSG history of layer {index} is empty: observe() a gradient first")
+        shape = hist[-1].shape
+        n = hist[-1].numel()
+        if self.layout == "flat":
+            seq = torch.cat([h.reshape(-1) for h in hist]).view(1, -1, 1)
+            first = self.lre.weight[index].view(1, 1, 1) if self.lre is not None else None
+        else:
+            seq = torch.stack([h.reshape(-1) for h in hist], dim=1).unsqueeze(-1)  # (n, k, 1)
+            first = self.lre.weight[index].view(1, 1, 1).expand(n, 1, 1) if self.lre is not None else None
+        if first is not None:
+            seq = torch.cat([first.to(seq.dtype), seq], dim=1)
+        out = self.slow(seq)
+        g_slow = out[0, -n:, 0] if self.layout == "flat" else out[:, -1, 0]
+        return g_slow.reshape(shape)
+
+    def directions(self, ctx: LayerContext) -> Tuple[Tensor, Tensor]:
+        g_fast = ctx.grad * self.fast(ctx.w_tilde)
+        cg_fast = ctx.calibration * g_fast
+        if self.beta > 0:
+            d = self.beta * self.slow_gradient(ctx.index) + (1 - self.beta) * cg_fast
+        else:
+            d = cg_fast
+        u = d.detach() if self.update == "combined" else cg_fast.detach()
+        return d, u
+
+    def meta_param_groups(self) -> List[dict]:
+        groups = [
+            {"name": "fast", "params": list(self.fast.parameters()), "lr": self.fast_lr},
+            {"name": "slow", "params": list(self.slow.parameters()), "lr": self.slow_lr},
+        ]
+        if self.lre is not None:
+            groups.append({"name": "lre", "params": list(self.lre.parameters()), "lr": self.lre_lr})
+        return groups
+
+    def get_extra_state(self):
+        return {"hgs": [list(h) for h in self.hgs]}
+
+    def set_extra_state(self, state) -> None:
+        self.hgs = [deque(h, maxlen=self.history_len) for h in state["hgs"]]

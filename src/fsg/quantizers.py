@@ -1,0 +1,218 @@
+"""Forward quantizers for 1-bit (and k-bit) weights, with straight-through backward.
+
+Notation (METHOD.md §2): ``W`` is the latent full-precision weight, ``W̃ = A(W)`` the
+pre-quantized weight and ``Ŵ = Q(W̃)`` the binary weight used in the forward pass.
+
+==========  ==========================================  ==================================  =====================
+name        ``A(W)``                                    ``Q(W̃)``                           calibration ``c(W)``
+==========  ==========================================  ==================================  =====================
+``dorefa``  ``tanh(W) / (2·max|tanh W|) + 1/2``         ``2·round((2^k−1)·W̃)/(2^k−1) − 1``  ``(1 − tanh²W)/max|tanh W|``
+``bwn``     ``W``                                       ``s·sign(W̃)``, ``s = mean|W|``      ``1``
+``sign``    ``W``                                       ``sign(W̃)``                        ``1``
+==========  ==========================================  ==================================  =====================
+
+``sign(0) = +1``, so a binary weight is always exactly ``±s``. The max in ``A`` and the scale
+``s`` are constants in the backward pass. The rounding / sign is replaced in the backward pass
+by the clipped identity (straight-through estimator): the incoming gradient passes where
+``|input| ≤ 1`` and is zeroed elsewhere. The affine ``2·(·) − 1`` of dorefa is differentiated
+normally, so for dorefa the STE gradient w.r.t. ``W`` is exactly ``c(W) ⊙ ∂L/∂Ŵ``.
+
+The calibration ``c`` maps a gradient w.r.t. ``W̃`` produced by a hypernetwork to one w.r.t.
+``W``; for dorefa it is twice the exact derivative ``dW̃/dW`` (as in the reference code, so that
+learning rates transfer).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Type
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Quantizer",
+    "DoReFa",
+    "BWN",
+    "Sign",
+    "QUANTIZERS",
+    "get_quantizer",
+    "register_quantizer",
+    "sign_ste",
+    "round_ste",
+    "binary_sign",
+]
+
+
+def binary_sign(x: Tensor) -> Tensor:
+    """``sign`` with ``sign(0) = +1``: the result is exactly ``±1`` everywhere."""
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+class _SignSTE(torch.autograd.Function):
+    """``y = sign(x)`` (with sign(0)=+1); backward ``∂x = ∂y · 1[|x| ≤ 1]``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return binary_sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """``y = round(n·x)/n``; backward ``∂x = ∂y · 1[|x| ≤ 1]``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, levels: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return torch.round(x * levels) / levels
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype), None
+
+
+def sign_ste(x: Tensor) -> Tensor:
+    """Binary sign (``sign(0)=+1``) with the clipped straight-through backward."""
+    return _SignSTE.apply(x)
+
+
+def round_ste(x: Tensor, levels: int) -> Tensor:
+    """``round(levels·x)/levels`` with the clipped straight-through backward."""
+    return _RoundSTE.apply(x, levels)
+
+
+class Quantizer:
+    """A weight quantizer: ``Ŵ = Q(A(W))`` plus the calibration ``c(W)``.
+
+    Subclasses implement :meth:`pre` (``A``), :meth:`quantize` (``Q``, with an STE backward) and
+    :meth:`calibration`. Instances are stateless and cheap.
+    """
+
+    name: str = ""
+
+    def pre(self, w: Tensor) -> Tensor:
+        """``W̃ = A(W)``, differentiable."""
+        return w
+
+    def quantize(self, wt: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """``Ŵ = Q(W̃)`` with a straight-through backward."""
+        raise NotImplementedError
+
+    def calibration(self, w: Tensor) -> Tensor:
+        """``c(W)``, the factor mapping a gradient w.r.t. ``W̃`` to one w.r.t. ``W``."""
+        return torch.ones_like(w)
+
+    def scale(self, w: Tensor) -> Tensor:
+        """The magnitude ``s`` of the binary weights of ``w`` (``Ŵ ∈ {−s, +s}``)."""
+        return torch.ones((), dtype=w.dtype, device=w.device)
+
+    def __call__(self, w: Tensor) -> Tensor:
+        return self.quantize(self.pre(w))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class DoReFa(Quantizer):
+    """DoReFa-Net weight quantizer with ``bits`` bits (1 in the paper's experiments).
+
+    ``W̃ = tanh(W)/(2·max|tanh W|) + 1/2 ∈ [0, 1]`` (max detached),
+    ``Ŵ = 2·round((2^k−1)·W̃)/(2^k−1) − 1`` (``{−1, +1}`` for ``k = 1``),
+    ``c(W) = (1 − tanh²W)/max|tanh W|``.
+    """
+
+    name = "dorefa"
+
+    def __init__(self, bits: int = 1):
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
+            raise ValueError(f"dorefa bits must be an integer in 1..16, got {bits!r}")
+        self.bits = bits
+        self.levels = 2**bits - 1
+
+    @staticmethod
+    def _max_tanh(t: Tensor) -> Tensor:
+        # Constant in the backward pass; guard against an all-zero weight tensor.
+        return t.detach().abs().max().clamp_min(torch.finfo(t.dtype).tiny)
+
+    def pre(self, w: Tensor) -> Tensor:
+        t = torch.tanh(w)
+        return t / (2 * self._max_tanh(t)) + 0.5
+
+    def quantize(self, wt: Tensor) -> Tensor:
+        return 2 * round_ste(wt, self.levels) - 1
+
+    def calibration(self, w: Tensor) -> Tensor:
+        t = torch.tanh(w.detach())
+        return (1 - t * t) / self._max_tanh(t)
+
+    def __repr__(self) -> str:
+        return f"DoReFa(bits={self.bits})"
+
+
+class BWN(Quantizer):
+    """Binary-weight-network quantizer: ``Ŵ = s·sign(W)``, ``s = mean|W|``.
+
+    Backward: ``∂L/∂W = ∂L/∂Ŵ · 1[|W| ≤ 1]`` (``s`` is a constant, and the STE passes the
+    gradient unscaled, so that ``c(W) = 1``)."""
+
+    name = "bwn"
+
+    def quantize(self, wt: Tensor) -> Tensor:
+        # forward s·sign(W̃); backward the clipped identity, *not* scaled by s (s is a constant
+        # of the binarizer, which the STE replaces by the identity)
+        b = sign_ste(wt)
+        return b + ((self.scale(wt) - 1) * b).detach()
+
+    def scale(self, w: Tensor) -> Tensor:
+        return w.detach().abs().mean()
+
+
+class Sign(Quantizer):
+    """Plain ``sign(W)`` (the FSG reference code's BWN without the scale)."""
+
+    name = "sign"
+
+    def quantize(self, wt: Tensor) -> Tensor:
+        return sign_ste(wt)
+
+
+QUANTIZERS: Dict[str, Type[Quantizer]] = {}
+
+
+def register_quantizer(name: str) -> Callable[[Type[Quantizer]], Type[Quantizer]]:
+    """Class decorator adding a :class:`Quantizer` subclass to the registry under ``name``."""
+
+    def deco(cls: Type[Quantizer]) -> Type[Quantizer]:
+        QUANTIZERS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+for _cls in (DoReFa, BWN, Sign):
+    register_quantizer(_cls.name)(_cls)
+
+
+def get_quantizer(name, **kwargs) -> Quantizer:
+    """Build a quantizer from its registered name (``"dorefa"``, ``"bwn"``, ``"sign"``).
+
+    A :class:`Quantizer` instance is returned unchanged.
+    """
+    if isinstance(name, Quantizer):
+        return name
+    if name not in QUANTIZERS:
+        raise ValueError(
+            f"unknown quantizer {name!r}: choose one of {', '.join(sorted(QUANTIZERS))}"
+        )
+    cls = QUANTIZERS[name]
+    if cls is DoReFa:
+        return cls(**kwargs)
+    if kwargs.get("bits", 1) != 1:
+        raise ValueError(f"quantizer {name!r} is 1-bit only; bits={kwargs['bits']} needs 'dorefa'")
+    return cls()
