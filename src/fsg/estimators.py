@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mamba import Mamba
@@ -167,6 +166,18 @@ class ElementwiseMLP(nn.Module):
         return y.view_as(x)
 
 
+def _run_lstm(lstm: nn.LSTM, x: Tensor, state=None):
+    """``lstm(x, state)``; on the CPU without oneDNN, whose LSTM rebuilds its kernels for every
+    new sequence length (the HGS grows, layers differ) and is then many times slower."""
+    if x.device.type != "cpu" or not torch.backends.mkldnn.enabled:
+        return lstm(x, state)
+    torch.backends.mkldnn.enabled = False
+    try:
+        return lstm(x, state)
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
 class SlowNet(nn.Module):
     """Sequence model ``(B, T, 1) → (B, T, 1)``: one Mamba block, or an LSTM + linear head."""
 
@@ -184,7 +195,7 @@ class SlowNet(nn.Module):
     def forward(self, seq: Tensor) -> Tensor:
         if self.kind == "mamba":
             return self.mamba(seq)
-        return self.head(self.lstm(seq)[0])
+        return self.head(_run_lstm(self.lstm, seq)[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +278,7 @@ class LSTMFC(_MetaQuant):
 
     def refined(self, ctx: LayerContext) -> Tensor:
         x = ctx.w_tilde.reshape(1, -1, 1)
-        _, (h, c) = self.lstm(x, self.states[ctx.index])
+        _, (h, c) = _run_lstm(self.lstm, x, self.states[ctx.index])
         self.states[ctx.index] = (h.detach(), c.detach())
         return ctx.grad * self.fc(h[0]).view_as(ctx.grad)
 

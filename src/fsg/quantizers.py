@@ -166,7 +166,7 @@ class BWN(Quantizer):
         # forward s·sign(W̃); backward the clipped identity, *not* scaled by s (s is a constant
         # of the binarizer, which the STE replaces by the identity)
         b = sign_ste(wt)
-        return b + ((self.scale(wt) - 1) * b).detach()
+        return (self.scale(wt) * b).detach() + (b - b.detach())  # value exactly s·sign(W̃)
 
     def scale(self, w: Tensor) -> Tensor:
         return w.detach().abs().mean()
