@@ -464,19 +464,27 @@ def test_mamba_bfloat16_module_runs():
 # ---------------------------------------------------------------------------
 
 
-def test_default_impl_is_ref():
-    assert get_scan_impl() == "ref"
+@pytest.fixture(autouse=True)
+def _restore_scan_impl():
+    previous = get_scan_impl()
+    yield
+    set_scan_impl(previous)
+
+
+def test_default_impl_is_auto():
+    assert get_scan_impl() == "auto"
     assert mamba._SCAN_IMPLS["ref"] is selective_scan_ref
+    assert {"ref", "fused", "auto"} <= set(mamba._SCAN_IMPLS)
 
 
 def test_set_unknown_impl_raises():
     with pytest.raises(ValueError, match="unknown scan implementation 'nope'.*'ref'"):
         set_scan_impl("nope")
-    assert get_scan_impl() == "ref"
+    assert get_scan_impl() == "auto"
     with pytest.raises(ValueError):
         with use_scan_impl("nope"):
             pass
-    assert get_scan_impl() == "ref"
+    assert get_scan_impl() == "auto"
 
 
 def test_register_bad_impl_raises():

@@ -25,9 +25,12 @@ There is no normalisation and no residual connection around the block.
 The scan is reached through :func:`selective_scan`, a dispatcher with the
 signature and tensor layouts of ``mamba_ssm``'s ``selective_scan_fn``.  On
 CUDA it uses ``mamba_ssm``'s kernel when that package is importable;
-otherwise it calls the registered CPU implementation, which is
-:func:`selective_scan_ref` (``"ref"``) unless another one was registered
-with :func:`register_scan_impl` and selected with :func:`set_scan_impl` or
+otherwise it calls the selected CPU implementation: ``"auto"`` (default: the
+fused, memory-bounded compiled kernel of :mod:`fsg.scan_cpu` when it can be
+built here, else the reference), ``"fused"`` (that kernel; it falls back to
+the reference itself for float64 inputs or without a compiler), ``"ref"``
+(:func:`selective_scan_ref`), or another one registered with
+:func:`register_scan_impl`, selected with :func:`set_scan_impl` or
 :func:`use_scan_impl`.  Parameter names match ``mamba_ssm.Mamba`` so state
 dicts can be exchanged.
 """
@@ -178,8 +181,26 @@ def selective_scan_ref(
 
 ScanFn = Callable[..., object]
 
-_SCAN_IMPLS: Dict[str, ScanFn] = {"ref": selective_scan_ref}
-_current_impl: str = "ref"
+def _selective_scan_fused(*args, **kwargs):
+    from .scan_cpu import selective_scan_fused
+
+    return selective_scan_fused(*args, **kwargs)
+
+
+def _selective_scan_auto(*args, **kwargs):
+    """The fused CPU kernel when it can be built here, else the reference."""
+    from . import scan_cpu
+
+    fn = scan_cpu.selective_scan_fused if scan_cpu.available() else selective_scan_ref
+    return fn(*args, **kwargs)
+
+
+_SCAN_IMPLS: Dict[str, ScanFn] = {
+    "ref": selective_scan_ref,
+    "fused": _selective_scan_fused,
+    "auto": _selective_scan_auto,
+}
+_current_impl: str = "auto"
 
 _CUDA_FN_UNSET = object()
 _cuda_selective_scan_fn = _CUDA_FN_UNSET
@@ -249,7 +270,7 @@ def selective_scan(
     Uses ``mamba_ssm``'s CUDA ``selective_scan_fn`` when the inputs are on
     CUDA, it is importable, the dtypes are ones it supports and no
     ``initial_state`` is given; otherwise the registered implementation
-    selected by :func:`set_scan_impl` (default ``"ref"``).
+    selected by :func:`set_scan_impl` (default ``"auto"``).
     """
     if (
         u.is_cuda
