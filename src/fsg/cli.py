@@ -10,6 +10,20 @@
 ``fsg estimators``
     List the registered gradient estimators, quantizers and base optimizers.
 
+``fsg train``
+    Train a binarized network (every option of :class:`fsg.config.TrainConfig` is a flag, the
+    estimator's options included; ``--config FILE`` reads a JSON configuration, flags override
+    it). Writes ``<out>/config.json``, ``metrics.jsonl``, ``metrics.csv`` and ``last.pt`` (every
+    epoch and on Ctrl-C, which exits with status 130 after saving); ``--resume [CHECKPOINT]``
+    continues a run exactly. See :mod:`fsg.run`.
+
+``fsg pretrain``
+    The same loop without binarization (plain autograd; SGD with momentum, lr 0.1 by default):
+    writes ``<out>/model.pt``, a ``state_dict`` for ``fsg train --pretrained``.
+
+``fsg eval CHECKPOINT``
+    Test loss and accuracy of a checkpoint (or of a run directory's ``last.pt``).
+
 Invalid input (an unknown estimator, a non-positive step count or learning rate, a bad option
 rejected by the library) ends with one line ``fsg: error: ...`` on stderr and exit status 2.
 """
@@ -27,13 +41,16 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .binarize import binarize
+from .config import DATASET_NAMES, MODEL_NAMES, RESUME_CHANGEABLE, TrainConfig
 from .estimators import ESTIMATORS
 from .models import SmallCNN
 from .quantizers import QUANTIZERS
+from .run import TrainingInterrupted
 from .synthetic import batches, make_synthetic
 from .trainer import OPTIMIZERS, Trainer, evaluate
 
-__all__ = ["main", "build_parser", "run_demo", "DEMO_DEFAULTS", "DEMO_TASK"]
+__all__ = ["main", "build_parser", "run_demo", "DEMO_DEFAULTS", "DEMO_TASK", "ESTIMATOR_FLAGS", "PRETRAIN_DEFAULTS",
+           "config_from_args"]
 
 #: Defaults of ``fsg demo`` (chosen so that the three default estimators take ~1.5 min on two
 #: CPU cores — FSG's reference selective scan dominates at ~0.7 s/step — and clearly learn).
@@ -180,7 +197,299 @@ def build_parser() -> argparse.ArgumentParser:
     est = sub.add_parser("estimators", help="list the registered estimators, quantizers and optimizers",
                          description="List the registered gradient estimators, quantizers and base optimizers.")
     est.set_defaults(func=_cmd_estimators, command_parser=est)
+
+    tr = sub.add_parser(
+        "train", help="train a binarized network (CIFAR ResNets, small CNN) with a gradient estimator",
+        description="Train a binarized network with a gradient estimator (METHOD.md §3, §6). Writes "
+        "<out>/config.json, metrics.jsonl, metrics.csv and last.pt (a checkpoint after every epoch and "
+        "on Ctrl-C, which exits with status 130); --resume continues a run exactly. Options not given "
+        "come from --config FILE, else from the defaults shown.",
+    )
+    _add_train_options(tr, pretrain=False)
+    tr.set_defaults(func=_cmd_train, command_parser=tr, pretrain=False)
+
+    pt = sub.add_parser(
+        "pretrain", help="train the full-precision network (no binarization), for --pretrained",
+        description="Train the full-precision network (no binarization, plain autograd) with the same "
+        "loop, logs and checkpoints as 'fsg train'. Writes <out>/model.pt, a state_dict to pass to "
+        "'fsg train --pretrained'.",
+    )
+    _add_train_options(pt, pretrain=True)
+    pt.set_defaults(func=_cmd_train, command_parser=pt, pretrain=True)
+
+    ev = sub.add_parser("eval", help="test loss and accuracy of a checkpoint",
+                        description="Evaluate the model of a checkpoint (last.pt, or a run directory) on the "
+                        "test split of the dataset it was trained on.", formatter_class=_HelpFormatter)
+    ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file, or a run directory holding last.pt")
+    ev.add_argument("--data-dir", help="where the dataset lives (default: as in the checkpoint's configuration)")
+    ev.add_argument("--batch-size", type=_positive_int, help="evaluation batch size")
+    ev.add_argument("--test-subset", type=_positive_int, metavar="N", help="only the first N test images")
+    ev.add_argument("--device", help="torch device (default: as trained)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=_cmd_eval, command_parser=ev)
     return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# fsg train / pretrain / eval
+
+#: Defaults of ``fsg pretrain`` that differ from :class:`TrainConfig`'s.
+PRETRAIN_DEFAULTS = dict(full_precision=True, optimizer="sgdm", lr=0.1, out="runs/pretrain")
+
+
+def _choices_or_none(options):
+    def parse(text: str):
+        if text.lower() == "none":
+            return None
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"must be one of none, {', '.join(options)}, got {text!r}")
+        return text
+    return parse
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
+
+
+#: Estimator options as flags: option name -> (argparse keywords, help). The option names are the
+#: estimators' constructor keywords (``--slow-net`` sets ``slow_net``).
+ESTIMATOR_FLAGS = {
+    "beta": (dict(type=_unit_float), "fsg: weight β of the slow gradient (default 0.9)"),
+    "history": (dict(type=_positive_int), "fsg: length L of the gradient history HGS (default 5; 1 = no history)"),
+    "update": (dict(choices=["combined", "fast"]),
+               "fsg: weight update, combined = the paper's β·G_slow + (1-β)·c·G_fast, fast = the reference "
+               "code's c·G_fast (default combined)"),
+    "lre": (dict(action=argparse.BooleanOptionalAction), "fsg: learned layer embedding (default on)"),
+    "slow_net": (dict(choices=["mamba", "lstm"]), "fsg: slow-net sequence model (default mamba)"),
+    "layout": (dict(choices=["flat", "temporal"]),
+               "fsg: slow-net input, flat = one sequence per layer (the paper), temporal = one per weight "
+               "(default flat)"),
+    "fast_hidden": (dict(type=_positive_int), "fsg: fast-net hidden width (default 100)"),
+    "fast_nonlinearity": (dict(type=_choices_or_none(["relu", "tanh"]), metavar="{none,relu,tanh}"),
+                          "fsg: fast-net nonlinearity (default none)"),
+    "d_state": (dict(type=_positive_int), "fsg: Mamba state size (default 16)"),
+    "d_conv": (dict(type=_positive_int), "fsg: Mamba causal conv width (default 8)"),
+    "expand": (dict(type=_positive_int), "fsg: Mamba channels d_inner = expand (d_model = 1; default 100)"),
+    "lstm_hidden": (dict(type=_positive_int), "fsg: hidden size of the LSTM slow-net (default 100)"),
+    "fast_lr": (dict(type=_positive_float), "fsg: Adam lr of the fast-net (default 1e-2)"),
+    "slow_lr": (dict(type=_positive_float), "fsg: Adam lr of the slow-net (default 1e-3)"),
+    "lre_lr": (dict(type=_positive_float), "fsg: Adam lr of the layer embedding (default 1e-3)"),
+    "hidden": (dict(type=_positive_int), "fc-grad, multifc, lstmfc: hypernetwork hidden size "
+               "(default 100; lstmfc 20)"),
+    "nonlinearity": (dict(type=_choices_or_none(["relu", "tanh"]), metavar="{none,relu,tanh}"),
+                     "fc-grad, multifc: hypernetwork nonlinearity (default none)"),
+    "meta_lr": (dict(type=_positive_float), "fc-grad, multifc, lstmfc: Adam lr of the hypernetwork (default 1e-3)"),
+}
+
+
+def _key_value(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None if value.lower() == "none" else value
+    return key.strip().replace("-", "_"), parsed
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_train_options(p: argparse.ArgumentParser, pretrain: bool) -> None:
+    S = argparse.SUPPRESS
+    dflt = TrainConfig().to_dict()
+    if pretrain:
+        dflt.update(PRETRAIN_DEFAULTS)
+
+    bool_kw = dict(action=argparse.BooleanOptionalAction)
+    g = p.add_argument_group("run")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="JSON configuration (as written to <out>/config.json); flags override its values")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue a run from CHECKPOINT (default: <out>/last.pt; a run directory also works) "
+                   "with the checkpoint's configuration; only these may change: "
+                   + ", ".join(_flag(k) for k in RESUME_CHANGEABLE))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    def opt_in(group, name, help, **kw):
+        shown = dflt.get(name)
+        if "default" not in help:
+            help += f" (default: {'none' if shown is None else shown})"
+        if "type" in kw and "metavar" not in kw and "choices" not in kw:
+            kw["metavar"] = name.upper()
+        group.add_argument(_flag(name), dest=name, default=S, help=help, **kw)
+
+    opt_in(g, "out", "run directory", metavar="DIR")
+    opt_in(g, "epochs", "training epochs", type=_positive_int)
+    opt_in(g, "max_steps", "stop after this many training steps in all (then evaluate and save)", type=_positive_int,
+           metavar="N")
+    opt_in(g, "eval_every", "evaluate on the test split every N epochs (and after the last)", type=_positive_int,
+           metavar="N")
+    opt_in(g, "log_every", "write a step row to the metrics every N steps", type=_positive_int, metavar="N")
+    opt_in(g, "tensorboard", "also log to TensorBoard (<out>/tensorboard; needs tensorboardX)", **bool_kw)
+    opt_in(g, "num_threads", "torch CPU threads (default: torch's)", type=_positive_int, metavar="N")
+    opt_in(g, "device", "torch device")
+    opt_in(g, "seed", "seed of the initialisation and of the data order/augmentation", type=_nonnegative_int)
+
+    g = p.add_argument_group("model and data")
+    opt_in(g, "model", "network", choices=list(MODEL_NAMES))
+    opt_in(g, "width", "small-cnn: channels of the first conv", type=_positive_int)
+    opt_in(g, "dataset", "dataset", choices=list(DATASET_NAMES))
+    opt_in(g, "data_dir", "where the dataset lives (cifar: the official python-format files or archive; "
+           "imagefolder: a directory or .tar.gz of split/class/*.jpg)", metavar="DIR")
+    opt_in(g, "download", "download CIFAR when it is missing", **bool_kw)
+    g.add_argument("--dataset-option", dest="dataset_option", action="append", type=_key_value, default=[],
+                   metavar="KEY=VALUE", help="synthetic dataset option (n_train, n_test, num_classes, channels, "
+                   "size, noise, max_shift, seed); repeatable")
+    opt_in(g, "train_subset", "use only the first N training images", type=_positive_int, metavar="N")
+    opt_in(g, "test_subset", "use only the first N test images", type=_positive_int, metavar="N")
+    opt_in(g, "augment", "random crop + flip of training images (default: on)", **bool_kw)
+    opt_in(g, "batch_size", "training batch size", type=_positive_int)
+    opt_in(g, "eval_batch_size", "evaluation batch size", type=_positive_int)
+    opt_in(g, "pretrained", "full-precision state_dict to start from (e.g. from 'fsg pretrain')", metavar="FILE")
+
+    g = p.add_argument_group("optimisation")
+    opt_in(g, "optimizer", "base optimizer (sgdm: momentum 0.9, weight decay 5e-4)", choices=list(OPTIMIZERS))
+    opt_in(g, "lr", "base learning rate", type=_positive_float)
+    opt_in(g, "weight_decay", "weight decay (default: the optimizer's)", type=_nonnegative_float)
+    opt_in(g, "lr_step", "divide the learning rate every N epochs", type=_positive_int, metavar="N")
+    opt_in(g, "lr_gamma", "learning-rate factor at each step of the schedule", type=_positive_float)
+
+    if pretrain:
+        return
+    g = p.add_argument_group("binarization")
+    opt_in(g, "quantizer", "weight quantizer", choices=list(QUANTIZERS))
+    opt_in(g, "bits", "dorefa bits (1 = binary)", type=_positive_int)
+    opt_in(g, "keep_first", "keep the first conv in full precision", **bool_kw)
+    opt_in(g, "keep_last", "keep the classifier in full precision", **bool_kw)
+    opt_in(g, "activations", "also binarize activations (sign, clipped STE)", **bool_kw)
+
+    g = p.add_argument_group("estimator")
+    opt_in(g, "estimator", "gradient estimator", choices=list(ESTIMATORS))
+    opt_in(g, "update_on_observe", "also update the weights in the observe step 0", **bool_kw)
+    for name, (kw, help) in ESTIMATOR_FLAGS.items():
+        if "type" in kw and "metavar" not in kw and "choices" not in kw:
+            kw = dict(kw, metavar=name.upper())
+        g.add_argument(_flag(name), dest="est_" + name, default=S, help=help, **kw)
+    g.add_argument("-E", "--estimator-option", dest="estimator_option", action="append", type=_key_value, default=[],
+                   metavar="KEY=VALUE", help="any other estimator option (value as JSON); repeatable")
+
+
+_NON_CONFIG = {"command", "func", "command_parser", "pretrain", "config", "resume", "no_progress", "json",
+               "dataset_option", "estimator_option"}
+
+
+def config_from_args(args: argparse.Namespace):
+    """``(TrainConfig, resume_path or None)`` from parsed ``fsg train/pretrain`` arguments: the
+    defaults (or the checkpoint's configuration when resuming), then ``--config FILE``, then the
+    flags given. Raises ``ValueError`` (one line) on bad input."""
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint
+
+    given = {k: v for k, v in vars(args).items() if k not in _NON_CONFIG and not k.startswith("est_")}
+    est_given = {k[4:]: v for k, v in vars(args).items() if k.startswith("est_")}
+    est_given.update(dict(getattr(args, "estimator_option", []) or []))
+    ds_given = dict(args.dataset_option or [])
+    file_cfg = {}
+    if args.config:
+        try:
+            text = Path(args.config).read_text()
+        except OSError as e:
+            raise ValueError(f"cannot read configuration {args.config!r}: {e.strerror or e}") from None
+        try:
+            file_cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{args.config}: invalid JSON configuration: {e}") from None
+        if not isinstance(file_cfg, dict):
+            raise ValueError(f"{args.config}: a configuration must be a JSON object")
+        unknown = sorted(set(file_cfg) - set(TrainConfig().to_dict()))
+        if unknown:
+            raise ValueError(f"{args.config}: unknown configuration field(s): {', '.join(unknown)}")
+        if args.pretrain:
+            file_cfg["full_precision"] = True
+
+    resume = None
+    if args.resume is not None:
+        if args.resume:
+            resume = Path(args.resume)
+        else:
+            out = given.get("out") or file_cfg.get("out") or (PRETRAIN_DEFAULTS["out"] if args.pretrain
+                                                             else TrainConfig.out)
+            resume = Path(out) / "last.pt"
+        if resume.is_dir():
+            resume = resume / "last.pt"
+        base = dict(load_checkpoint(resume)["config"])
+        if "out" not in given and "out" not in file_cfg:
+            base["out"] = str(resume.parent)
+        if bool(base.get("full_precision")) != bool(args.pretrain):
+            raise ValueError(f"{str(resume)!r} is a checkpoint of 'fsg {'pretrain' if base.get('full_precision') else 'train'}'"
+                             f", not of 'fsg {'pretrain' if args.pretrain else 'train'}'")
+        base.update(file_cfg)
+    else:
+        base = TrainConfig().to_dict()
+        if args.pretrain:
+            base.update(PRETRAIN_DEFAULTS)
+        base.update(file_cfg)
+    base.update(given)
+    if est_given:
+        base["estimator_options"] = {**(base.get("estimator_options") or {}), **est_given}
+    if ds_given:
+        base["dataset_options"] = {**(base.get("dataset_options") or {}), **ds_given}
+    return TrainConfig.from_dict(base), resume
+
+
+def _fmt_pct(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .run import train
+
+    cfg, resume = config_from_args(args)
+    progress = not args.no_progress and sys.stderr.isatty()
+    result = train(cfg, resume=resume, progress=progress)
+    summary = {
+        "out": str(result.out), "checkpoint": str(result.checkpoint), "epochs": result.epochs,
+        "steps": result.steps, "stopped": result.stopped, "test_loss": _finite_or_none(result.test_loss)
+        if result.test_loss is not None else None, "test_accuracy": result.test_accuracy,
+    }
+    if cfg.full_precision:
+        summary["model"] = str(result.out / "model.pt")
+    if args.json:
+        print(json.dumps(summary, indent=2, allow_nan=False))
+        return 0
+    loss = "n/a" if result.test_loss is None else f"{result.test_loss:.4f}"
+    line = (f"{'pretrained' if cfg.full_precision else 'trained'} {result.steps} steps ({result.epochs} epochs) "
+            f"in {result.out}: test loss {loss}, test accuracy {_fmt_pct(result.test_accuracy)}; "
+            f"checkpoint {result.checkpoint}")
+    if cfg.full_precision:
+        line += f"; weights for --pretrained: {result.out / 'model.pt'}"
+    print(line)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .run import evaluate as evaluate_checkpoint
+
+    r = evaluate_checkpoint(args.checkpoint, args.data_dir, batch_size=args.batch_size,
+                            test_subset=args.test_subset, device=args.device)
+    if args.json:
+        print(json.dumps({k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in r.items()},
+                         indent=2, allow_nan=False))
+    else:
+        print(f"{r['checkpoint']} (epoch {r['epoch']}, step {r['step']}): test loss {r['loss']:.4f}, "
+              f"test accuracy {_fmt_pct(r['accuracy'])} on {r['images']} images")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,12 +695,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: demo, estimators")
+        parser.error("choose a command: demo, estimators, train, pretrain, eval")
     sub = args.command_parser  # its errors point at "fsg <command> --help"
     try:
         return args.func(args, sub)
     except ValueError as e:  # bad options rejected by the library: one clean line, not a traceback
         sub.error(str(e))
+    except TrainingInterrupted as e:  # a checkpoint was saved: say where and how to resume
+        print(e.message, file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("fsg: interrupted", file=sys.stderr)
         return 130
@@ -401,6 +713,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError):
             pass
         return 0
+    except OSError as e:  # unwritable run directory, full disk, ...
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        sub.error(f"{e.strerror or e}{where}")
+    except RuntimeError as e:  # missing or bad data (fsg.data.DataError): one line
+        from .data import DataError
+
+        if isinstance(e, DataError):
+            sub.error(str(e))
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,12 +5,14 @@ All are plain ``nn.Module``\\ s; :func:`fsg.binarize` turns them into BNNs.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+import os
+from typing import Callable, Dict, List, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SmallCNN", "MLP", "BasicBlock", "CifarResNet", "resnet", "MODELS", "get_model"]
+__all__ = ["SmallCNN", "MLP", "BasicBlock", "CifarResNet", "resnet", "MODELS", "get_model", "load_pretrained",
+           "PretrainedError"]
 
 
 class SmallCNN(nn.Module):
@@ -121,3 +123,89 @@ def get_model(name: str, **kwargs) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     return MODELS[name](**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# pre-trained full-precision weights
+
+_PARAMETRIZED = ".parametrizations.weight.original"
+
+
+class PretrainedError(ValueError):
+    """Pre-trained weights that cannot be loaded into the model (one-line message)."""
+
+
+def _short_list(keys: Sequence[str], limit: int = 6) -> str:
+    keys = list(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_pretrained(model: nn.Module, path: Union[str, os.PathLike],
+                    optional: Sequence[str] = ("bn_fc.",)) -> List[str]:
+    """Load a full-precision ``state_dict`` file into ``model`` (in place); returns the keys of
+    ``model`` that the file lacked and that therefore keep their fresh initialisation.
+
+    The file is read with ``torch.load(path, map_location="cpu", weights_only=True)``; it may be a
+    plain ``state_dict`` or a dict wrapping one under ``"state_dict"`` or ``"model"``, and a
+    ``"module."`` prefix (``nn.DataParallel``) is stripped. Keys of ``model`` under one of the
+    prefixes in ``optional`` may be missing from the file (the CIFAR ResNet's ``bn_fc``, the
+    BatchNorm1d before the classifier, is absent from the papers' pre-trained networks); every
+    other key must be present with the same shape, and the file may hold no other key — else a
+    :class:`PretrainedError` (a ``ValueError``) lists the offending keys, and ``model`` is left
+    unchanged.
+
+    ``model`` may already be binarized: a file key ``X.weight`` then fills the latent weight
+    ``X.parametrizations.weight.original``.
+    """
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise PretrainedError(f"pre-trained weights not found: {p!r}")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        reason = " ".join(str(e).split())
+        if "weights_only" in reason or "Weights only load failed" in reason:
+            reason = "it holds Python objects other than tensors (refusing to unpickle them)"
+        elif len(reason) > 100:
+            reason = reason[:97] + "..."
+        raise PretrainedError(f"cannot read pre-trained weights {p!r}: {type(e).__name__}: {reason}") from None
+    if isinstance(sd, dict) and sd.get("format") == "fsg-checkpoint":
+        raise PretrainedError(
+            f"{p!r} is an fsg training checkpoint, not a state_dict: use the model.pt written by 'fsg pretrain'"
+        )
+    for wrapper in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict) and not any(
+            isinstance(v, torch.Tensor) for v in sd.values()
+        ):
+            sd = sd[wrapper]
+            break
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise PretrainedError(f"{p!r} is not a state_dict (expected a dict of tensors)")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+
+    own = model.state_dict()
+    # canonical (unparametrized) name -> the model's key
+    canon = {(k[: -len(_PARAMETRIZED)] + ".weight" if k.endswith(_PARAMETRIZED) else k): k for k in own}
+    unexpected = sorted(k for k in sd if k not in canon)
+    missing = [c for c in canon if c not in sd]
+    required_missing = [c for c in missing if not any(c.startswith(o) for o in optional)]
+    shape_bad = [
+        f"{k} (file {tuple(sd[k].shape)}, model {tuple(own[canon[k]].shape)})"
+        for k in sd if k in canon and sd[k].shape != own[canon[k]].shape
+    ]
+    problems = []
+    if required_missing:
+        problems.append(f"missing {_short_list(required_missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_short_list(unexpected)}")
+    if shape_bad:
+        problems.append(f"shape mismatch {_short_list(shape_bad, 4)}")
+    if problems:
+        raise PretrainedError(
+            f"pre-trained weights {p!r} do not fit {type(model).__name__}: {'; '.join(problems)}"
+        )
+    result = model.load_state_dict({canon[k]: v for k, v in sd.items()}, strict=False)
+    assert not result.unexpected_keys
+    return [canon[c] for c in missing]

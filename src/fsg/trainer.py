@@ -215,13 +215,89 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything the next :meth:`step` depends on, as tensors and plain containers.
+
+        ``model`` (latent weights, BN statistics), ``estimator`` (hypernetworks; its extra state
+        holds FSG's HGS and LSTMFC's carried LSTM states), ``optimizer``, ``meta_optimizers``,
+        ``step_count``; ``recorded``: each binarized layer's ``∂L/∂Ŵ`` and ``W̃`` of the last
+        back-propagated forward (the next meta-gradient's input), by layer name; ``grads``: the
+        ``.grad`` left on every model and estimator parameter (MetaQuant's look-ahead uses the
+        previous ``W.grad``, the bias look-ahead ``b − η·b.grad``). Tensors are references,
+        not copies: save or clone them before the next step.
+        """
         return {
             "model": self.model.state_dict(),
             "estimator": self.estimator.state_dict(),
+            "estimator_name": getattr(type(self.estimator), "registered_name", type(self.estimator).__name__),
             "optimizer": self.optimizer.state_dict(),
             "meta_optimizers": {k: v.state_dict() for k, v in self.meta_optimizers.items()},
             "step_count": self.step_count,
+            "recorded": {
+                l.name: {"grad": l.parametrization.grad, "w_tilde": l.parametrization.w_tilde}
+                for l in self.layers
+            },
+            "grads": {
+                "model": {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None},
+                "estimator": {n: p.grad for n, p in self.estimator.named_parameters() if p.grad is not None},
+            },
         }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned, into a trainer built the same way (same
+        model architecture and binarization, same estimator and options, same optimizer), so that
+        the following steps are exactly those of the uninterrupted run. Raises ``ValueError``
+        (one line) when the state does not fit this trainer."""
+        required = ("model", "estimator", "optimizer", "meta_optimizers", "step_count", "recorded", "grads")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(f"trainer state lacks {', '.join(missing)}")
+        name = getattr(type(self.estimator), "registered_name", type(self.estimator).__name__)
+        if state.get("estimator_name", name) != name:
+            raise ValueError(f"trainer state is for estimator {state['estimator_name']!r}, this trainer uses {name!r}")
+        names = [l.name for l in self.layers]
+        if sorted(state["recorded"]) != sorted(names):
+            raise ValueError("trainer state's binarized layers differ from this model's: "
+                             f"{sorted(state['recorded'])} vs {sorted(names)}")
+        if sorted(state["meta_optimizers"]) != sorted(self.meta_optimizers):
+            raise ValueError("trainer state's hypernetwork optimizers differ from this estimator's: "
+                             f"{sorted(state['meta_optimizers'])} vs {sorted(self.meta_optimizers)}")
+        model_params = dict(self.model.named_parameters())
+        est_params = dict(self.estimator.named_parameters())
+        for where, params in (("model", model_params), ("estimator", est_params)):
+            extra = sorted(set(state["grads"].get(where, {})) - set(params))
+            if extra:
+                raise ValueError(f"trainer state has gradients of unknown {where} parameters: {', '.join(extra[:5])}")
+        try:
+            self.model.load_state_dict(state["model"])
+            # extra state (FSG's HGS, LSTMFC's carried states) is taken as is: put it on our device
+            self.estimator.load_state_dict(_to_device(state["estimator"], self.layers[0].latent.device))
+        except RuntimeError as e:
+            raise ValueError(" ".join(str(e).split())) from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        for k, opt in self.meta_optimizers.items():
+            opt.load_state_dict(state["meta_optimizers"][k])
+        self.step_count = int(state["step_count"])
+        for l in self.layers:
+            rec = state["recorded"][l.name]
+            dev = l.latent.device
+            l.parametrization.grad = None if rec["grad"] is None else rec["grad"].to(dev)
+            l.parametrization.w_tilde = None if rec["w_tilde"] is None else rec["w_tilde"].to(dev)
+        for where, params in (("model", model_params), ("estimator", est_params)):
+            grads = state["grads"].get(where, {})
+            for n, p in params.items():
+                g = grads.get(n)
+                p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
+
+
+def _to_device(obj, device):
+    """``obj`` with every tensor in it (nested dicts, lists, tuples) moved to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_device(v, device)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
 
 
 @torch.no_grad()

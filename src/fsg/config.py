@@ -1,0 +1,309 @@
+"""The configuration of a training run (``fsg train`` / ``fsg pretrain``), as one dataclass.
+
+:class:`TrainConfig` holds every option of a run. It round-trips through plain dicts and JSON
+(:meth:`TrainConfig.to_dict`, :meth:`TrainConfig.from_dict`, :meth:`TrainConfig.to_json`,
+:meth:`TrainConfig.from_json`, :meth:`TrainConfig.load`, :meth:`TrainConfig.save`); a run writes
+it to ``<out>/config.json`` and into every checkpoint. :meth:`TrainConfig.validate` checks it and
+raises :class:`ValueError` with a one-line message naming the bad field; the estimator options
+are validated by building the estimator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+__all__ = ["TrainConfig", "MODEL_NAMES", "DATASET_NAMES", "RESUME_CHANGEABLE", "estimator_option_names"]
+
+MODEL_NAMES = ("small-cnn", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+DATASET_NAMES = ("cifar10", "cifar100", "imagefolder", "synthetic")
+
+#: Fields that may differ between a checkpoint's configuration and the one given when resuming
+#: (they change neither the model, the data order nor the optimisation up to the resume point).
+RESUME_CHANGEABLE = (
+    "epochs", "max_steps", "out", "data_dir", "download", "eval_every", "log_every", "tensorboard",
+    "num_threads", "eval_batch_size", "device",
+)
+
+
+def estimator_option_names(name: str):
+    """Keyword options accepted by the registered estimator ``name`` (its constructor's)."""
+    from .estimators import ESTIMATORS
+
+    cls = ESTIMATORS[name]
+    return [p.name for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _takes_any_option(cls) -> bool:
+    import torch
+
+    if cls.__init__ is torch.nn.Module.__init__:  # no constructor of its own: no options
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run. Defaults follow the paper's setting (METHOD.md §6).
+
+    Model and data:
+        model: ``small-cnn`` or ``resnet20/32/44/56/110`` (CIFAR ResNets).
+        width: channels of the first conv of ``small-cnn`` (ignored by the ResNets).
+        dataset: ``cifar10``, ``cifar100``, ``imagefolder`` or ``synthetic``.
+        data_dir: where the dataset lives (``None``: the data module's default).
+        download: download the dataset when it is missing.
+        dataset_options: keyword options of the ``synthetic`` dataset (``n_train``, ``n_test``,
+            ``num_classes``, ``channels``, ``size``, ``noise``, ``max_shift``, ``seed``).
+        train_subset / test_subset: use only the first N images of a split (quick runs).
+        augment: random crop + flip on training batches (``None``: the data loader's default).
+        pretrained: path of a full-precision ``state_dict`` loaded before binarization.
+    Binarization:
+        full_precision: do not binarize (``fsg pretrain``); the estimator is then unused.
+        quantizer: ``dorefa``, ``bwn`` or ``sign``; bits: dorefa bits (1 = binary).
+        keep_first / keep_last: keep the first / last conv-or-linear layer in full precision.
+        activations: also binarize the activations (sign + clipped STE), off in the paper.
+    Estimator:
+        estimator: a registered estimator name; estimator_options: its keyword options.
+        update_on_observe: also update the weights (STE gradients) in the observe step 0.
+    Optimisation:
+        optimizer: ``sgd``, ``sgdm`` or ``adam``; lr: base learning rate; weight_decay: ``None``
+        for the optimizer's default; lr divided by ``1/lr_gamma`` every ``lr_step`` epochs.
+        epochs; max_steps: stop after this many steps in all (final checkpoint + evaluation).
+        batch_size; eval_batch_size; seed.
+    Output:
+        out: run directory (config.json, metrics.jsonl, metrics.csv, last.pt, TensorBoard logs).
+        eval_every: evaluate on the test split every this many epochs (and after the last);
+        log_every: write a step row every this many steps; tensorboard: also write TensorBoard.
+        num_threads: torch CPU threads (``None``: leave torch's setting); device: torch device.
+    """
+
+    # model and data
+    model: str = "resnet20"
+    width: int = 8
+    dataset: str = "cifar10"
+    data_dir: Optional[str] = None
+    download: bool = False
+    dataset_options: Dict[str, Any] = field(default_factory=dict)
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    augment: Optional[bool] = None
+    pretrained: Optional[str] = None
+    # binarization
+    full_precision: bool = False
+    quantizer: str = "dorefa"
+    bits: int = 1
+    keep_first: bool = False
+    keep_last: bool = False
+    activations: bool = False
+    # estimator
+    estimator: str = "fsg"
+    estimator_options: Dict[str, Any] = field(default_factory=dict)
+    update_on_observe: bool = False
+    # optimisation
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+    weight_decay: Optional[float] = None
+    lr_step: int = 30
+    lr_gamma: float = 0.1
+    epochs: int = 100
+    max_steps: Optional[int] = None
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    seed: int = 0
+    # output
+    out: str = "runs/train"
+    eval_every: int = 1
+    log_every: int = 50
+    tensorboard: bool = False
+    num_threads: Optional[int] = None
+    device: str = "cpu"
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """A plain dict (JSON-able) of every field."""
+        d = dataclasses.asdict(self)
+        d["estimator_options"] = dict(self.estimator_options)
+        d["dataset_options"] = dict(self.dataset_options)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], validate: bool = True) -> "TrainConfig":
+        """Build from a dict; unknown keys and badly typed values raise ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a configuration must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown configuration field(s): {', '.join(unknown)}")
+        cfg = cls(**{k: (dict(v) if k in ("estimator_options", "dataset_options") and isinstance(v, dict) else v) for k, v in data.items()})
+        if validate:
+            cfg.validate()
+        return cfg
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, validate: bool = True) -> "TrainConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"invalid JSON configuration: {e}") from None
+        return cls.from_dict(data, validate=validate)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], validate: bool = True) -> "TrainConfig":
+        """Read a JSON configuration file (one-line ``ValueError`` when it is missing or bad)."""
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ValueError(f"cannot read configuration {str(path)!r}: {e.strerror or e}") from None
+        try:
+            return cls.from_json(text, validate=validate)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the JSON configuration atomically."""
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(path, self.to_json())
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Check every field; raises ``ValueError`` with one line naming the first bad one."""
+        from .estimators import ESTIMATORS, get_estimator
+        from .quantizers import QUANTIZERS
+        from .trainer import OPTIMIZERS
+
+        def choice(name, options):
+            v = getattr(self, name)
+            if v not in options:
+                raise ValueError(f"{name} must be one of {', '.join(options)}, got {v!r}")
+
+        def integer(name, low, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+
+        def number(name, low=None, high=None, low_open=False, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+            if ok and low is not None:
+                ok = v > low if low_open else v >= low
+            if ok and high is not None:
+                ok = v <= high
+            if not ok:
+                rng = ("> " if low_open else ">= ") + str(low) if low is not None else "finite"
+                if high is not None:
+                    rng += f" and <= {high}"
+                raise ValueError(f"{name} must be a number {rng}, got {v!r}")
+
+        def boolean(name, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be true or false, got {v!r}")
+
+        def string(name, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if not isinstance(v, str) or not v:
+                raise ValueError(f"{name} must be a non-empty string, got {v!r}")
+
+        choice("model", MODEL_NAMES)
+        integer("width", 1)
+        choice("dataset", DATASET_NAMES)
+        string("data_dir", optional=True)
+        boolean("download")
+        self._check_dataset_options()
+        integer("train_subset", 1, optional=True)
+        integer("test_subset", 1, optional=True)
+        boolean("augment", optional=True)
+        string("pretrained", optional=True)
+        boolean("full_precision")
+        choice("quantizer", tuple(QUANTIZERS))
+        integer("bits", 1)
+        if self.bits > 16:
+            raise ValueError(f"bits must be at most 16, got {self.bits}")
+        boolean("keep_first")
+        boolean("keep_last")
+        boolean("activations")
+        choice("estimator", tuple(ESTIMATORS))
+        if not isinstance(self.estimator_options, dict):
+            raise ValueError(f"estimator_options must be a JSON object, got {self.estimator_options!r}")
+        boolean("update_on_observe")
+        choice("optimizer", OPTIMIZERS)
+        number("lr", 0, low_open=True)
+        number("weight_decay", 0, optional=True)
+        integer("lr_step", 1)
+        number("lr_gamma", 0, 1, low_open=True)
+        integer("epochs", 1)
+        integer("max_steps", 1, optional=True)
+        integer("batch_size", 1)
+        integer("eval_batch_size", 1)
+        integer("seed", 0)
+        string("out")
+        integer("eval_every", 1)
+        integer("log_every", 1)
+        boolean("tensorboard")
+        integer("num_threads", 1, optional=True)
+        string("device")
+        if not self.full_precision:
+            self._check_estimator_options(ESTIMATORS, get_estimator)
+        return self
+
+    def _check_dataset_options(self) -> None:
+        opts = self.dataset_options
+        if not isinstance(opts, dict):
+            raise ValueError(f"dataset_options must be a JSON object, got {opts!r}")
+        if not opts:
+            return
+        if self.dataset != "synthetic":
+            raise ValueError(f"dataset_options apply to the synthetic dataset only (dataset is {self.dataset!r})")
+        from .synthetic import make_synthetic
+
+        accepted = list(inspect.signature(make_synthetic).parameters)
+        bad = sorted(k for k in opts if k not in accepted)
+        if bad:
+            raise ValueError(f"unknown synthetic dataset option(s) {', '.join(map(str, bad))} (it takes: {', '.join(accepted)})")
+        for k, v in opts.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"synthetic dataset option {k} must be a number, got {v!r}")
+            if k != "noise" and not isinstance(v, int):
+                raise ValueError(f"synthetic dataset option {k} must be an integer, got {v!r}")
+
+    def _check_estimator_options(self, ESTIMATORS, get_estimator) -> None:
+        opts = self.estimator_options
+        for k in opts:
+            if not isinstance(k, str):
+                raise ValueError(f"estimator option names must be strings, got {k!r}")
+        accepted = estimator_option_names(self.estimator)
+        has_var_kw = _takes_any_option(ESTIMATORS[self.estimator])
+        bad = [k for k in opts if k not in accepted]
+        if bad and not has_var_kw:
+            acc = ", ".join(accepted) if accepted else "none"
+            raise ValueError(
+                f"estimator {self.estimator!r} does not take option(s) {', '.join(sorted(bad))} (it takes: {acc})"
+            )
+        try:
+            get_estimator(self.estimator, **opts)
+        except (TypeError, ValueError) as e:
+            msg = " ".join(str(e).split())
+            raise ValueError(f"estimator {self.estimator!r}: {msg}") from None
