@@ -152,3 +152,32 @@ def test_fused_saves_nothing_of_size_length_by_channels_by_states():
     bound = 3 * length * dim + 2 * length * dstate + 2 * dim * dstate + 3 * dim + (length // CHUNK + 1) * dim * dstate
     assert saved <= bound
     assert saved < length * dim * dstate / 2
+
+
+@needs_kernel
+@pytest.mark.parametrize("d_conv,length", [(1, 5), (4, 3), (8, 100), (8, 5), (3, 257)])
+def test_fused_causal_conv_matches_torch(d_conv, length):
+    g = torch.Generator().manual_seed(d_conv * 1000 + length)
+    x = torch.randn(2, 5, length, generator=g, dtype=torch.float64)
+    w = torch.randn(5, d_conv, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    dy = torch.randn(2, 5, length, generator=g, dtype=torch.float64)
+    with use_scan_impl("ref"):
+        leaves64 = [t.clone().requires_grad_() for t in (x, w, b)]
+        ref = mamba.causal_conv1d(*leaves64)
+        g64 = torch.autograd.grad((ref * dy).sum(), leaves64, retain_graph=True)
+    leaves = [t.float().requires_grad_() for t in (x, w, b)]
+    out = scan_cpu.causal_conv1d_fused(*leaves)
+    out_silu = scan_cpu.causal_conv1d_fused(*leaves, silu=True)
+    torch.testing.assert_close(out_silu, torch.nn.functional.silu(out))
+    gs = torch.autograd.grad((out_silu * dy.float()).sum(), leaves)
+    gs_ref = torch.autograd.grad((torch.nn.functional.silu(ref) * dy).sum(), leaves64)
+    for a, r in zip(gs, gs_ref):
+        assert rel(a, r) <= 1e-6
+    assert out is not None
+    grads = torch.autograd.grad((out * dy.float()).sum(), leaves)
+    assert rel(out, ref) <= 1e-6
+    for a, r in zip(grads, g64):
+        assert rel(a, r) <= 1e-6
+    with use_scan_impl("auto"):
+        torch.testing.assert_close(mamba.causal_conv1d(*[t.detach() for t in leaves]), out.detach())

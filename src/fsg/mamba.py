@@ -321,9 +321,20 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
         )
     if bias is not None and tuple(bias.shape) != (x.shape[1],):
         raise ValueError(f"bias must have shape (channels,) = {(x.shape[1],)}, got {tuple(bias.shape)}")
+    return _causal_conv1d(x, weight, bias, silu=False)
+
+
+def _causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
+    """``causal_conv1d``, then SiLU if ``silu``; the compiled kernel where it applies."""
+    if _current_impl != "ref":
+        from .scan_cpu import causal_conv1d_fused
+
+        out = causal_conv1d_fused(x, weight, bias, silu=silu)
+        if out is not None:
+            return out
     channels, d_conv = weight.shape
-    x = F.pad(x, (d_conv - 1, 0))
-    return F.conv1d(x, weight.unsqueeze(1), bias, groups=channels)
+    out = F.conv1d(F.pad(x, (d_conv - 1, 0)), weight.unsqueeze(1), bias, groups=channels)
+    return F.silu(out) if silu else out
 
 
 # ---------------------------------------------------------------------------
@@ -429,17 +440,18 @@ class Mamba(nn.Module):
         """``x``: ``(B, T, d_model)`` -> ``(B, T, d_model)``."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
-        xz = self.in_proj(x)  # (B, T, 2 d_inner)
-        u, z = xz.chunk(2, dim=-1)
-        u = u.transpose(1, 2)  # (B, d_inner, T)
-        z = z.transpose(1, 2)
-        u = F.silu(causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias))
+        # Everything runs channel-first, (B, channels, T), so that no large tensor is transposed:
+        # each projection is a matmul of the weight with a (B, in, T) tensor.
+        d, r, n = self.d_inner, self.dt_rank, self.d_state
+        xt = x.transpose(1, 2)  # (B, d_model, T)
+        w_in = self.in_proj.weight
+        u = torch.matmul(w_in[:d], xt)  # (B, d_inner, T)
+        z = torch.matmul(w_in[d:], xt)
+        u = _causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, silu=True)
 
-        x_dbl = self.x_proj(u.transpose(1, 2))  # (B, T, dt_rank + 2 d_state)
-        dlt, Bt, Ct = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dlt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, T), bias added in the scan
-        Bt = Bt.transpose(1, 2)  # (B, d_state, T)
-        Ct = Ct.transpose(1, 2)
+        x_dbl = torch.matmul(self.x_proj.weight, u)  # (B, dt_rank + 2 d_state, T)
+        dlt, Bt, Ct = torch.split(x_dbl, [r, n, n], dim=1)
+        delta = torch.matmul(self.dt_proj.weight, dlt)  # (B, d_inner, T); bias added in the scan
 
         param_dtype = _compute_dtype(self.A_log.dtype)
         A = -torch.exp(self.A_log.to(param_dtype))
@@ -454,7 +466,7 @@ class Mamba(nn.Module):
             delta_bias=self.dt_proj.bias.to(param_dtype),
             delta_softplus=True,
         )  # (B, d_inner, T), already multiplied by silu(z)
-        return self.out_proj(y.transpose(1, 2))
+        return torch.matmul(self.out_proj.weight, y.to(x.dtype)).transpose(1, 2)
 
     def extra_repr(self) -> str:
         return (

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["selective_scan_fused", "available", "load_library", "CHUNK", "build_error"]
+__all__ = ["selective_scan_fused", "causal_conv1d_fused", "available", "load_library", "CHUNK", "build_error"]
 
 #: Steps between stored states in the forward pass (memory ∝ L / CHUNK; recompute ∝ CHUNK).
 CHUNK = 64
@@ -105,7 +105,7 @@ def load_library() -> Optional[ctypes.CDLL]:
                 except subprocess.CalledProcessError:
                     _compile(cc, path, native=False)  # a compiler without -march=native
             lib = ctypes.CDLL(str(path))
-            if lib.fsg_scan_version() != 3:
+            if lib.fsg_scan_version() != 5:
                 raise RuntimeError("unexpected kernel version")
         except Exception as e:  # noqa: BLE001 - any failure means "use the reference"
             detail = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if isinstance(
@@ -118,6 +118,10 @@ def load_library() -> Optional[ctypes.CDLL]:
         lib.fsg_scan_fwd.restype = None
         lib.fsg_scan_bwd.argtypes = [i64] * 5 + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 9 + [cint]
         lib.fsg_scan_bwd.restype = cint
+        lib.fsg_conv_fwd.argtypes = [i64] * 4 + [ptr] * 4 + [cint, cint]
+        lib.fsg_conv_fwd.restype = None
+        lib.fsg_conv_bwd.argtypes = [i64] * 4 + [ptr] * 4 + [cint] + [ptr] * 3 + [cint]
+        lib.fsg_conv_bwd.restype = cint
         _lib = lib
         return lib
 
@@ -215,3 +219,40 @@ def selective_scan_fused(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
                                   return_last_state=return_last_state, initial_state=initial_state)
     y, last = _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
     return (y, last) if return_last_state else y
+
+
+class _FusedCausalConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu):  # type: ignore[override]
+        lib = load_library()
+        x_, w_, b_ = _f32(x), _f32(weight), _f32(bias)
+        batch, dim, length = x_.shape
+        out = torch.empty_like(x_)
+        lib.fsg_conv_fwd(batch, dim, length, w_.shape[1], _p(x_), _p(w_), _p(b_), _p(out), int(silu),
+                         torch.get_num_threads())
+        ctx.save_for_backward(x_, w_, b_)
+        ctx.has_bias, ctx.silu = bias is not None, silu
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        lib = load_library()
+        x_, w_, b_ = ctx.saved_tensors
+        batch, dim, length = x_.shape
+        g = dout.to(torch.float32).contiguous()
+        dx, dw, db = torch.empty_like(x_), torch.empty_like(w_), torch.empty(dim)
+        if lib.fsg_conv_bwd(batch, dim, length, w_.shape[1], _p(x_), _p(w_), _p(b_ if ctx.has_bias else None),
+                            _p(g), int(ctx.silu), _p(dx), _p(dw), _p(db), torch.get_num_threads()):
+            raise MemoryError("fused causal conv backward: out of memory")
+        return dx, dw, (db if ctx.has_bias else None), None
+
+
+def causal_conv1d_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, silu: bool = False
+                        ) -> Optional[Tensor]:
+    """Causal depthwise conv (see :func:`fsg.mamba.causal_conv1d`), followed by SiLU if ``silu``,
+    with the compiled kernel (the backward recomputes the pre-activation from ``x``); None when
+    the kernel does not apply (not CPU, float64, or unavailable)."""
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if any(t.device.type != "cpu" or t.dtype == torch.float64 for t in tensors) or not available():
+        return None
+    return _FusedCausalConv.apply(x, weight, bias, bool(silu))
