@@ -199,7 +199,7 @@ def test_fsg_slow_net_input_layout_flat_and_temporal():
         tr = mlp_trainer("fsg", history=2, layout=layout, expand=4)
         seen = []
         orig = tr.estimator.slow.forward
-        tr.estimator.slow.forward = lambda seq: (seen.append(seq.detach().clone()), orig(seq))[1]
+        tr.estimator.slow.forward = lambda seq, **kw: (seen.append(seq.detach().clone()), orig(seq, **kw))[1]
         tr.step(x, y)
         g0 = [l.parametrization.grad.clone() for l in tr.layers]
         tr.step(x, y)

@@ -24,6 +24,12 @@
 ``fsg eval CHECKPOINT``
     Test loss and accuracy of a checkpoint (or of a run directory's ``last.pt``).
 
+``fsg grid``
+    Train a grid of runs (``--estimators`` × ``--quantizers`` × ``--optimizers`` × ``--seeds``)
+    one after the other, each into ``<out>/<estimator>-<quantizer>-<optimizer>-s<seed>/``, skipping
+    finished runs and resuming unfinished ones; then write ``results.md``, ``results.json`` and
+    ``curves.png``. ``--report-only DIR`` rebuilds them. See :mod:`fsg.grid`.
+
 Invalid input (an unknown estimator, a non-positive step count or learning rate, a bad option
 rejected by the library) ends with one line ``fsg: error: ...`` on stderr and exit status 2.
 """
@@ -227,6 +233,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="torch device (default: as trained)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_cmd_eval, command_parser=ev)
+
+    gr = sub.add_parser(
+        "grid", help="train a grid of runs (estimators x quantizers x optimizers x seeds) and tabulate them",
+        description="Train every combination of --estimators, --quantizers, --optimizers and --seeds, one "
+        "after the other, each into <out>/<estimator>-<quantizer>-<optimizer>-s<seed>/ (as 'fsg train'; "
+        "every other option applies to every run; an estimator option goes to the estimators that take "
+        "it). Runs that finished are skipped and unfinished ones resumed from their last.pt, so running "
+        "the same command again continues the grid. Then writes <out>/results.md and results.json (per "
+        "estimator/quantizer/optimizer: mean ± sample std over seeds of each run's mean test accuracy "
+        "over its last K evaluated epochs, and of its final training loss) and <out>/curves.png "
+        "(needs matplotlib). --report-only DIR rebuilds these from existing runs.",
+    )
+    g = gr.add_argument_group("grid")
+    g.add_argument("--estimators", metavar="LIST", help=f"comma list from: {', '.join(ESTIMATORS)} "
+                   "(default: the configuration's estimator, fsg)")
+    g.add_argument("--quantizers", metavar="LIST", help=f"comma list from: {', '.join(QUANTIZERS)} "
+                   "(default: dorefa)")
+    g.add_argument("--optimizers", metavar="LIST", help=f"comma list from: {', '.join(OPTIMIZERS)} (default: sgd)")
+    g.add_argument("--seeds", metavar="LIST", help="comma list of seeds, ranges allowed: 0,1,2 or 0-4 (default: 0)")
+    g.add_argument("--out", dest="grid_out", metavar="DIR", default="runs/grid",
+                   help="grid directory (default: runs/grid)")
+    g.add_argument("--last-k", type=_positive_int, default=10, metavar="K",
+                   help="evaluations (epochs) averaged per run in the table (default: 10, MetaQuant's)")
+    g.add_argument("--x-axis", choices=["step", "epoch"], default="step", help="x axis of curves.png (default: step)")
+    g.add_argument("--report-only", metavar="DIR",
+                   help="train nothing: rebuild DIR/results.md, results.json and curves.png from the runs in DIR")
+    _add_train_options(gr, pretrain=False, grid=True)
+    gr.set_defaults(func=_cmd_grid, command_parser=gr, pretrain=False, resume=None)
     return parser
 
 
@@ -277,6 +311,9 @@ ESTIMATOR_FLAGS = {
     "d_conv": (dict(type=_positive_int), "fsg: Mamba causal conv width (default 8)"),
     "expand": (dict(type=_positive_int), "fsg: Mamba channels d_inner = expand (d_model = 1; default 100)"),
     "lstm_hidden": (dict(type=_positive_int), "fsg: hidden size of the LSTM slow-net (default 100)"),
+    "recompute": (dict(action=argparse.BooleanOptionalAction),
+                  "fsg: recompute each layer's slow-net activations in the backward pass instead of "
+                  "keeping them (bounded memory; default on)"),
     "fast_lr": (dict(type=_positive_float), "fsg: Adam lr of the fast-net (default 1e-2)"),
     "slow_lr": (dict(type=_positive_float), "fsg: Adam lr of the slow-net (default 1e-3)"),
     "lre_lr": (dict(type=_positive_float), "fsg: Adam lr of the layer embedding (default 1e-3)"),
@@ -303,7 +340,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_train_options(p: argparse.ArgumentParser, pretrain: bool) -> None:
+def _add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = False) -> None:
+    """The options of ``fsg train`` (``pretrain``: those of ``fsg pretrain``; ``grid``: those of
+    ``fsg grid``, without ``--resume``, ``--out``, ``--seed``, ``--quantizer``, ``--optimizer`` and
+    ``--estimator``, which the grid sets per run)."""
     S = argparse.SUPPRESS
     dflt = TrainConfig().to_dict()
     if pretrain:
@@ -313,10 +353,11 @@ def _add_train_options(p: argparse.ArgumentParser, pretrain: bool) -> None:
     g = p.add_argument_group("run")
     p.add_argument("--config", metavar="FILE", default=None,
                    help="JSON configuration (as written to <out>/config.json); flags override its values")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                   help="continue a run from CHECKPOINT (default: <out>/last.pt; a run directory also works) "
-                   "with the checkpoint's configuration; only these may change: "
-                   + ", ".join(_flag(k) for k in RESUME_CHANGEABLE))
+    if not grid:
+        p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                       help="continue a run from CHECKPOINT (default: <out>/last.pt; a run directory also works) "
+                       "with the checkpoint's configuration; only these may change: "
+                       + ", ".join(_flag(k) for k in RESUME_CHANGEABLE))
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
@@ -328,7 +369,8 @@ def _add_train_options(p: argparse.ArgumentParser, pretrain: bool) -> None:
             kw["metavar"] = name.upper()
         group.add_argument(_flag(name), dest=name, default=S, help=help, **kw)
 
-    opt_in(g, "out", "run directory", metavar="DIR")
+    if not grid:
+        opt_in(g, "out", "run directory", metavar="DIR")
     opt_in(g, "epochs", "training epochs", type=_positive_int)
     opt_in(g, "max_steps", "stop after this many training steps in all (then evaluate and save)", type=_positive_int,
            metavar="N")
@@ -338,7 +380,8 @@ def _add_train_options(p: argparse.ArgumentParser, pretrain: bool) -> None:
     opt_in(g, "tensorboard", "also log to TensorBoard (<out>/tensorboard; needs tensorboardX)", **bool_kw)
     opt_in(g, "num_threads", "torch CPU threads (default: torch's)", type=_positive_int, metavar="N")
     opt_in(g, "device", "torch device")
-    opt_in(g, "seed", "seed of the initialisation and of the data order/augmentation", type=_nonnegative_int)
+    if not grid:
+        opt_in(g, "seed", "seed of the initialisation and of the data order/augmentation", type=_nonnegative_int)
 
     g = p.add_argument_group("model and data")
     opt_in(g, "model", "network", choices=list(MODEL_NAMES))
@@ -358,7 +401,8 @@ def _add_train_options(p: argparse.ArgumentParser, pretrain: bool) -> None:
     opt_in(g, "pretrained", "full-precision state_dict to start from (e.g. from 'fsg pretrain')", metavar="FILE")
 
     g = p.add_argument_group("optimisation")
-    opt_in(g, "optimizer", "base optimizer (sgdm: momentum 0.9, weight decay 5e-4)", choices=list(OPTIMIZERS))
+    if not grid:
+        opt_in(g, "optimizer", "base optimizer (sgdm: momentum 0.9, weight decay 5e-4)", choices=list(OPTIMIZERS))
     opt_in(g, "lr", "base learning rate", type=_positive_float)
     opt_in(g, "weight_decay", "weight decay (default: the optimizer's)", type=_nonnegative_float)
     opt_in(g, "lr_step", "divide the learning rate every N epochs", type=_positive_int, metavar="N")
@@ -367,14 +411,16 @@ def _add_train_options(p: argparse.ArgumentParser, pretrain: bool) -> None:
     if pretrain:
         return
     g = p.add_argument_group("binarization")
-    opt_in(g, "quantizer", "weight quantizer", choices=list(QUANTIZERS))
+    if not grid:
+        opt_in(g, "quantizer", "weight quantizer", choices=list(QUANTIZERS))
     opt_in(g, "bits", "dorefa bits (1 = binary)", type=_positive_int)
     opt_in(g, "keep_first", "keep the first conv in full precision", **bool_kw)
     opt_in(g, "keep_last", "keep the classifier in full precision", **bool_kw)
     opt_in(g, "activations", "also binarize activations (sign, clipped STE)", **bool_kw)
 
     g = p.add_argument_group("estimator")
-    opt_in(g, "estimator", "gradient estimator", choices=list(ESTIMATORS))
+    if not grid:
+        opt_in(g, "estimator", "gradient estimator", choices=list(ESTIMATORS))
     opt_in(g, "update_on_observe", "also update the weights in the observe step 0", **bool_kw)
     for name, (kw, help) in ESTIMATOR_FLAGS.items():
         if "type" in kw and "metavar" not in kw and "choices" not in kw:
@@ -385,7 +431,9 @@ def _add_train_options(p: argparse.ArgumentParser, pretrain: bool) -> None:
 
 
 _NON_CONFIG = {"command", "func", "command_parser", "pretrain", "config", "resume", "no_progress", "json",
-               "dataset_option", "estimator_option"}
+               "dataset_option", "estimator_option",
+               # fsg grid
+               "estimators", "quantizers", "optimizers", "seeds", "grid_out", "last_k", "x_axis", "report_only"}
 
 
 def config_from_args(args: argparse.Namespace):
@@ -489,6 +537,67 @@ def _cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     else:
         print(f"{r['checkpoint']} (epoch {r['epoch']}, step {r['step']}): test loss {r['loss']:.4f}, "
               f"test accuracy {_fmt_pct(r['accuracy'])} on {r['images']} images")
+    return 0
+
+
+def _grid_base_from_args(args: argparse.Namespace) -> Dict[str, object]:
+    """The base configuration (a dict of TrainConfig fields, not validated: the grid validates
+    each run) of ``fsg grid``: defaults, then ``--config FILE``, then the flags given."""
+    from pathlib import Path
+
+    base = TrainConfig().to_dict()
+    if args.config:
+        try:
+            text = Path(args.config).read_text()
+        except OSError as e:
+            raise ValueError(f"cannot read configuration {args.config!r}: {e.strerror or e}") from None
+        try:
+            file_cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{args.config}: invalid JSON configuration: {e}") from None
+        if not isinstance(file_cfg, dict):
+            raise ValueError(f"{args.config}: a configuration must be a JSON object")
+        unknown = sorted(set(file_cfg) - set(base))
+        if unknown:
+            raise ValueError(f"{args.config}: unknown configuration field(s): {', '.join(unknown)}")
+        base.update(file_cfg)
+    base.update({k: v for k, v in vars(args).items() if k not in _NON_CONFIG and not k.startswith("est_")})
+    est_given = {k[4:]: v for k, v in vars(args).items() if k.startswith("est_")}
+    est_given.update(dict(args.estimator_option or []))
+    if est_given:
+        base["estimator_options"] = {**(base.get("estimator_options") or {}), **est_given}
+    ds_given = dict(args.dataset_option or [])
+    if ds_given:
+        base["dataset_options"] = {**(base.get("dataset_options") or {}), **ds_given}
+    return base
+
+
+def _cmd_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .grid import format_markdown, run_grid, write_report
+
+    if args.report_only is not None:
+        given = [k[4:] if k.startswith("est_") else k for k in vars(args) if k not in _NON_CONFIG]  # train options
+        given += [k for k in ("config", "dataset_option", "estimator_option", "estimators", "quantizers",
+                              "optimizers", "seeds") if getattr(args, k)]
+        if args.grid_out != "runs/grid":
+            given.append("out")
+        if given:
+            raise ValueError(f"--report-only trains nothing: it takes only --last-k, --x-axis and --json "
+                             f"(got {', '.join(_flag(k) for k in given)})")
+        report = write_report(args.report_only, last_k=args.last_k, x_axis=args.x_axis)
+        out = args.report_only
+    else:
+        progress = not args.no_progress and sys.stderr.isatty()
+        report = run_grid(args.grid_out, args.estimators, args.quantizers, args.optimizers, args.seeds,
+                          config=_grid_base_from_args(args), last_k=args.last_k, x_axis=args.x_axis,
+                          progress=progress)
+        out = args.grid_out
+    if args.json:
+        print(json.dumps(report, indent=2, allow_nan=False))
+        return 0
+    print(format_markdown(report), end="")
+    files = ["results.md", "results.json"] + (["curves.png"] if report.get("curves") else [])
+    print(f"\nwrote {', '.join(os.path.join(out, f) for f in files)}")
     return 0
 
 
@@ -695,7 +804,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: demo, estimators, train, pretrain, eval")
+        parser.error("choose a command: demo, estimators, train, pretrain, eval, grid")
     sub = args.command_parser  # its errors point at "fsg <command> --help"
     try:
         return args.func(args, sub)

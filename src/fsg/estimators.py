@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .mamba import Mamba
@@ -158,6 +159,13 @@ class ElementwiseMLP(nn.Module):
         self.nonlinearity = nonlinearity
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.nonlinearity is None:
+            # a chain of linear maps 1→h→…→1 is one scalar a = W_k⋯W_1: x ↦ a·x. Computing a
+            # first costs O(h²) instead of O(numel·h²), with the same value and gradients.
+            a = self.layers[0].weight
+            for lin in self.layers[1:]:
+                a = lin.weight @ a
+            return x * a.reshape(())
         y = x.reshape(-1, 1)
         for i, lin in enumerate(self.layers):
             y = lin(y)
@@ -192,9 +200,16 @@ class SlowNet(nn.Module):
             self.lstm = nn.LSTM(1, _check_int("lstm_hidden", lstm_hidden), batch_first=True)
             self.head = nn.Linear(lstm_hidden, 1, bias=False)
 
-    def forward(self, seq: Tensor) -> Tensor:
+    def forward(self, seq: Tensor, low_memory: bool = False) -> Tensor:
+        """``low_memory``: keep (almost) no activations for the backward pass, recompute them
+        there (see :meth:`fsg.mamba.Mamba.forward`; the LSTM is checkpointed)."""
         if self.kind == "mamba":
-            return self.mamba(seq)
+            return self.mamba(seq, low_memory=low_memory)
+        if low_memory and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._lstm, seq, use_reentrant=False)
+        return self._lstm(seq)
+
+    def _lstm(self, seq: Tensor) -> Tensor:
         return self.head(_run_lstm(self.lstm, seq)[0])
 
 
@@ -302,6 +317,9 @@ class FSG(Estimator):
       ``[e_l, g_i⁽ᵗ⁻ᴸ⁾, …, g_i⁽ᵗ⁻¹⁾]``, ``G_slow`` = output at the last position.
     * ``D = β·G_slow + (1−β)·c⊙G_fast``; ``U = D`` (``update="combined"``, the paper) or
       ``U = c⊙G_fast`` (``update="fast"``, the reference code).
+    * ``recompute=True``: each layer's slow-net forward is recomputed during the backward pass
+      (activation checkpointing), so only its input sequence is kept meanwhile; this bounds
+      the memory of a step by one layer's activations instead of all layers'.
     """
 
     def __init__(
@@ -318,6 +336,7 @@ class FSG(Estimator):
         d_conv: int = 8,
         expand: int = 100,
         lstm_hidden: int = 100,
+        recompute: bool = True,
         fast_lr: float = 1e-2,
         slow_lr: float = 1e-3,
         lre_lr: float = 1e-3,
@@ -330,6 +349,7 @@ class FSG(Estimator):
         _check_choice("update", update, ("combined", "fast"))
         _check_choice("layout", layout, ("flat", "temporal"))
         self.update, self.layout, self.use_lre = update, layout, bool(lre)
+        self.recompute = bool(recompute)
         self.fast = ElementwiseMLP(fast_hidden, depth=3, nonlinearity=fast_nonlinearity)
         self.slow = SlowNet(slow_net, d_state=d_state, d_conv=d_conv, expand=expand, lstm_hidden=lstm_hidden)
         self.fast_lr = _check_lr("fast_lr", fast_lr)
@@ -364,7 +384,10 @@ class FSG(Estimator):
             first = self.lre.weight[index].view(1, 1, 1).expand(n, 1, 1) if self.lre is not None else None
         if first is not None:
             seq = torch.cat([first.to(seq.dtype), seq], dim=1)
-        out = self.slow(seq)
+        # recompute: keep only this layer's input sequence (and the scan's chunk states) for the
+        # backward pass, not the slow-net's activations — tens of (T, d_inner) tensors per layer
+        # would otherwise stay alive until the task loss is back-propagated
+        out = self.slow(seq, low_memory=self.recompute)
         g_slow = out[0, -n:, 0] if self.layout == "flat" else out[:, -1, 0]
         return g_slow.reshape(shape)
 

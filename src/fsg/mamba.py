@@ -43,6 +43,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 __all__ = [
@@ -342,6 +343,15 @@ def _causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool
 # ---------------------------------------------------------------------------
 
 
+def _project(weight: Tensor, x: Tensor) -> Tensor:
+    """``weight @ x`` for ``weight`` (out, in) and channel-first ``x`` (B, in, T). A rank-1
+    product (``in == 1``: d_model = 1, dt_rank = 1) is a broadcast multiply, which writes the
+    (B, out, T) result once instead of going through a copying batched matmul."""
+    if weight.shape[1] == 1:
+        return weight.view(1, -1, 1) * x
+    return torch.matmul(weight, x)
+
+
 def _check_pos_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -436,23 +446,45 @@ class Mamba(nn.Module):
 
         self.out_proj = nn.Linear(d_inner, d_model, bias=False, **factory)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x``: ``(B, T, d_model)`` -> ``(B, T, d_model)``."""
+    def forward(self, x: Tensor, low_memory: bool = False) -> Tensor:
+        """``x``: ``(B, T, d_model)`` -> ``(B, T, d_model)``.
+
+        ``low_memory=True`` keeps (almost) nothing of the block's activations for the backward
+        pass: with the fused CPU kernels only ``x`` and the scan's chunk-boundary states are
+        kept and the backward recomputes the rest without re-running the scan's forward
+        (:func:`fsg.scan_cpu.mamba_low_memory`); elsewhere the block is checkpointed
+        (``torch.utils.checkpoint``: recomputed in the backward pass). Same values and gradients.
+        """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
+        if low_memory and torch.is_grad_enabled():
+            if _current_impl != "ref":
+                from .scan_cpu import mamba_low_memory
+
+                out = mamba_low_memory(self, x)
+                if out is not None:
+                    return out
+            return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _pre_scan(self, x: Tensor):
+        """Steps 1-4, channel-first: ``(u, z, delta, B, C)`` for the scan (``delta`` without the
+        ``dt_proj`` bias, which the scan adds before its softplus)."""
         # Everything runs channel-first, (B, channels, T), so that no large tensor is transposed:
         # each projection is a matmul of the weight with a (B, in, T) tensor.
         d, r, n = self.d_inner, self.dt_rank, self.d_state
         xt = x.transpose(1, 2)  # (B, d_model, T)
         w_in = self.in_proj.weight
-        u = torch.matmul(w_in[:d], xt)  # (B, d_inner, T)
-        z = torch.matmul(w_in[d:], xt)
+        u = _project(w_in[:d], xt)  # (B, d_inner, T)
+        z = _project(w_in[d:], xt)
         u = _causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, silu=True)
-
         x_dbl = torch.matmul(self.x_proj.weight, u)  # (B, dt_rank + 2 d_state, T)
         dlt, Bt, Ct = torch.split(x_dbl, [r, n, n], dim=1)
-        delta = torch.matmul(self.dt_proj.weight, dlt)  # (B, d_inner, T); bias added in the scan
+        delta = _project(self.dt_proj.weight, dlt)  # (B, d_inner, T)
+        return u, z, delta, Bt, Ct
 
+    def _forward(self, x: Tensor) -> Tensor:
+        u, z, delta, Bt, Ct = self._pre_scan(x)
         param_dtype = _compute_dtype(self.A_log.dtype)
         A = -torch.exp(self.A_log.to(param_dtype))
         y = selective_scan(

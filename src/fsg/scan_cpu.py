@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["selective_scan_fused", "causal_conv1d_fused", "available", "load_library", "CHUNK", "build_error"]
+__all__ = ["selective_scan_fused", "causal_conv1d_fused", "mamba_low_memory", "available", "load_library", "CHUNK", "build_error"]
 
 #: Steps between stored states in the forward pass (memory ∝ L / CHUNK; recompute ∝ CHUNK).
 CHUNK = 64
@@ -105,7 +105,7 @@ def load_library() -> Optional[ctypes.CDLL]:
                 except subprocess.CalledProcessError:
                     _compile(cc, path, native=False)  # a compiler without -march=native
             lib = ctypes.CDLL(str(path))
-            if lib.fsg_scan_version() != 5:
+            if lib.fsg_scan_version() != 7:
                 raise RuntimeError("unexpected kernel version")
         except Exception as e:  # noqa: BLE001 - any failure means "use the reference"
             detail = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if isinstance(
@@ -115,8 +115,8 @@ def load_library() -> Optional[ctypes.CDLL]:
             return None
         i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         lib.fsg_scan_fwd.argtypes = [i64] * 5 + [ptr] * 8 + [cint, ptr, ptr, ptr, ptr, cint]
-        lib.fsg_scan_fwd.restype = None
-        lib.fsg_scan_bwd.argtypes = [i64] * 5 + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 9 + [cint]
+        lib.fsg_scan_fwd.restype = cint
+        lib.fsg_scan_bwd.argtypes = [i64] * 5 + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 10 + [cint]
         lib.fsg_scan_bwd.restype = cint
         lib.fsg_conv_fwd.argtypes = [i64] * 4 + [ptr] * 4 + [cint, cint]
         lib.fsg_conv_fwd.restype = None
@@ -144,63 +144,144 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.detach().to(torch.float32).contiguous()
 
 
+def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool):
+    """Run the forward kernel on float32 contiguous inputs (``B_``, ``C_`` as (batch, L, n)).
+    Returns ``(y, states, last)``."""
+    lib = load_library()
+    batch, dim, length = u_.shape
+    n = A_.shape[1]
+    nchunks = max(1, (length + CHUNK - 1) // CHUNK)
+    out = torch.empty(batch, dim, length, dtype=torch.float32)
+    states = torch.empty(batch, dim, nchunks, n, dtype=torch.float32)
+    last = torch.empty(batch, dim, n, dtype=torch.float32)
+    if length > 0:
+        if lib.fsg_scan_fwd(batch, dim, length, n, CHUNK, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_),
+                            _p(z_), _p(bias_), int(softplus), _p(h0_), _p(out), _p(states), _p(last),
+                            torch.get_num_threads()):
+            raise MemoryError("fused selective scan forward: out of memory for its work buffers")
+    else:
+        last = h0_.clone() if h0_ is not None else torch.zeros(batch, dim, n)
+    return out, states, last
+
+
+def _scan_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states, softplus: bool, dout, dlast=None,
+                   want_h0: bool = False, want_y: bool = False):
+    """Run the backward kernel. Returns ``(du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, y)`` with
+    ``dB``, ``dC`` as (batch, L, n); ``dz``/``dh0``/``y`` None unless applicable/asked for."""
+    lib = load_library()
+    batch, dim, length = u_.shape
+    n = A_.shape[1]
+    dout_ = dout.to(torch.float32).contiguous()
+    dlast_ = None if dlast is None else dlast.to(torch.float32).contiguous()
+    du = torch.empty_like(u_)
+    ddelta = torch.empty_like(d_)
+    dA = torch.zeros_like(A_)
+    dB = torch.zeros(batch, length, n)
+    dC = torch.zeros(batch, length, n)
+    dD = torch.zeros(dim)
+    dz = torch.empty_like(u_) if z_ is not None else None
+    dbias = torch.zeros(dim)
+    dh0 = torch.zeros(batch, dim, n) if want_h0 else None
+    y = torch.empty_like(u_) if want_y else None
+    if length > 0:
+        rc = lib.fsg_scan_bwd(batch, dim, length, n, CHUNK, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_),
+                              _p(z_), _p(bias_), int(softplus), _p(states), _p(dout_), _p(dlast_),
+                              _p(du), _p(ddelta), _p(dA), _p(dB), _p(dC), _p(dD), _p(dz), _p(dbias),
+                              _p(dh0), _p(y), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("fused selective scan backward: out of memory for its per-thread buffers")
+    elif want_h0 and dlast_ is not None:
+        dh0 = dlast_.clone()
+    return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, y
+
+
 class _FusedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):  # type: ignore[override]
-        lib = load_library()
-        batch, dim, length = u.shape
-        n = A.shape[1]
         u_, d_, A_ = _f32(u), _f32(delta), _f32(A)
         B_ = B.detach().to(torch.float32).transpose(1, 2).contiguous()  # (batch, L, n)
         C_ = C.detach().to(torch.float32).transpose(1, 2).contiguous()
         D_, z_, bias_, h0_ = _f32(D), _f32(z), _f32(delta_bias), _f32(initial_state)
-        nchunks = max(1, (length + CHUNK - 1) // CHUNK)
-        out = torch.empty(batch, dim, length, dtype=torch.float32)
-        states = torch.empty(batch, dim, nchunks, n, dtype=torch.float32)
-        last = torch.empty(batch, dim, n, dtype=torch.float32)
-        if length > 0:
-            lib.fsg_scan_fwd(batch, dim, length, n, CHUNK, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_),
-                             _p(z_), _p(bias_), int(softplus), _p(h0_), _p(out), _p(states), _p(last),
-                             torch.get_num_threads())
-        else:
-            last = h0_.clone() if h0_ is not None else torch.zeros(batch, dim, n)
+        out, states, last = _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus)
         ctx.save_for_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states)
         ctx.softplus = softplus
         ctx.flags = (D is not None, z is not None, delta_bias is not None, initial_state is not None)
-        ctx.dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
         return out.to(u.dtype), last
 
     @staticmethod
     def backward(ctx, dout, dlast):  # type: ignore[override]
-        lib = load_library()
         u_, d_, A_, B_, C_, D_, z_, bias_, states = ctx.saved_tensors
         has_D, has_z, has_bias, has_h0 = ctx.flags
-        batch, dim, length = u_.shape
-        n = A_.shape[1]
-        dout_ = dout.to(torch.float32).contiguous()
-        dlast_ = None if dlast is None else dlast.to(torch.float32).contiguous()
-        du = torch.empty_like(u_)
-        ddelta = torch.empty_like(d_)
-        dA = torch.zeros_like(A_)
-        dB = torch.zeros(batch, length, n)
-        dC = torch.zeros(batch, length, n)
-        dD = torch.zeros(dim)
-        dz = torch.empty_like(u_) if has_z else None
-        dbias = torch.zeros(dim)
-        dh0 = torch.zeros(batch, dim, n) if has_h0 else None
-        if length > 0:
-            rc = lib.fsg_scan_bwd(batch, dim, length, n, CHUNK, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_),
-                                  _p(z_), _p(bias_), int(ctx.softplus), _p(states), _p(dout_), _p(dlast_),
-                                  _p(du), _p(ddelta), _p(dA), _p(dB), _p(dC), _p(dD), _p(dz), _p(dbias),
-                                  _p(dh0), torch.get_num_threads())
-            if rc != 0:
-                raise MemoryError("fused selective scan backward: out of memory for its per-thread buffers")
-        elif has_h0 and dlast_ is not None:
-            dh0 = dlast_.clone()
-        if has_z and length == 0:
-            dz = torch.zeros_like(u_)
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, _ = _scan_backward(
+            u_, d_, A_, B_, C_, D_, z_, bias_, states, ctx.softplus, dout, dlast, want_h0=has_h0)
         return (du, ddelta, dA, dB.transpose(1, 2), dC.transpose(1, 2), dD if has_D else None, dz,
                 dbias if has_bias else None, dh0, None)
+
+
+class _MambaLowMemory(torch.autograd.Function):
+    """A whole Mamba block whose backward recomputes everything but the scan's chunk states.
+
+    Forward (no graph): projections, conv, scan, output projection; saved: the block input
+    ``x`` and the scan's chunk-boundary states (``L/CHUNK × d_inner × d_state``). Backward:
+    recompute the cheap pre-scan part with a graph, run the scan backward (which recomputes the
+    states chunk by chunk and, on the way, the scan output ``y`` needed for ``out_proj``'s
+    gradient), then back-propagate through the recomputed pre-scan graph. Compared with
+    checkpointing the block, the scan's forward runs once instead of twice.
+    """
+
+    @staticmethod
+    def forward(ctx, x, block, w_in, conv_w, conv_b, w_x, w_dt, b_dt, A_log, D, w_out):  # type: ignore[override]
+        with torch.no_grad():
+            u, z, delta, Bt, Ct = block._pre_scan(x)
+            A = -torch.exp(A_log.float())
+            B_ = Bt.float().transpose(1, 2).contiguous()
+            C_ = Ct.float().transpose(1, 2).contiguous()
+            y, states, _ = _scan_forward(_f32(u), _f32(delta), A.contiguous(), B_, C_, _f32(D), _f32(z),
+                                         _f32(b_dt), None, True)
+            out = torch.matmul(w_out.to(y.dtype), y).to(x.dtype).transpose(1, 2)
+        ctx.save_for_backward(x, states)
+        ctx.block = block
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        x, states = ctx.saved_tensors
+        block = ctx.block
+        pre_params = [block.in_proj.weight, block.conv1d.weight, block.conv1d.bias, block.x_proj.weight,
+                      block.dt_proj.weight]
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            u, z, delta, Bt, Ct = block._pre_scan(xg)
+        A = -torch.exp(block.A_log.detach().float())
+        w_out = block.out_proj.weight.detach().float()
+        dout_t = dout.transpose(1, 2).float()  # (B, d_model, T)
+        dy = torch.matmul(w_out.t(), dout_t)  # (B, d_inner, T)
+        B_ = Bt.detach().float().transpose(1, 2).contiguous()
+        C_ = Ct.detach().float().transpose(1, 2).contiguous()
+        du, ddelta, dA, dB, dC, dD, dz, dbias, _, y = _scan_backward(
+            _f32(u), _f32(delta), A.contiguous(), B_, C_, _f32(block.D), _f32(z), _f32(block.dt_proj.bias),
+            states, True, dy, want_y=True)
+        d_wout = torch.einsum("bmt,bdt->md", dout_t, y)
+        grads = torch.autograd.grad([u, z, delta, Bt, Ct], [xg] + pre_params,
+                                    [du, dz, ddelta, dB.transpose(1, 2), dC.transpose(1, 2)], allow_unused=True)
+        dx, dw_in, dconv_w, dconv_b, dw_x, dw_dt = grads
+        d_alog = dA * A  # A = -exp(A_log)
+        cast = lambda g, p: None if g is None else g.to(p.dtype)
+        return (cast(dx, x), None, cast(dw_in, block.in_proj.weight), cast(dconv_w, block.conv1d.weight),
+                cast(dconv_b, block.conv1d.bias), cast(dw_x, block.x_proj.weight), cast(dw_dt, block.dt_proj.weight),
+                cast(dbias, block.dt_proj.bias), cast(d_alog, block.A_log), cast(dD, block.D),
+                cast(d_wout, block.out_proj.weight))
+
+
+def mamba_low_memory(block, x: Tensor) -> Optional[Tensor]:
+    """``block(x)`` through :class:`_MambaLowMemory`, or None where the fused kernels do not
+    apply (not CPU, float64, unavailable)."""
+    tensors = [x] + list(block.parameters())
+    if any(t.device.type != "cpu" or t.dtype == torch.float64 for t in tensors) or not available():
+        return None
+    return _MambaLowMemory.apply(x, block, block.in_proj.weight, block.conv1d.weight, block.conv1d.bias,
+                                 block.x_proj.weight, block.dt_proj.weight, block.dt_proj.bias, block.A_log, block.D,
+                                 block.out_proj.weight)
 
 
 def selective_scan_fused(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,

@@ -100,7 +100,7 @@ static inline float softplus_f(float x) {
 }
 static inline float sigmoid_f(float x) { return 1.f / (1.f + fsg_expf(-x)); }
 
-FSG_API int fsg_scan_version(void) { return 5; }
+FSG_API int fsg_scan_version(void) { return 7; }
 
 /* Per-chunk pre-pass, vectorised over time: dt = softplus(delta + bias) (or delta + bias),
    dsp = d softplus / d input (1 without softplus), gate = silu(z), sz = sigmoid(z). */
@@ -171,45 +171,342 @@ static inline void fwd_chunk(int64_t t0, int64_t len, const int64_t N, const flo
     memcpy(hio, h, N * sizeof(float));
 }
 
-/* The loops run chunk-major: every thread takes a fixed range of (batch, channel) sequences and
-   advances all of them chunk by chunk, so the chunk's rows of B and C (shared by all channels)
-   are read from cache rather than streamed from memory once per channel. */
-FSG_API void fsg_scan_fwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
-                          const float *u, const float *delta, const float *A, const float *Bm,
-                          const float *Cm, const float *Dv, const float *z, const float *bias,
-                          int softplus, const float *h0, float *out, float *states, float *last,
-                          int nthreads) {
+/* ---------------------------------------------------------------------------------------------
+ * Channel-blocked path (d_state = 16): 16 channels of one batch element advance together, one
+ * channel per vector lane, so every operation of the recurrence is a full-width vector operation
+ * with no horizontal sums (the 16 states of the 16 channels are 16 vectors). The rows of u,
+ * delta, z, dout of the block are transposed chunk by chunk into [K][16] tiles in cache.
+ * ------------------------------------------------------------------------------------------- */
+#define CW 16 /* channels per block (vector lanes) */
+#define CN 16 /* d_state of the blocked path */
+
+static inline void load_tile(const float *rows, int64_t L, int64_t t0, int64_t len, float *tile) {
+    for (int l = 0; l < CW; l++) {
+        const float *r = rows + l * L + t0;
+        for (int64_t i = 0; i < len; i++) tile[i * CW + l] = r[i];
+    }
+}
+
+static inline void store_tile(float *rows, int64_t L, int64_t t0, int64_t len, const float *tile) {
+    for (int l = 0; l < CW; l++) {
+        float *r = rows + l * L + t0;
+        for (int64_t i = 0; i < len; i++) r[i] = tile[i * CW + l];
+    }
+}
+
+typedef struct {
+    float *tu, *tdt, *tdsp, *tz, *tsz, *tg, *to, *tdy, *tdu, *tdd, *tdz, *ys, *hbuf, *abuf, *dBl, *dCl;
+} tiles_t;
+
+/* dt tile = softplus(delta + bias) (dsp = its derivative), gate tile = silu(z) (sz = sigmoid). */
+static inline void block_prepass(int64_t len, const float *bs, int softplus, int has_z, tiles_t *w, int grads) {
+    for (int64_t i = 0; i < len; i++) {
+#pragma omp simd
+        for (int l = 0; l < CW; l++) w->tdt[i * CW + l] += bs[l];
+    }
+    const int64_t m = len * CW;
+    if (softplus) {
+        if (grads) {
+#pragma omp simd
+            for (int64_t j = 0; j < m; j++) w->tdsp[j] = sigmoid_f(w->tdt[j]);
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++) w->tdt[j] = softplus_f(w->tdt[j]);
+    } else if (grads) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++) w->tdsp[j] = 1.f;
+    }
+    if (has_z) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++) w->tsz[j] = sigmoid_f(w->tz[j]);
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++) w->tg[j] = w->tz[j] * w->tsz[j];
+    }
+}
+
+static void fwd_block(int64_t t0, int64_t len, int64_t L, const float *urows, const float *drows,
+                      const float *zrows, float *orows, const float *At, const float *Dv, const float *bs,
+                      int softplus, const float *Bb, const float *Cb, float *h, tiles_t *w) {
+    load_tile(urows, L, t0, len, w->tu);
+    load_tile(drows, L, t0, len, w->tdt);
+    if (zrows) load_tile(zrows, L, t0, len, w->tz);
+    block_prepass(len, bs, softplus, zrows != NULL, w, 0);
+    for (int64_t i = 0; i < len; i++) {
+        const float *Bt_ = Bb + (t0 + i) * CN, *Ct_ = Cb + (t0 + i) * CN;
+        const float *dt = w->tdt + i * CW, *uu = w->tu + i * CW;
+        float acc[CW], du[CW];
+#pragma omp simd
+        for (int l = 0; l < CW; l++) {
+            du[l] = dt[l] * uu[l];
+            acc[l] = Dv[l] * uu[l];
+        }
+        for (int n = 0; n < CN; n++) {
+            const float b = Bt_[n], c = Ct_[n];
+            float *hn = h + n * CW;
+            const float *An = At + n * CW;
+#pragma omp simd
+            for (int l = 0; l < CW; l++) {
+                const float v = fsg_expf(dt[l] * An[l]) * hn[l] + du[l] * b;
+                hn[l] = v;
+                acc[l] += c * v;
+            }
+        }
+        float *o = w->to + i * CW;
+        if (zrows) {
+#pragma omp simd
+            for (int l = 0; l < CW; l++) o[l] = acc[l] * w->tg[i * CW + l];
+        } else {
+#pragma omp simd
+            for (int l = 0; l < CW; l++) o[l] = acc[l];
+        }
+    }
+    store_tile(orows, L, t0, len, w->to);
+}
+
+/* Backward of one block over chunk [t0, t0+len). hst: the chunk's start states [CN][CW];
+   g: dL/dh [CN][CW] (end of chunk in, start of chunk out). dB/dC contributions are accumulated
+   per lane into w->dBl / w->dCl ([K][CN][CW]), summed over lanes later. */
+static void bwd_block(int64_t t0, int64_t len, int64_t L, const float *urows, const float *drows,
+                      const float *zrows, const float *dyrows, float *durows, float *ddrows, float *dzrows,
+                      const float *At, const float *Dv, const float *bs, int softplus, const float *Bb,
+                      const float *Cb, const float *hst, float *g, float *dAc, float *dDc, float *dbc,
+                      float *yrows, tiles_t *w) {
+    load_tile(urows, L, t0, len, w->tu);
+    load_tile(drows, L, t0, len, w->tdt);
+    load_tile(dyrows, L, t0, len, w->tdy);
+    if (zrows) load_tile(zrows, L, t0, len, w->tz);
+    block_prepass(len, bs, softplus, zrows != NULL, w, 1);
+    /* recompute states, decays and pre-gate outputs */
+    for (int64_t i = 0; i < len; i++) {
+        const float *Bt_ = Bb + (t0 + i) * CN, *Ct_ = Cb + (t0 + i) * CN;
+        const float *dt = w->tdt + i * CW, *uu = w->tu + i * CW;
+        const float *hp = i > 0 ? w->hbuf + (i - 1) * CN * CW : hst;
+        float *hc = w->hbuf + i * CN * CW, *ac = w->abuf + i * CN * CW;
+        float acc[CW], du[CW];
+#pragma omp simd
+        for (int l = 0; l < CW; l++) {
+            du[l] = dt[l] * uu[l];
+            acc[l] = Dv[l] * uu[l];
+        }
+        for (int n = 0; n < CN; n++) {
+            const float b = Bt_[n], c = Ct_[n];
+#pragma omp simd
+            for (int l = 0; l < CW; l++) {
+                const float a = fsg_expf(dt[l] * At[n * CW + l]);
+                const float v = a * hp[n * CW + l] + du[l] * b;
+                ac[n * CW + l] = a;
+                hc[n * CW + l] = v;
+                acc[l] += c * v;
+            }
+        }
+#pragma omp simd
+        for (int l = 0; l < CW; l++) w->ys[i * CW + l] = acc[l];
+        if (yrows) {
+            float *o = w->to + i * CW;
+            if (zrows) {
+#pragma omp simd
+                for (int l = 0; l < CW; l++) o[l] = acc[l] * w->tg[i * CW + l];
+            } else {
+#pragma omp simd
+                for (int l = 0; l < CW; l++) o[l] = acc[l];
+            }
+        }
+    }
+    if (yrows) store_tile(yrows, L, t0, len, w->to);
+    /* back-propagate through the chunk */
+    for (int64_t i = len - 1; i >= 0; i--) {
+        const float *Bt_ = Bb + (t0 + i) * CN, *Ct_ = Cb + (t0 + i) * CN;
+        const float *dt = w->tdt + i * CW, *uu = w->tu + i * CW;
+        const float *hc = w->hbuf + i * CN * CW, *ac = w->abuf + i * CN * CW;
+        const float *hp = i > 0 ? hc - CN * CW : hst;
+        float *dBi = w->dBl + i * CN * CW, *dCi = w->dCl + i * CN * CW;
+        float dys[CW], dtu[CW], ddt[CW], gB[CW];
+        if (zrows) {
+#pragma omp simd
+            for (int l = 0; l < CW; l++) {
+                const float s = w->tsz[i * CW + l], dy = w->tdy[i * CW + l];
+                w->tdz[i * CW + l] = dy * w->ys[i * CW + l] * s * (1.f + w->tz[i * CW + l] * (1.f - s));
+                dys[l] = dy * w->tg[i * CW + l];
+            }
+        } else {
+#pragma omp simd
+            for (int l = 0; l < CW; l++) dys[l] = w->tdy[i * CW + l];
+        }
+#pragma omp simd
+        for (int l = 0; l < CW; l++) {
+            dDc[l] += dys[l] * uu[l];
+            dtu[l] = dt[l] * uu[l];
+            ddt[l] = 0.f;
+            gB[l] = 0.f;
+        }
+        for (int n = 0; n < CN; n++) {
+            const float b = Bt_[n], c = Ct_[n];
+            float *gn_ = g + n * CW;
+#pragma omp simd
+            for (int l = 0; l < CW; l++) {
+                const float gn = gn_[l] + dys[l] * c;
+                dCi[n * CW + l] += dys[l] * hc[n * CW + l];
+                const float da = gn * hp[n * CW + l] * ac[n * CW + l];
+                ddt[l] += da * At[n * CW + l];
+                dAc[n * CW + l] += da * dt[l];
+                gB[l] += gn * b;
+                dBi[n * CW + l] += gn * dtu[l];
+                gn_[l] = gn * ac[n * CW + l];
+            }
+        }
+#pragma omp simd
+        for (int l = 0; l < CW; l++) {
+            w->tdu[i * CW + l] = dys[l] * Dv[l] + dt[l] * gB[l];
+            const float ddl = (ddt[l] + uu[l] * gB[l]) * w->tdsp[i * CW + l];
+            w->tdd[i * CW + l] = ddl;
+            dbc[l] += ddl;
+        }
+    }
+    store_tile(durows, L, t0, len, w->tdu);
+    store_tile(ddrows, L, t0, len, w->tdd);
+    if (zrows) store_tile(dzrows, L, t0, len, w->tdz);
+}
+
+static inline int tiles_alloc(tiles_t *w, int64_t K) {
+    const size_t kt = (size_t)K * CW, kb = (size_t)K * CN * CW;
+    float *m = (float *)calloc(13 * kt + 4 * kb, sizeof(float));
+    if (!m) return 1;
+    w->tu = m; w->tdt = m + kt; w->tdsp = m + 2 * kt; w->tz = m + 3 * kt; w->tsz = m + 4 * kt;
+    w->tg = m + 5 * kt; w->to = m + 6 * kt; w->tdy = m + 7 * kt; w->tdu = m + 8 * kt; w->tdd = m + 9 * kt;
+    w->tdz = m + 10 * kt; w->ys = m + 11 * kt;
+    w->hbuf = m + 13 * kt; w->abuf = w->hbuf + kb; w->dBl = w->abuf + kb; w->dCl = w->dBl + kb;
+    return 0;
+}
+
+/* Work units of the blocked layout: per batch element, D/CW blocks then D%CW single channels.
+   Threads get contiguous unit ranges of about equal cost (a block costs ~6 single channels). */
+#define BLOCK_COST 6
+static inline void unit_range(int64_t Bt, int64_t nblk, int64_t tail, int64_t *lo, int64_t *hi) {
+#ifdef _OPENMP
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const int64_t tid = 0, nth = 1;
+#endif
+    const int64_t per = nblk + tail, total = Bt * per;
+    const int64_t cost_per_b = nblk * BLOCK_COST + tail, total_cost = Bt * cost_per_b;
+    int64_t bounds[2];
+    for (int e = 0; e < 2; e++) {
+        const int64_t target = total_cost * (tid + e) / nth;
+        /* first unit whose cumulative cost start >= target */
+        int64_t b = cost_per_b ? target / cost_per_b : 0, rem = target - b * cost_per_b, k;
+        if (rem <= nblk * BLOCK_COST)
+            k = (rem + BLOCK_COST - 1) / BLOCK_COST;
+        else
+            k = nblk + (rem - nblk * BLOCK_COST);
+        int64_t u = b * per + k;
+        bounds[e] = u > total ? total : u;
+    }
+    *lo = bounds[0];
+    *hi = (tid == nth - 1) ? total : bounds[1];
+}
+
+/* The loops run chunk-major: every thread takes a fixed range of work units (channel blocks or
+   single channels) and advances all of them chunk by chunk, so the chunk's rows of B and C
+   (shared by all channels) are read from cache rather than streamed from memory per channel. */
+
+/* Transposed A and the per-lane D / bias of every channel block: [nblk][CN][CW], [nblk][CW]. */
+static float *block_params(int64_t nblk, const float *A, const float *Dv, const float *bias) {
+    float *p = (float *)malloc((size_t)nblk * (CN * CW + 2 * CW) * sizeof(float));
+    if (!p) return NULL;
+    for (int64_t k = 0; k < nblk; k++) {
+        float *At = p + k * (CN * CW + 2 * CW), *Dk = At + CN * CW, *bk = Dk + CW;
+        for (int l = 0; l < CW; l++) {
+            const int64_t d = k * CW + l;
+            for (int n = 0; n < CN; n++) At[n * CW + l] = A[d * CN + n];
+            Dk[l] = Dv ? Dv[d] : 0.f;
+            bk[l] = bias ? bias[d] : 0.f;
+        }
+    }
+    return p;
+}
+
+FSG_API int fsg_scan_fwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
+                         const float *u, const float *delta, const float *A, const float *Bm,
+                         const float *Cm, const float *Dv, const float *z, const float *bias,
+                         int softplus, const float *h0, float *out, float *states, float *last,
+                         int nthreads) {
     const int64_t nchunks = (L + K - 1) / K;
+    const int64_t nblk = (N == CN) ? D / CW : 0, tail = D - nblk * CW, per = nblk + tail;
     if (nthreads < 1) nthreads = 1;
+    float *bp = nblk ? block_params(nblk, A, Dv, bias) : NULL;
+    if (nblk && !bp) return 1;
+    int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         FSG_FTZ_BEGIN
         int64_t lo, hi;
-        thread_range(Bt * D, &lo, &hi);
-        float *hs = (float *)malloc((size_t)((hi - lo) * N + 2 * K) * sizeof(float));
-        float *dtv = hs + (hi - lo) * N, *gate = dtv + K;
-        for (int64_t bd = lo; bd < hi; bd++)
-            for (int64_t n = 0; n < N; n++) hs[(bd - lo) * N + n] = h0 ? h0[bd * N + n] : 0.f;
-        for (int64_t c = 0; c < nchunks; c++) {
-            const int64_t t0 = c * K, len = (t0 + K < L) ? K : L - t0;
-            for (int64_t bd = lo; bd < hi; bd++) {
-                const int64_t b = bd / D, d = bd % D;
-                float *hio = hs + (bd - lo) * N;
-                memcpy(states + (bd * nchunks + c) * N, hio, N * sizeof(float));
-                const float *zd = z ? z + bd * L : NULL;
-                const float bs = bias ? bias[d] : 0.f, Dd = Dv ? Dv[d] : 0.f;
-                if (N == 16)
-                    fwd_chunk(t0, len, 16, u + bd * L, delta + bd * L, A + d * N, Bm + b * L * N, Cm + b * L * N,
-                              Dd, zd, bs, softplus, hio, out + bd * L, dtv, gate);
-                else
-                    fwd_chunk(t0, len, N, u + bd * L, delta + bd * L, A + d * N, Bm + b * L * N, Cm + b * L * N,
-                              Dd, zd, bs, softplus, hio, out + bd * L, dtv, gate);
+        unit_range(Bt, nblk, tail, &lo, &hi);
+        const int64_t ssz = CN * CW > N ? CN * CW : N; /* state slots per unit */
+        float *hs = (float *)malloc((size_t)((hi - lo) * ssz + 2 * K) * sizeof(float));
+        tiles_t w;
+        const int tfail = tiles_alloc(&w, K);
+        if (!hs || tfail) {
+            failed = 1;
+        } else {
+            float *dtv = hs + (hi - lo) * ssz, *gate = dtv + K;
+            for (int64_t un = lo; un < hi; un++) {
+                const int64_t b = un / per, k = un % per;
+                float *hu = hs + (un - lo) * ssz;
+                if (k < nblk) {
+                    for (int n = 0; n < CN; n++)
+                        for (int l = 0; l < CW; l++)
+                            hu[n * CW + l] = h0 ? h0[(b * D + k * CW + l) * N + n] : 0.f;
+                } else {
+                    const int64_t bd = b * D + nblk * CW + (k - nblk);
+                    for (int64_t n = 0; n < N; n++) hu[n] = h0 ? h0[bd * N + n] : 0.f;
+                }
+            }
+            for (int64_t c = 0; c < nchunks; c++) {
+                const int64_t t0 = c * K, len = (t0 + K < L) ? K : L - t0;
+                for (int64_t un = lo; un < hi; un++) {
+                    const int64_t b = un / per, k = un % per;
+                    float *hu = hs + (un - lo) * ssz;
+                    const float *Bb = Bm + b * L * N, *Cb = Cm + b * L * N;
+                    if (k < nblk) {
+                        const int64_t bd0 = b * D + k * CW;
+                        for (int l = 0; l < CW; l++)
+                            for (int n = 0; n < CN; n++) states[((bd0 + l) * nchunks + c) * N + n] = hu[n * CW + l];
+                        const float *At = bp + k * (CN * CW + 2 * CW);
+                        fwd_block(t0, len, L, u + bd0 * L, delta + bd0 * L, z ? z + bd0 * L : NULL, out + bd0 * L,
+                                  At, At + CN * CW, At + CN * CW + CW, softplus, Bb, Cb, hu, &w);
+                    } else {
+                        const int64_t d = nblk * CW + (k - nblk), bd = b * D + d;
+                        memcpy(states + (bd * nchunks + c) * N, hu, N * sizeof(float));
+                        const float *zd = z ? z + bd * L : NULL;
+                        const float bs = bias ? bias[d] : 0.f, Dd = Dv ? Dv[d] : 0.f;
+                        if (N == 16)
+                            fwd_chunk(t0, len, 16, u + bd * L, delta + bd * L, A + d * N, Bb, Cb, Dd, zd, bs,
+                                      softplus, hu, out + bd * L, dtv, gate);
+                        else
+                            fwd_chunk(t0, len, N, u + bd * L, delta + bd * L, A + d * N, Bb, Cb, Dd, zd, bs,
+                                      softplus, hu, out + bd * L, dtv, gate);
+                    }
+                }
+            }
+            if (last) {
+                for (int64_t un = lo; un < hi; un++) {
+                    const int64_t b = un / per, k = un % per;
+                    const float *hu = hs + (un - lo) * ssz;
+                    if (k < nblk) {
+                        for (int l = 0; l < CW; l++)
+                            for (int n = 0; n < CN; n++) last[(b * D + k * CW + l) * N + n] = hu[n * CW + l];
+                    } else {
+                        memcpy(last + (b * D + nblk * CW + (k - nblk)) * N, hu, N * sizeof(float));
+                    }
+                }
             }
         }
-        if (last) memcpy(last + lo * N, hs, (size_t)(hi - lo) * N * sizeof(float));
         free(hs);
+        if (!tfail) free(w.tu);
         FSG_FTZ_END
     }
+    free(bp);
+    return failed;
 }
 
 typedef struct {
@@ -223,7 +520,7 @@ static inline void bwd_chunk(int64_t t0, int64_t len, const int64_t N, const flo
                              const float *Ad, const float *Bb, const float *Cb, float Dd, const float *zd,
                              float bs, int softplus, const float *st_c, const float *dyd, float *dud,
                              float *ddd, float *dzd, float *dBb, float *dCb, float *gio, double *dA_d,
-                             double *dD_d, double *dbias_d, work_t w) {
+                             double *dD_d, double *dbias_d, float *yd, work_t w) {
     prepass(len, dd + t0, bs, softplus, zd ? zd + t0 : NULL, w.dtv, w.dsp, w.gate, w.sz);
     /* recompute the chunk's states, decays and pre-gate outputs from its start state */
     const float *hp = st_c;
@@ -242,6 +539,7 @@ static inline void bwd_chunk(int64_t t0, int64_t len, const int64_t N, const flo
             ys += Ct_[n] * hn;
         }
         w.ys[i] = ys + Dd * ud[t];
+        if (yd) yd[t] = zd ? w.ys[i] * w.gate[i] : w.ys[i];
         hp = hc;
     }
     float g[N], dAc[N];
@@ -291,22 +589,27 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
                          const float *Cm, const float *Dv, const float *z, const float *bias,
                          int softplus, const float *states, const float *dout, const float *dlast,
                          float *du, float *ddelta, float *dA, float *dBm, float *dCm, float *dD,
-                         float *dz, float *dbias, float *dh0, int nthreads) {
+                         float *dz, float *dbias, float *dh0, float *yout, int nthreads) {
+    /* yout (optional, (Bt, D, L)): the forward output y, recomputed on the way */
     const int64_t nchunks = (L + K - 1) / K;
     const int64_t bln = Bt * L * N;
+    const int64_t nblk = (N == CN) ? D / CW : 0, tail = D - nblk * CW, per = nblk + tail;
     if (nthreads < 1) nthreads = 1;
-    if (nthreads > Bt * D) nthreads = (int)(Bt * D);
+    if (nthreads > Bt * per) nthreads = (int)(Bt * per);
     /* per-thread accumulators: dB, dC (thread 0 writes into the outputs directly), and
        dA (D*N), dD, dbias (D) in double */
     float *bufBC = nthreads > 1 ? (float *)calloc((size_t)(nthreads - 1) * 2 * bln, sizeof(float)) : NULL;
     double *bufA = (double *)calloc((size_t)nthreads * (D * N + 2 * D), sizeof(double));
-    if ((nthreads > 1 && !bufBC) || !bufA) {
+    float *bp = nblk ? block_params(nblk, A, Dv, bias) : NULL;
+    if ((nthreads > 1 && !bufBC) || !bufA || (nblk && !bp)) {
         free(bufBC);
         free(bufA);
+        free(bp);
         return 1;
     }
     memset(dBm, 0, (size_t)bln * sizeof(float));
     memset(dCm, 0, (size_t)bln * sizeof(float));
+    int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         FSG_FTZ_BEGIN
@@ -316,44 +619,124 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
         const int tid = 0;
 #endif
         int64_t lo, hi;
-        thread_range(Bt * D, &lo, &hi);
+        unit_range(Bt, nblk, tail, &lo, &hi);
         float *tdB = tid == 0 ? dBm : bufBC + (size_t)(tid - 1) * 2 * bln;
         float *tdC = tid == 0 ? dCm : tdB + bln;
         double *tdA = bufA + (size_t)tid * (D * N + 2 * D), *tdD = tdA + D * N, *tdbias = tdD + D;
+        const int64_t ssz = CN * CW > N ? CN * CW : N;
         work_t w;
-        float *mem = (float *)malloc((size_t)(2 * K * N + 6 * K + (hi - lo) * N) * sizeof(float));
-        w.hbuf = mem;
-        w.abuf = mem + K * N;
-        w.dtv = mem + 2 * K * N;
-        w.dsp = w.dtv + K;
-        w.gate = w.dsp + K;
-        w.sz = w.gate + K;
-        w.ys = w.sz + K;
-        float *gs = w.ys + K;
-        for (int64_t bd = lo; bd < hi; bd++)
-            for (int64_t n = 0; n < N; n++) gs[(bd - lo) * N + n] = dlast ? dlast[bd * N + n] : 0.f;
-        for (int64_t c = nchunks - 1; c >= 0; c--) {
-            const int64_t t0 = c * K, len = (t0 + K < L) ? K : L - t0;
-            for (int64_t bd = lo; bd < hi; bd++) {
-                const int64_t b = bd / D, d = bd % D;
-                const float bs = bias ? bias[d] : 0.f, Dd = Dv ? Dv[d] : 0.f;
-                const float *zd = z ? z + bd * L : NULL;
-                float *dzd = dz ? dz + bd * L : NULL;
-                const float *st_c = states + (bd * nchunks + c) * N;
-                float *gio = gs + (bd - lo) * N;
-                if (N == 16)
-                    bwd_chunk(t0, len, 16, u + bd * L, delta + bd * L, A + d * N, Bm + b * L * N, Cm + b * L * N,
-                              Dd, zd, bs, softplus, st_c, dout + bd * L, du + bd * L, ddelta + bd * L, dzd,
-                              tdB + b * L * N, tdC + b * L * N, gio, tdA + d * N, tdD + d, tdbias + d, w);
-                else
-                    bwd_chunk(t0, len, N, u + bd * L, delta + bd * L, A + d * N, Bm + b * L * N, Cm + b * L * N,
-                              Dd, zd, bs, softplus, st_c, dout + bd * L, du + bd * L, ddelta + bd * L, dzd,
-                              tdB + b * L * N, tdC + b * L * N, gio, tdA + d * N, tdD + d, tdbias + d, w);
+        tiles_t tw;
+        const int tfail = tiles_alloc(&tw, K);
+        float *mem = (float *)malloc((size_t)(2 * K * N + 6 * K + (hi - lo) * ssz + 3 * CN * CW) * sizeof(float));
+        if (!mem || tfail) {
+            failed = 1;
+        } else {
+            w.hbuf = mem;
+            w.abuf = mem + K * N;
+            w.dtv = mem + 2 * K * N;
+            w.dsp = w.dtv + K;
+            w.gate = w.dsp + K;
+            w.sz = w.gate + K;
+            w.ys = w.sz + K;
+            float *gs = w.ys + K, *hst = gs + (hi - lo) * ssz, *dAc = hst + CN * CW, *dvec = dAc + CN * CW;
+            for (int64_t un = lo; un < hi; un++) {
+                const int64_t b = un / per, k = un % per;
+                float *gu = gs + (un - lo) * ssz;
+                if (k < nblk) {
+                    for (int n = 0; n < CN; n++)
+                        for (int l = 0; l < CW; l++)
+                            gu[n * CW + l] = dlast ? dlast[(b * D + k * CW + l) * N + n] : 0.f;
+                } else {
+                    const int64_t bd = b * D + nblk * CW + (k - nblk);
+                    for (int64_t n = 0; n < N; n++) gu[n] = dlast ? dlast[bd * N + n] : 0.f;
+                }
+            }
+            for (int64_t c = nchunks - 1; c >= 0; c--) {
+                const int64_t t0 = c * K, len = (t0 + K < L) ? K : L - t0;
+                int64_t pending_b = -1; /* batch element whose lane-accumulated dB/dC await a flush */
+                for (int64_t un = lo; un <= hi; un++) {
+                    const int64_t b = un < hi ? un / per : -2, k = un < hi ? un % per : 0;
+                    if (pending_b >= 0 && (b != pending_b || un == hi)) {
+                        /* sum the lane accumulators of batch element pending_b into its dB / dC rows */
+                        float *dBr = tdB + (pending_b * L + t0) * N, *dCr = tdC + (pending_b * L + t0) * N;
+                        for (int64_t j = 0; j < len * CN; j++) {
+                            float sb = 0.f, sc = 0.f;
+#pragma omp simd reduction(+ : sb, sc)
+                            for (int l = 0; l < CW; l++) {
+                                sb += tw.dBl[j * CW + l];
+                                sc += tw.dCl[j * CW + l];
+                            }
+                            dBr[j] += sb;
+                            dCr[j] += sc;
+                        }
+                        pending_b = -1;
+                    }
+                    if (un == hi) break;
+                    float *gu = gs + (un - lo) * ssz;
+                    const float *Bb = Bm + b * L * N, *Cb = Cm + b * L * N;
+                    if (k < nblk) {
+                        const int64_t bd0 = b * D + k * CW;
+                        if (pending_b < 0) {
+                            memset(tw.dBl, 0, (size_t)len * CN * CW * sizeof(float));
+                            memset(tw.dCl, 0, (size_t)len * CN * CW * sizeof(float));
+                            pending_b = b;
+                        }
+                        for (int l = 0; l < CW; l++)
+                            for (int n = 0; n < CN; n++) hst[n * CW + l] = states[((bd0 + l) * nchunks + c) * N + n];
+                        memset(dAc, 0, (size_t)(CN * CW + 2 * CW) * sizeof(float));
+                        float *dDc = dvec, *dbc = dvec + CW;
+                        const float *At = bp + k * (CN * CW + 2 * CW);
+                        bwd_block(t0, len, L, u + bd0 * L, delta + bd0 * L, z ? z + bd0 * L : NULL, dout + bd0 * L,
+                                  du + bd0 * L, ddelta + bd0 * L, dz ? dz + bd0 * L : NULL, At, At + CN * CW,
+                                  At + CN * CW + CW, softplus, Bb, Cb, hst, gu, dAc, dDc, dbc,
+                                  yout ? yout + bd0 * L : NULL, &tw);
+                        for (int l = 0; l < CW; l++) {
+                            const int64_t d = k * CW + l;
+                            for (int n = 0; n < CN; n++) tdA[d * N + n] += dAc[n * CW + l];
+                            tdD[d] += dDc[l];
+                            tdbias[d] += dbc[l];
+                        }
+                    } else {
+                        const int64_t d = nblk * CW + (k - nblk), bd = b * D + d;
+                        const float bs = bias ? bias[d] : 0.f, Dd = Dv ? Dv[d] : 0.f;
+                        const float *zd = z ? z + bd * L : NULL;
+                        float *dzd = dz ? dz + bd * L : NULL;
+                        const float *st_c = states + (bd * nchunks + c) * N;
+                        if (N == 16)
+                            bwd_chunk(t0, len, 16, u + bd * L, delta + bd * L, A + d * N, Bb, Cb, Dd, zd, bs,
+                                      softplus, st_c, dout + bd * L, du + bd * L, ddelta + bd * L, dzd,
+                                      tdB + b * L * N, tdC + b * L * N, gu, tdA + d * N, tdD + d, tdbias + d,
+                                      yout ? yout + bd * L : NULL, w);
+                        else
+                            bwd_chunk(t0, len, N, u + bd * L, delta + bd * L, A + d * N, Bb, Cb, Dd, zd, bs,
+                                      softplus, st_c, dout + bd * L, du + bd * L, ddelta + bd * L, dzd,
+                                      tdB + b * L * N, tdC + b * L * N, gu, tdA + d * N, tdD + d, tdbias + d,
+                                      yout ? yout + bd * L : NULL, w);
+                    }
+                }
+            }
+            if (dh0) {
+                for (int64_t un = lo; un < hi; un++) {
+                    const int64_t b = un / per, k = un % per;
+                    const float *gu = gs + (un - lo) * ssz;
+                    if (k < nblk) {
+                        for (int l = 0; l < CW; l++)
+                            for (int n = 0; n < CN; n++) dh0[(b * D + k * CW + l) * N + n] = gu[n * CW + l];
+                    } else {
+                        memcpy(dh0 + (b * D + nblk * CW + (k - nblk)) * N, gu, N * sizeof(float));
+                    }
+                }
             }
         }
-        if (dh0) memcpy(dh0 + lo * N, gs, (size_t)(hi - lo) * N * sizeof(float));
         free(mem);
+        if (!tfail) free(tw.tu);
         FSG_FTZ_END
+    }
+    free(bp);
+    if (failed) {
+        free(bufBC);
+        free(bufA);
+        return 1;
     }
     /* reduce the per-thread accumulators */
     if (nthreads > 1) {
