@@ -32,7 +32,9 @@ def _one_thread():
 def tiny(out, estimator="multifc", **kw):
     """small-cnn width 4 on a tiny synthetic task: 64 train images, batch 16 → 4 steps/epoch."""
     opts = {"fsg": dict(expand=4, fast_hidden=8, d_state=4, d_conv=4), "multifc": dict(hidden=8),
-            "fc-grad": dict(hidden=8), "lstmfc": dict(hidden=4)}.get(estimator, {})
+            "fc-grad": dict(hidden=8), "lstmfc": dict(hidden=4),
+            "fsg-stream": dict(expand=4, fast_hidden=8, d_state=4, d_conv=4, layout="stream")}.get(estimator, {})
+    estimator = "fsg" if estimator == "fsg-stream" else estimator
     base = dict(model="small-cnn", width=4, dataset="synthetic",
                 dataset_options=dict(n_train=64, n_test=16, size=8, num_classes=4),
                 estimator=estimator, estimator_options=opts, optimizer="sgdm", lr=0.05, lr_step=1,
@@ -95,7 +97,7 @@ def metric_rows(out):
 # (a) exact resume, mid-epoch, every estimator
 
 
-@pytest.mark.parametrize("estimator", ["ste", "multifc", "lstmfc", "fsg"])
+@pytest.mark.parametrize("estimator", ["ste", "multifc", "lstmfc", "fsg", "fsg-stream"])
 def test_resume_mid_epoch_is_exact(tmp_path, tmp_path_factory, estimator):
     ref, ref_ck, ref_out = reference(tmp_path_factory, estimator)
     assert ref.steps == 8 and len(ref.losses) == 8
@@ -120,6 +122,8 @@ def test_resume_mid_epoch_is_exact(tmp_path, tmp_path_factory, estimator):
         hgs = est["_extra_state"]["hgs"]
         assert len(hgs) == 3 and all(len(h) == 5 for h in hgs)  # L = 5 gradients per layer
         assert any(k.startswith("slow.") for k in est) and "lre.weight" in est
+    if estimator == "fsg-stream":
+        assert all(s is not None for s in est["_extra_state"]["stream"])  # the carried per-weight states
     if estimator == "lstmfc":
         assert all(s is not None for s in est["_extra_state"]["states"])
     if estimator != "ste":

@@ -214,3 +214,20 @@ def test_mamba_low_memory_keeps_only_input_and_chunk_states():
     saved = sum(t.numel() for t in y.grad_fn.saved_tensors)
     assert saved <= length + (length // CHUNK) * 32 * 16
     assert saved < length * 32 / 2  # not even one (T, d_inner) activation
+
+
+@pytest.mark.parametrize("impl", ["auto", "ref"])
+@pytest.mark.parametrize("pieces", [[1] * 12, [3, 1, 5, 3], [12]])
+def test_mamba_stream_continues_the_sequence_exactly(impl, pieces):
+    torch.manual_seed(0)
+    m = Mamba(1, d_state=16, d_conv=4, expand=20)
+    x = torch.randn(3, sum(pieces), 1)
+    with use_scan_impl(impl), torch.no_grad():
+        full = m(x)
+        outs, state, t = [], None, 0
+        for p in pieces:
+            y, state = m.stream(x[:, t:t + p], state)
+            outs.append(y)
+            t += p
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-6)
+    assert state[0].shape == (3, 3, 1) and state[1].shape == (3, 20, 16)

@@ -364,3 +364,32 @@ def test_option_errors_are_one_line():
 
 def test_registry_names():
     assert set(fsg.ESTIMATORS) >= {"ste", "fc-grad", "multifc", "lstmfc", "fsg"}
+
+
+@pytest.mark.parametrize("slow_net", ["mamba", "lstm"])
+def test_fsg_stream_layout_is_the_temporal_sequence_as_a_recurrence(slow_net):
+    """With frozen hypernetworks, the streamed G_slow equals re-running the slow-net on each
+    element's whole sequence [e_l, g⁽⁰⁾, …, g⁽ᵗ⁻¹⁾]; the carried state holds no graph."""
+    tr = mlp_trainer("fsg", layout="stream", slow_net=slow_net, expand=8, lstm_hidden=6, beta=1.0,
+                     slow_lr=1e-30, lre_lr=1e-30, fast_lr=1e-30)
+    est = tr.estimator
+    grads = []
+    tr.step(x, y)
+    grads.append([l.parametrization.grad.clone() for l in tr.layers])
+    for t in range(1, 5):
+        s = snapshot(tr)
+        tr.step(x, y)
+        grads.append([l.parametrization.grad.clone() for l in tr.layers])
+        with torch.no_grad():
+            for i, l in enumerate(tr.layers):
+                seq = torch.stack([grads[k][i].reshape(-1) for k in range(t)], dim=1).unsqueeze(-1)
+                e = s["est"].lre.weight[i].view(1, 1, 1).expand(seq.shape[0], 1, 1)
+                expected = s["est"].slow(torch.cat([e, seq], 1))[:, -1, 0].view_as(l.latent)
+                torch.testing.assert_close(l.latent.grad, expected, rtol=1e-4, atol=1e-7)
+    for st in est.stream_states:
+        assert st is not None and not any(s.requires_grad for s in st)
+    slow = next(g for g in est.meta_param_groups() if g["name"] == "slow")  # (β = 1: no fast-net grads)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in slow["params"])
+    # the state is part of the estimator's checkpointable state
+    extra = est.get_extra_state()
+    assert len(extra["stream"]) == len(tr.layers) and extra["stream"][0] is not None

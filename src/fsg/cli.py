@@ -301,8 +301,9 @@ ESTIMATOR_FLAGS = {
                "code's c·G_fast (default combined)"),
     "lre": (dict(action=argparse.BooleanOptionalAction), "fsg: learned layer embedding (default on)"),
     "slow_net": (dict(choices=["mamba", "lstm"]), "fsg: slow-net sequence model (default mamba)"),
-    "layout": (dict(choices=["flat", "temporal"]),
-               "fsg: slow-net input, flat = one sequence per layer (the paper), temporal = one per weight "
+    "layout": (dict(choices=["flat", "temporal", "stream"]),
+               "fsg: slow-net input, flat = one sequence per layer (the paper), temporal = one per weight, "
+               "stream = the temporal layout as a recurrence with per-weight state "
                "(default flat)"),
     "fast_hidden": (dict(type=_positive_int), "fsg: fast-net hidden width (default 100)"),
     "fast_nonlinearity": (dict(type=_choices_or_none(["relu", "tanh"]), metavar="{none,relu,tanh}"),

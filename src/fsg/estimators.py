@@ -212,6 +212,16 @@ class SlowNet(nn.Module):
     def _lstm(self, seq: Tensor) -> Tensor:
         return self.head(_run_lstm(self.lstm, seq)[0])
 
+    def stream(self, seq: Tensor, state=None):
+        """Continue the recurrence by ``seq`` (B, T_new, 1) from ``state`` (None: start).
+        Returns ``(out, new_state)``; the state enters as a constant (no gradient)."""
+        if self.kind == "mamba":
+            return self.mamba.stream(seq, state)
+        if state is not None:
+            state = tuple(s.detach() for s in state)
+        y, (h, c) = _run_lstm(self.lstm, seq, state)
+        return self.head(y), (h.detach(), c.detach())
+
 
 # ----------------------------------------------------------------------------------------------
 # estimators
@@ -314,7 +324,16 @@ class FSG(Estimator):
     * slow-net ``S`` (Mamba, d_model = 1, or LSTM) reading the history:
       ``layout="flat"``: one sequence per layer ``[e_l, vec g⁽ᵗ⁻ᴸ⁾, …, vec g⁽ᵗ⁻¹⁾]``, ``G_slow``
       = outputs at the last ``n_l`` positions; ``layout="temporal"``: one sequence per element
-      ``[e_l, g_i⁽ᵗ⁻ᴸ⁾, …, g_i⁽ᵗ⁻¹⁾]``, ``G_slow`` = output at the last position.
+      ``[e_l, g_i⁽ᵗ⁻ᴸ⁾, …, g_i⁽ᵗ⁻¹⁾]``, ``G_slow`` = output at the last position;
+      ``layout="stream"``: the temporal layout as an unbounded recurrence — each element's
+      sequence ``[e_l, g_i⁽⁰⁾, g_i⁽¹⁾, …]`` is never re-scanned: the slow-net keeps its state
+      per element (Mamba: the scan state, ``d_inner × d_state`` floats, and the last
+      ``d_conv − 1`` inputs; LSTM: ``(h, c)``) and consumes one new gradient per step;
+      ``G_slow`` = its output for ``g_i⁽ᵗ⁻¹⁾``. ``history`` is then unused (the memory is
+      the state). Gradient truncation: the state carried from earlier steps is a constant, so
+      the hypernetwork's gradient at step ``t`` flows only through the processing of the token
+      ``g⁽ᵗ⁻¹⁾`` (truncated back-propagation through time with window 1); the LRE token, first
+      in every element's sequence, is trained only in the first meta step.
     * ``D = β·G_slow + (1−β)·c⊙G_fast``; ``U = D`` (``update="combined"``, the paper) or
       ``U = c⊙G_fast`` (``update="fast"``, the reference code).
     * ``recompute=True``: each layer's slow-net forward is recomputed during the backward pass
@@ -347,7 +366,7 @@ class FSG(Estimator):
         self.beta = float(beta)
         self.history_len = _check_int("history (L)", history)
         _check_choice("update", update, ("combined", "fast"))
-        _check_choice("layout", layout, ("flat", "temporal"))
+        _check_choice("layout", layout, ("flat", "temporal", "stream"))
         self.update, self.layout, self.use_lre = update, layout, bool(lre)
         self.recompute = bool(recompute)
         self.fast = ElementwiseMLP(fast_hidden, depth=3, nonlinearity=fast_nonlinearity)
@@ -365,6 +384,7 @@ class FSG(Estimator):
             p = next(self.fast.parameters())
             self.lre = nn.Embedding(n, 1).to(device=p.device, dtype=p.dtype)
         self.hgs = [deque(maxlen=self.history_len) for _ in range(n)]
+        self.stream_states: List[Optional[tuple]] = [None] * n
 
     def observe(self, index: int, grad: Tensor, w_tilde: Tensor) -> None:
         self.hgs[index].append(grad.detach())
@@ -376,6 +396,13 @@ class FSG(Estimator):
             raise RuntimeError(f"FSG history of layer {index} is empty: observe() a gradient first")
         shape = hist[-1].shape
         n = hist[-1].numel()
+        if self.layout == "stream":
+            seq = hist[-1].reshape(n, 1, 1)
+            state = self.stream_states[index]
+            if state is None and self.lre is not None:  # the stream starts with the layer's token
+                seq = torch.cat([self.lre.weight[index].view(1, 1, 1).expand(n, 1, 1).to(seq.dtype), seq], dim=1)
+            out, self.stream_states[index] = self.slow.stream(seq, state)
+            return out[:, -1, 0].reshape(shape)
         if self.layout == "flat":
             seq = torch.cat([h.reshape(-1) for h in hist]).view(1, -1, 1)
             first = self.lre.weight[index].view(1, 1, 1) if self.lre is not None else None
@@ -411,7 +438,10 @@ class FSG(Estimator):
         return groups
 
     def get_extra_state(self):
-        return {"hgs": [list(h) for h in self.hgs]}
+        return {"hgs": [list(h) for h in self.hgs],
+                "stream": [list(s) if s is not None else None for s in self.stream_states]}
 
     def set_extra_state(self, state) -> None:
         self.hgs = [deque(h, maxlen=self.history_len) for h in state["hgs"]]
+        streams = state.get("stream") or [None] * len(self.hgs)
+        self.stream_states = [tuple(s) if s is not None else None for s in streams]

@@ -467,6 +467,45 @@ class Mamba(nn.Module):
             return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 
+    def stream(self, x: Tensor, state: Optional[tuple] = None):
+        """Continue the block's recurrence by the tokens ``x`` (B, T_new, d_model).
+
+        ``state`` = ``(x_hist, h)`` from the previous call (None to start): ``x_hist`` the last
+        ``d_conv − 1`` input tokens (B, d_conv−1, d_model), ``h`` the scan state
+        (B, d_inner, d_state). Returns ``(y, new_state)`` where ``y`` (B, T_new, d_model) equals
+        the last ``T_new`` outputs of ``forward`` on the whole sequence seen so far. The causal
+        convolution is evaluated on the window ``[x_hist, x]``; only the new positions enter the
+        projections and the scan (from ``h``). Gradients flow into the new tokens' computation;
+        ``state`` enters as a constant.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
+        batch, t_new, _ = x.shape
+        k = self.d_conv - 1
+        if state is None:
+            x_hist = x.new_zeros(batch, k, self.d_model)
+            h = None
+        else:
+            x_hist, h = (s.detach() for s in state)
+        window = torch.cat([x_hist, x], dim=1)  # zeros before the stream start = the causal padding
+        d, r, n = self.d_inner, self.dt_rank, self.d_state
+        wt = window.transpose(1, 2)
+        w_in = self.in_proj.weight
+        u = _project(w_in[:d], wt)
+        u = _causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, silu=True)[..., k:]
+        z = _project(w_in[d:], x.transpose(1, 2))
+        x_dbl = torch.matmul(self.x_proj.weight, u)
+        dlt, Bt, Ct = torch.split(x_dbl, [r, n, n], dim=1)
+        delta = _project(self.dt_proj.weight, dlt)
+        param_dtype = _compute_dtype(self.A_log.dtype)
+        y, h_new = selective_scan(
+            u, delta, -torch.exp(self.A_log.to(param_dtype)), Bt, Ct, D=self.D.to(param_dtype), z=z,
+            delta_bias=self.dt_proj.bias.to(param_dtype), delta_softplus=True, return_last_state=True,
+            initial_state=h,
+        )
+        out = torch.matmul(self.out_proj.weight, y.to(x.dtype)).transpose(1, 2)
+        return out, (window[:, window.shape[1] - k:].detach(), h_new.detach())
+
     def _pre_scan(self, x: Tensor):
         """Steps 1-4, channel-first: ``(u, z, delta, B, C)`` for the scan (``delta`` without the
         ``dt_proj`` bias, which the scan adds before its softplus)."""
