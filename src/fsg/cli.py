@@ -234,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_cmd_eval, command_parser=ev)
 
+    from . import bench as _bench
+
+    be = sub.add_parser("bench", help="benchmark FSG steps (flat, stream) against STE, and the scan against mambapy",
+                        description=_bench.__doc__.split("\n\n", 1)[1] if "\n\n" in _bench.__doc__ else None,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _bench.build_parser(be)
+    be.set_defaults(func=lambda args, sub: _bench.run(args), command_parser=be)
+
     gr = sub.add_parser(
         "grid", help="train a grid of runs (estimators x quantizers x optimizers x seeds) and tabulate them",
         description="Train every combination of --estimators, --quantizers, --optimizers and --seeds, one "
@@ -805,7 +813,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: demo, estimators, train, pretrain, eval, grid")
+        parser.error("choose a command: demo, estimators, train, pretrain, eval, grid, bench")
     sub = args.command_parser  # its errors point at "fsg <command> --help"
     try:
         return args.func(args, sub)
