@@ -343,12 +343,32 @@ def _causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool
 # ---------------------------------------------------------------------------
 
 
+class _Rank1Project(torch.autograd.Function):
+    """``w ⊗ x``: (out,) × (B, 1, T) → (B, out, T). The backward reads the (B, out, T) gradient
+    once per input as matrix-vector products, instead of materialising ``grad * x``."""
+
+    @staticmethod
+    def forward(ctx, w, x):  # type: ignore[override]
+        ctx.save_for_backward(w, x)
+        return w.view(1, -1, 1) * x
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        w, x = ctx.saved_tensors
+        dw = dx = None
+        if ctx.needs_input_grad[0]:
+            dw = torch.matmul(grad, x.transpose(1, 2)).sum(0)  # (out, 1)
+        if ctx.needs_input_grad[1]:
+            dx = torch.matmul(w.t(), grad)  # (B, 1, T)
+        return dw, dx
+
+
 def _project(weight: Tensor, x: Tensor) -> Tensor:
     """``weight @ x`` for ``weight`` (out, in) and channel-first ``x`` (B, in, T). A rank-1
     product (``in == 1``: d_model = 1, dt_rank = 1) is a broadcast multiply, which writes the
     (B, out, T) result once instead of going through a copying batched matmul."""
     if weight.shape[1] == 1:
-        return weight.view(1, -1, 1) * x
+        return _Rank1Project.apply(weight, x)
     return torch.matmul(weight, x)
 
 
@@ -489,10 +509,17 @@ class Mamba(nn.Module):
             x_hist, h = (s.detach() for s in state)
         window = torch.cat([x_hist, x], dim=1)  # zeros before the stream start = the causal padding
         d, r, n = self.d_inner, self.dt_rank, self.d_state
-        wt = window.transpose(1, 2)
         w_in = self.in_proj.weight
-        u = _project(w_in[:d], wt)
-        u = _causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, silu=True)[..., k:]
+        conv_w = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
+        if self.d_model == 1:
+            # d_model = 1: the conv output at new position t is b + w_u ⊙ (W_conv @ window_t), a
+            # small GEMM over the sliding windows — no (B, d_inner, window) tensor
+            windows = window.view(batch, -1).unfold(1, self.d_conv, 1)  # (B, t_new, d_conv)
+            s = torch.matmul(windows, conv_w.t())  # (B, t_new, d_inner)
+            u = F.silu(self.conv1d.bias + w_in[:d, 0] * s).transpose(1, 2).contiguous()  # (B, d_inner, t_new)
+        else:
+            u = _project(w_in[:d], window.transpose(1, 2))
+            u = _causal_conv1d(u, conv_w, self.conv1d.bias, silu=True)[..., k:]
         z = _project(w_in[d:], x.transpose(1, 2))
         x_dbl = torch.matmul(self.x_proj.weight, u)
         dlt, Bt, Ct = torch.split(x_dbl, [r, n, n], dim=1)

@@ -152,12 +152,14 @@ def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool):
     n = A_.shape[1]
     nchunks = max(1, (length + CHUNK - 1) // CHUNK)
     out = torch.empty(batch, dim, length, dtype=torch.float32)
-    states = torch.empty(batch, dim, nchunks, n, dtype=torch.float32)
+    # one chunk from a given initial state (streaming): that state is the only chunk state
+    alias = nchunks == 1 and h0_ is not None
+    states = h0_.view(batch, dim, 1, n) if alias else torch.empty(batch, dim, nchunks, n, dtype=torch.float32)
     last = torch.empty(batch, dim, n, dtype=torch.float32)
     if length > 0:
         if lib.fsg_scan_fwd(batch, dim, length, n, CHUNK, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_),
-                            _p(z_), _p(bias_), int(softplus), _p(h0_), _p(out), _p(states), _p(last),
-                            torch.get_num_threads()):
+                            _p(z_), _p(bias_), int(softplus), _p(h0_), _p(out), None if alias else _p(states),
+                            _p(last), torch.get_num_threads()):
             raise MemoryError("fused selective scan forward: out of memory for its work buffers")
     else:
         last = h0_.clone() if h0_ is not None else torch.zeros(batch, dim, n)
@@ -213,7 +215,8 @@ class _FusedScan(torch.autograd.Function):
         u_, d_, A_, B_, C_, D_, z_, bias_, states = ctx.saved_tensors
         has_D, has_z, has_bias, has_h0 = ctx.flags
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, _ = _scan_backward(
-            u_, d_, A_, B_, C_, D_, z_, bias_, states, ctx.softplus, dout, dlast, want_h0=has_h0)
+            u_, d_, A_, B_, C_, D_, z_, bias_, states, ctx.softplus, dout, dlast,
+            want_h0=has_h0 and ctx.needs_input_grad[8])
         return (du, ddelta, dA, dB.transpose(1, 2), dC.transpose(1, 2), dD if has_D else None, dz,
                 dbias if has_bias else None, dh0, None)
 

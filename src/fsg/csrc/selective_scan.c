@@ -425,6 +425,8 @@ static float *block_params(int64_t nblk, const float *A, const float *Dv, const 
     return p;
 }
 
+/* states may be NULL when L <= K and h0 is given: the only chunk-start state is h0 itself, and
+   the caller passes h0 as `states` to the backward. */
 FSG_API int fsg_scan_fwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
                          const float *u, const float *delta, const float *A, const float *Bm,
                          const float *Cm, const float *Dv, const float *z, const float *bias,
@@ -441,7 +443,7 @@ FSG_API int fsg_scan_fwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
         FSG_FTZ_BEGIN
         int64_t lo, hi;
         unit_range(Bt, nblk, tail, &lo, &hi);
-        const int64_t ssz = CN * CW > N ? CN * CW : N; /* state slots per unit */
+        const int64_t ssz = (nblk && CN * CW > N) ? CN * CW : N; /* state slots per unit */
         float *hs = (float *)malloc((size_t)((hi - lo) * ssz + 2 * K) * sizeof(float));
         tiles_t w;
         const int tfail = tiles_alloc(&w, K);
@@ -469,14 +471,15 @@ FSG_API int fsg_scan_fwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
                     const float *Bb = Bm + b * L * N, *Cb = Cm + b * L * N;
                     if (k < nblk) {
                         const int64_t bd0 = b * D + k * CW;
-                        for (int l = 0; l < CW; l++)
-                            for (int n = 0; n < CN; n++) states[((bd0 + l) * nchunks + c) * N + n] = hu[n * CW + l];
+                        if (states)
+                            for (int l = 0; l < CW; l++)
+                                for (int n = 0; n < CN; n++) states[((bd0 + l) * nchunks + c) * N + n] = hu[n * CW + l];
                         const float *At = bp + k * (CN * CW + 2 * CW);
                         fwd_block(t0, len, L, u + bd0 * L, delta + bd0 * L, z ? z + bd0 * L : NULL, out + bd0 * L,
                                   At, At + CN * CW, At + CN * CW + CW, softplus, Bb, Cb, hu, &w);
                     } else {
                         const int64_t d = nblk * CW + (k - nblk), bd = b * D + d;
-                        memcpy(states + (bd * nchunks + c) * N, hu, N * sizeof(float));
+                        if (states) memcpy(states + (bd * nchunks + c) * N, hu, N * sizeof(float));
                         const float *zd = z ? z + bd * L : NULL;
                         const float bs = bias ? bias[d] : 0.f, Dd = Dv ? Dv[d] : 0.f;
                         if (N == 16)
@@ -623,7 +626,7 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
         float *tdB = tid == 0 ? dBm : bufBC + (size_t)(tid - 1) * 2 * bln;
         float *tdC = tid == 0 ? dCm : tdB + bln;
         double *tdA = bufA + (size_t)tid * (D * N + 2 * D), *tdD = tdA + D * N, *tdbias = tdD + D;
-        const int64_t ssz = CN * CW > N ? CN * CW : N;
+        const int64_t ssz = (nblk && CN * CW > N) ? CN * CW : N;
         work_t w;
         tiles_t tw;
         const int tfail = tiles_alloc(&tw, K);
