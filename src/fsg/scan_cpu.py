@@ -37,7 +37,7 @@ from torch import Tensor
 __all__ = ["selective_scan_fused", "causal_conv1d_fused", "mamba_low_memory", "available", "load_library", "CHUNK", "build_error"]
 
 #: Steps between stored states in the forward pass (memory ∝ L / CHUNK; recompute ∝ CHUNK).
-CHUNK = 64
+CHUNK = 128
 
 _SRC = Path(__file__).with_name("csrc") / "selective_scan.c"
 _FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c99"] + (
@@ -152,9 +152,13 @@ def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool):
     n = A_.shape[1]
     nchunks = max(1, (length + CHUNK - 1) // CHUNK)
     out = torch.empty(batch, dim, length, dtype=torch.float32)
-    # one chunk from a given initial state (streaming): that state is the only chunk state
-    alias = nchunks == 1 and h0_ is not None
-    states = h0_.view(batch, dim, 1, n) if alias else torch.empty(batch, dim, nchunks, n, dtype=torch.float32)
+    # a single chunk (streaming): its start state is the initial state (h0, or zero: None), so
+    # nothing needs storing
+    alias = nchunks == 1
+    if alias:
+        states = h0_.view(batch, dim, 1, n) if h0_ is not None else None
+    else:
+        states = torch.empty(batch, dim, nchunks, n, dtype=torch.float32)
     last = torch.empty(batch, dim, n, dtype=torch.float32)
     if length > 0:
         if lib.fsg_scan_fwd(batch, dim, length, n, CHUNK, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_),

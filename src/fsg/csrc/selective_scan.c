@@ -339,19 +339,38 @@ static void bwd_block(int64_t t0, int64_t len, int64_t L, const float *urows, co
             ddt[l] = 0.f;
             gB[l] = 0.f;
         }
-        for (int n = 0; n < CN; n++) {
-            const float b = Bt_[n], c = Ct_[n];
-            float *gn_ = g + n * CW;
+        int any_dy = 0;
+        for (int l = 0; l < CW; l++) any_dy |= dys[l] != 0.f;
+        if (any_dy) {
+            for (int n = 0; n < CN; n++) {
+                const float b = Bt_[n], c = Ct_[n];
+                float *gn_ = g + n * CW;
 #pragma omp simd
-            for (int l = 0; l < CW; l++) {
-                const float gn = gn_[l] + dys[l] * c;
-                dCi[n * CW + l] += dys[l] * hc[n * CW + l];
-                const float da = gn * hp[n * CW + l] * ac[n * CW + l];
-                ddt[l] += da * At[n * CW + l];
-                dAc[n * CW + l] += da * dt[l];
-                gB[l] += gn * b;
-                dBi[n * CW + l] += gn * dtu[l];
-                gn_[l] = gn * ac[n * CW + l];
+                for (int l = 0; l < CW; l++) {
+                    const float gn = gn_[l] + dys[l] * c;
+                    dCi[n * CW + l] += dys[l] * hc[n * CW + l];
+                    const float da = gn * hp[n * CW + l] * ac[n * CW + l];
+                    ddt[l] += da * At[n * CW + l];
+                    dAc[n * CW + l] += da * dt[l];
+                    gB[l] += gn * b;
+                    dBi[n * CW + l] += gn * dtu[l];
+                    gn_[l] = gn * ac[n * CW + l];
+                }
+            }
+        } else { /* no output gradient at t (e.g. history positions of the flat layout): no dC term */
+            for (int n = 0; n < CN; n++) {
+                const float b = Bt_[n];
+                float *gn_ = g + n * CW;
+#pragma omp simd
+                for (int l = 0; l < CW; l++) {
+                    const float gn = gn_[l];
+                    const float da = gn * hp[n * CW + l] * ac[n * CW + l];
+                    ddt[l] += da * At[n * CW + l];
+                    dAc[n * CW + l] += da * dt[l];
+                    gB[l] += gn * b;
+                    dBi[n * CW + l] += gn * dtu[l];
+                    gn_[l] = gn * ac[n * CW + l];
+                }
             }
         }
 #pragma omp simd
@@ -425,8 +444,8 @@ static float *block_params(int64_t nblk, const float *A, const float *Dv, const 
     return p;
 }
 
-/* states may be NULL when L <= K and h0 is given: the only chunk-start state is h0 itself, and
-   the caller passes h0 as `states` to the backward. */
+/* states may be NULL when L <= K: the only chunk-start state is h0 itself (the caller passes h0
+   as `states` to the backward) or, without h0, zero (the caller passes NULL to the backward). */
 FSG_API int fsg_scan_fwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
                          const float *u, const float *delta, const float *A, const float *Bm,
                          const float *Cm, const float *Dv, const float *z, const float *bias,
@@ -630,7 +649,7 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
         work_t w;
         tiles_t tw;
         const int tfail = tiles_alloc(&tw, K);
-        float *mem = (float *)malloc((size_t)(2 * K * N + 6 * K + (hi - lo) * ssz + 3 * CN * CW) * sizeof(float));
+        float *mem = (float *)malloc((size_t)(2 * K * N + 6 * K + (hi - lo) * ssz + 3 * CN * CW + N) * sizeof(float));
         if (!mem || tfail) {
             failed = 1;
         } else {
@@ -642,6 +661,8 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
             w.sz = w.gate + K;
             w.ys = w.sz + K;
             float *gs = w.ys + K, *hst = gs + (hi - lo) * ssz, *dAc = hst + CN * CW, *dvec = dAc + CN * CW;
+            float *zero_state = dvec + 2 * CW; /* N zeros: the start state when states == NULL */
+            for (int64_t n = 0; n < N; n++) zero_state[n] = 0.f;
             for (int64_t un = lo; un < hi; un++) {
                 const int64_t b = un / per, k = un % per;
                 float *gu = gs + (un - lo) * ssz;
@@ -685,7 +706,8 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
                             pending_b = b;
                         }
                         for (int l = 0; l < CW; l++)
-                            for (int n = 0; n < CN; n++) hst[n * CW + l] = states[((bd0 + l) * nchunks + c) * N + n];
+                            for (int n = 0; n < CN; n++)
+                                hst[n * CW + l] = states ? states[((bd0 + l) * nchunks + c) * N + n] : 0.f;
                         memset(dAc, 0, (size_t)(CN * CW + 2 * CW) * sizeof(float));
                         float *dDc = dvec, *dbc = dvec + CW;
                         const float *At = bp + k * (CN * CW + 2 * CW);
@@ -704,7 +726,7 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
                         const float bs = bias ? bias[d] : 0.f, Dd = Dv ? Dv[d] : 0.f;
                         const float *zd = z ? z + bd * L : NULL;
                         float *dzd = dz ? dz + bd * L : NULL;
-                        const float *st_c = states + (bd * nchunks + c) * N;
+                        const float *st_c = states ? states + (bd * nchunks + c) * N : zero_state;
                         if (N == 16)
                             bwd_chunk(t0, len, 16, u + bd * L, delta + bd * L, A + d * N, Bb, Cb, Dd, zd, bs,
                                       softplus, st_c, dout + bd * L, du + bd * L, ddelta + bd * L, dzd,
