@@ -315,3 +315,16 @@ def test_paper_pretrained_resnet20_loads():
     sd = torch.load(PRETRAINED, map_location="cpu", weights_only=True)
     assert torch.equal(binarized.layer3[2].conv2.parametrizations.weight.original, sd["layer3.2.conv2.weight"])
     assert torch.equal(binarized.fc.bias, sd["fc.bias"])
+
+
+def test_subset_is_a_fixed_random_sample_not_a_prefix():
+    import fsg.data
+    from fsg.run import _subset
+
+    ds = fsg.data.ImageDataset(images=torch.zeros(100, 3, 2, 2, dtype=torch.uint8),
+                               labels=torch.arange(10).repeat_interleave(10), classes=[str(i) for i in range(10)],
+                               mean=(0.5,) * 3, std=(0.5,) * 3, name="t")
+    a, b = _subset(ds, 20), _subset(ds, 20)
+    assert torch.equal(a.labels, b.labels)  # the same subset every time
+    assert len(a.labels.unique()) > 3  # not the first two classes of a class-ordered split
+    assert _subset(ds, 100) is ds

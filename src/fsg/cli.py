@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file, or a run directory holding last.pt")
     ev.add_argument("--data-dir", help="where the dataset lives (default: as in the checkpoint's configuration)")
     ev.add_argument("--batch-size", type=_positive_int, help="evaluation batch size")
-    ev.add_argument("--test-subset", type=_positive_int, metavar="N", help="only the first N test images")
+    ev.add_argument("--test-subset", type=_positive_int, metavar="N",
+                    help="only a fixed random subset of N test images")
     ev.add_argument("--device", help="torch device (default: as trained)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_cmd_eval, command_parser=ev)
@@ -402,8 +403,10 @@ def _add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = 
     g.add_argument("--dataset-option", dest="dataset_option", action="append", type=_key_value, default=[],
                    metavar="KEY=VALUE", help="synthetic dataset option (n_train, n_test, num_classes, channels, "
                    "size, noise, max_shift, seed); repeatable")
-    opt_in(g, "train_subset", "use only the first N training images", type=_positive_int, metavar="N")
-    opt_in(g, "test_subset", "use only the first N test images", type=_positive_int, metavar="N")
+    opt_in(g, "train_subset", "use only a fixed random subset of N training images (the same in every run)",
+           type=_positive_int, metavar="N")
+    opt_in(g, "test_subset", "use only a fixed random subset of N test images (the same in every run)",
+           type=_positive_int, metavar="N")
     opt_in(g, "augment", "random crop + flip of training images (default: on)", **bool_kw)
     opt_in(g, "batch_size", "training batch size", type=_positive_int)
     opt_in(g, "eval_batch_size", "evaluation batch size", type=_positive_int)

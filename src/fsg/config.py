@@ -61,7 +61,8 @@ class TrainConfig:
         download: download the dataset when it is missing.
         dataset_options: keyword options of the ``synthetic`` dataset (``n_train``, ``n_test``,
             ``num_classes``, ``channels``, ``size``, ``noise``, ``max_shift``, ``seed``).
-        train_subset / test_subset: use only the first N images of a split (quick runs).
+        train_subset / test_subset: use only a fixed random subset of N images of a split (quick runs;
+            seed 0, the same subset in every run).
         augment: random crop + flip on training batches (``None``: the data loader's default).
         pretrained: path of a full-precision ``state_dict`` loaded before binarization.
     Binarization:

@@ -144,9 +144,13 @@ class FullPrecisionTrainer:
 
 
 def _subset(ds, n: Optional[int]):
+    """A fixed random subset of ``n`` samples (the same for every run: seed 0), in the original
+    order. Image folders and CIFAR files are ordered by class or not at all, so a prefix could
+    hold a single class."""
     if n is None or n >= len(ds):
         return ds
-    return dataclasses.replace(ds, images=ds.images[:n], labels=ds.labels[:n])
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return dataclasses.replace(ds, images=ds.images[idx], labels=ds.labels[idx])
 
 
 def build_data(cfg: TrainConfig, splits: Tuple[str, ...] = ("train", "test")):
