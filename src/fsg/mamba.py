@@ -533,19 +533,24 @@ class Mamba(nn.Module):
         out = torch.matmul(self.out_proj.weight, y.to(x.dtype)).transpose(1, 2)
         return out, (window[:, window.shape[1] - k:].detach(), h_new.detach())
 
-    def _pre_scan(self, x: Tensor):
-        """Steps 1-4, channel-first: ``(u, z, delta, B, C)`` for the scan (``delta`` without the
-        ``dt_proj`` bias, which the scan adds before its softplus)."""
+    def _pre_scan_parts(self, x: Tensor):
+        """Steps 1-3, channel-first: ``(u, dlt, B, C)``; ``u`` after the conv and SiLU, ``dlt``
+        the dt_rank-dimensional input of ``dt_proj``."""
         # Everything runs channel-first, (B, channels, T), so that no large tensor is transposed:
         # each projection is a matmul of the weight with a (B, in, T) tensor.
         d, r, n = self.d_inner, self.dt_rank, self.d_state
         xt = x.transpose(1, 2)  # (B, d_model, T)
-        w_in = self.in_proj.weight
-        u = _project(w_in[:d], xt)  # (B, d_inner, T)
-        z = _project(w_in[d:], xt)
+        u = _project(self.in_proj.weight[:d], xt)  # (B, d_inner, T)
         u = _causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, silu=True)
         x_dbl = torch.matmul(self.x_proj.weight, u)  # (B, dt_rank + 2 d_state, T)
         dlt, Bt, Ct = torch.split(x_dbl, [r, n, n], dim=1)
+        return u, dlt, Bt, Ct
+
+    def _pre_scan(self, x: Tensor):
+        """Steps 1-4, channel-first: ``(u, z, delta, B, C)`` for the scan (``delta`` without the
+        ``dt_proj`` bias, which the scan adds before its softplus)."""
+        u, dlt, Bt, Ct = self._pre_scan_parts(x)
+        z = _project(self.in_proj.weight[self.d_inner:], x.transpose(1, 2))
         delta = _project(self.dt_proj.weight, dlt)  # (B, d_inner, T)
         return u, z, delta, Bt, Ct
 

@@ -105,7 +105,7 @@ def load_library() -> Optional[ctypes.CDLL]:
                 except subprocess.CalledProcessError:
                     _compile(cc, path, native=False)  # a compiler without -march=native
             lib = ctypes.CDLL(str(path))
-            if lib.fsg_scan_version() != 7:
+            if lib.fsg_scan_version() != 8:
                 raise RuntimeError("unexpected kernel version")
         except Exception as e:  # noqa: BLE001 - any failure means "use the reference"
             detail = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if isinstance(
@@ -114,9 +114,9 @@ def load_library() -> Optional[ctypes.CDLL]:
             warnings.warn(f"fsg: {_error}; using the slower reference scan", RuntimeWarning, stacklevel=3)
             return None
         i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.fsg_scan_fwd.argtypes = [i64] * 5 + [ptr] * 8 + [cint, ptr, ptr, ptr, ptr, cint]
+        lib.fsg_scan_fwd.argtypes = [i64] * 5 + [ptr] * 8 + [cint, ptr, ptr, ptr, ptr] + [ptr] * 4 + [cint]
         lib.fsg_scan_fwd.restype = cint
-        lib.fsg_scan_bwd.argtypes = [i64] * 5 + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 10 + [cint]
+        lib.fsg_scan_bwd.argtypes = [i64] * 5 + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 10 + [ptr] * 8 + [cint]
         lib.fsg_scan_bwd.restype = cint
         lib.fsg_conv_fwd.argtypes = [i64] * 4 + [ptr] * 4 + [cint, cint]
         lib.fsg_conv_fwd.restype = None
@@ -144,10 +144,14 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.detach().to(torch.float32).contiguous()
 
 
-def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool):
+def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool, dfac=None, zfac=None):
     """Run the forward kernel on float32 contiguous inputs (``B_``, ``C_`` as (batch, L, n)).
+    ``dfac`` / ``zfac``: ``(w (d_inner,), x (batch, L))`` giving ``delta`` / ``z`` as the rank-1
+    product ``w[d]·x[b, t]`` instead of ``d_`` / ``z_`` (which are then None).
     Returns ``(y, states, last)``."""
     lib = load_library()
+    dfw, dfx = dfac if dfac is not None else (None, None)
+    zfw, zfx = zfac if zfac is not None else (None, None)
     batch, dim, length = u_.shape
     n = A_.shape[1]
     nchunks = max(1, (length + CHUNK - 1) // CHUNK)
@@ -163,7 +167,7 @@ def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool):
     if length > 0:
         if lib.fsg_scan_fwd(batch, dim, length, n, CHUNK, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_),
                             _p(z_), _p(bias_), int(softplus), _p(h0_), _p(out), None if alias else _p(states),
-                            _p(last), torch.get_num_threads()):
+                            _p(last), _p(dfw), _p(dfx), _p(zfw), _p(zfx), torch.get_num_threads()):
             raise MemoryError("fused selective scan forward: out of memory for its work buffers")
     else:
         last = h0_.clone() if h0_ is not None else torch.zeros(batch, dim, n)
@@ -171,16 +175,24 @@ def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool):
 
 
 def _scan_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states, softplus: bool, dout, dlast=None,
-                   want_h0: bool = False, want_y: bool = False):
+                   want_h0: bool = False, want_y: bool = False, dfac=None, zfac=None):
     """Run the backward kernel. Returns ``(du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, y)`` with
-    ``dB``, ``dC`` as (batch, L, n); ``dz``/``dh0``/``y`` None unless applicable/asked for."""
+    ``dB``, ``dC`` as (batch, L, n); ``dz``/``dh0``/``y`` None unless applicable/asked for. With
+    factored ``dfac``/``zfac`` (see :func:`_scan_forward`), ``ddelta``/``dz`` are the pairs
+    ``(dw, dx)`` of gradients of the factors."""
     lib = load_library()
+    dfw, dfx = dfac if dfac is not None else (None, None)
+    zfw, zfx = zfac if zfac is not None else (None, None)
     batch, dim, length = u_.shape
     n = A_.shape[1]
     dout_ = dout.to(torch.float32).contiguous()
     dlast_ = None if dlast is None else dlast.to(torch.float32).contiguous()
     du = torch.empty_like(u_)
-    ddelta = torch.empty_like(d_)
+    ddelta = torch.empty_like(d_) if d_ is not None else None
+    ddw = torch.zeros(dim) if dfx is not None else None
+    ddx = torch.zeros(batch, length) if dfx is not None else None
+    dzw = torch.zeros(dim) if zfx is not None else None
+    dzx = torch.zeros(batch, length) if zfx is not None else None
     dA = torch.zeros_like(A_)
     dB = torch.zeros(batch, length, n)
     dC = torch.zeros(batch, length, n)
@@ -193,11 +205,16 @@ def _scan_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states, softplus: bool, do
         rc = lib.fsg_scan_bwd(batch, dim, length, n, CHUNK, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_),
                               _p(z_), _p(bias_), int(softplus), _p(states), _p(dout_), _p(dlast_),
                               _p(du), _p(ddelta), _p(dA), _p(dB), _p(dC), _p(dD), _p(dz), _p(dbias),
-                              _p(dh0), _p(y), torch.get_num_threads())
+                              _p(dh0), _p(y), _p(dfw), _p(dfx), _p(zfw), _p(zfx), _p(ddw), _p(ddx), _p(dzw),
+                              _p(dzx), torch.get_num_threads())
         if rc != 0:
             raise MemoryError("fused selective scan backward: out of memory for its per-thread buffers")
     elif want_h0 and dlast_ is not None:
         dh0 = dlast_.clone()
+    if dfx is not None:
+        ddelta = (ddw, ddx)
+    if zfx is not None:
+        dz = (dzw, dzx)
     return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, y
 
 
@@ -238,46 +255,83 @@ class _MambaLowMemory(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, block, w_in, conv_w, conv_b, w_x, w_dt, b_dt, A_log, D, w_out):  # type: ignore[override]
+        # d_model = dt_rank = 1: z = w_z ⊗ x and delta = w_dt ⊗ dlt are rank-1; the kernels take the
+        # factors, so neither (B, d_inner, T) tensor (nor its gradient) is ever written
+        factored = block.d_model == 1 and block.dt_rank == 1
         with torch.no_grad():
-            u, z, delta, Bt, Ct = block._pre_scan(x)
             A = -torch.exp(A_log.float())
+            if factored:
+                u, dlt, Bt, Ct = block._pre_scan_parts(x)
+                z_ = delta_ = None
+                dfac, zfac = _factors(block, x, dlt)
+            else:
+                u, z, delta, Bt, Ct = block._pre_scan(x)
+                z_, delta_, dfac, zfac = _f32(z), _f32(delta), None, None
             B_ = Bt.float().transpose(1, 2).contiguous()
             C_ = Ct.float().transpose(1, 2).contiguous()
-            y, states, _ = _scan_forward(_f32(u), _f32(delta), A.contiguous(), B_, C_, _f32(D), _f32(z),
-                                         _f32(b_dt), None, True)
+            y, states, _ = _scan_forward(_f32(u), delta_, A.contiguous(), B_, C_, _f32(D), z_, _f32(b_dt), None,
+                                         True, dfac=dfac, zfac=zfac)
             out = torch.matmul(w_out.to(y.dtype), y).to(x.dtype).transpose(1, 2)
         ctx.save_for_backward(x, states)
-        ctx.block = block
+        ctx.block, ctx.factored = block, factored
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         x, states = ctx.saved_tensors
         block = ctx.block
-        pre_params = [block.in_proj.weight, block.conv1d.weight, block.conv1d.bias, block.x_proj.weight,
-                      block.dt_proj.weight]
+        d = block.d_inner
+        pre_params = [block.in_proj.weight, block.conv1d.weight, block.conv1d.bias, block.x_proj.weight]
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            u, z, delta, Bt, Ct = block._pre_scan(xg)
+            if ctx.factored:
+                u, dlt, Bt, Ct = block._pre_scan_parts(xg)
+            else:
+                u, z, delta, Bt, Ct = block._pre_scan(xg)
         A = -torch.exp(block.A_log.detach().float())
         w_out = block.out_proj.weight.detach().float()
         dout_t = dout.transpose(1, 2).float()  # (B, d_model, T)
         dy = torch.matmul(w_out.t(), dout_t)  # (B, d_inner, T)
         B_ = Bt.detach().float().transpose(1, 2).contiguous()
         C_ = Ct.detach().float().transpose(1, 2).contiguous()
-        du, ddelta, dA, dB, dC, dD, dz, dbias, _, y = _scan_backward(
-            _f32(u), _f32(delta), A.contiguous(), B_, C_, _f32(block.D), _f32(z), _f32(block.dt_proj.bias),
-            states, True, dy, want_y=True)
+        common = dict(want_y=True)
+        if ctx.factored:
+            dfac, zfac = _factors(block, x, dlt.detach())
+            du, (ddw, ddx), dA, dB, dC, dD, (dzw, dzx), dbias, _, y = _scan_backward(
+                _f32(u), None, A.contiguous(), B_, C_, _f32(block.D), None, _f32(block.dt_proj.bias), states, True,
+                dy, dfac=dfac, zfac=zfac, **common)
+            outs, grads_out = [u, dlt, Bt, Ct], [du, ddx.view_as(dlt), dB.transpose(1, 2), dC.transpose(1, 2)]
+        else:
+            du, ddelta, dA, dB, dC, dD, dz, dbias, _, y = _scan_backward(
+                _f32(u), _f32(delta), A.contiguous(), B_, C_, _f32(block.D), _f32(z), _f32(block.dt_proj.bias),
+                states, True, dy, **common)
+            outs, grads_out = [u, z, delta, Bt, Ct], [du, dz, ddelta, dB.transpose(1, 2), dC.transpose(1, 2)]
+        inputs = [xg] + pre_params + ([] if ctx.factored else [block.dt_proj.weight])
+        grads = torch.autograd.grad(outs, inputs, grads_out, allow_unused=True)
+        dx, dw_in, dconv_w, dconv_b, dw_x = grads[:5]
+        if ctx.factored:
+            dx = dx + dzx.view_as(dx)  # z = w_z ⊗ x
+            dw_in = dw_in.clone()
+            dw_in[d:, 0] += dzw
+            dw_dt = ddw.view_as(block.dt_proj.weight)
+        else:
+            dw_dt = grads[5]
         d_wout = torch.einsum("bmt,bdt->md", dout_t, y)
-        grads = torch.autograd.grad([u, z, delta, Bt, Ct], [xg] + pre_params,
-                                    [du, dz, ddelta, dB.transpose(1, 2), dC.transpose(1, 2)], allow_unused=True)
-        dx, dw_in, dconv_w, dconv_b, dw_x, dw_dt = grads
         d_alog = dA * A  # A = -exp(A_log)
         cast = lambda g, p: None if g is None else g.to(p.dtype)
         return (cast(dx, x), None, cast(dw_in, block.in_proj.weight), cast(dconv_w, block.conv1d.weight),
                 cast(dconv_b, block.conv1d.bias), cast(dw_x, block.x_proj.weight), cast(dw_dt, block.dt_proj.weight),
                 cast(dbias, block.dt_proj.bias), cast(d_alog, block.A_log), cast(dD, block.D),
                 cast(d_wout, block.out_proj.weight))
+
+
+def _factors(block, x: Tensor, dlt: Tensor):
+    """The rank-1 factors ``(w_dt, dlt)`` of delta and ``(w_z, x)`` of z (d_model = dt_rank = 1)."""
+    batch, length = x.shape[0], x.shape[1]
+    d = block.d_inner
+    dfac = (block.dt_proj.weight.detach()[:, 0].float().contiguous(), dlt.detach().float().reshape(batch, length).contiguous())
+    zfac = (block.in_proj.weight.detach()[d:, 0].float().contiguous(), x.detach().float().reshape(batch, length).contiguous())
+    return dfac, zfac
 
 
 def mamba_low_memory(block, x: Tensor) -> Optional[Tensor]:

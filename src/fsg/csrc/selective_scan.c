@@ -100,7 +100,7 @@ static inline float softplus_f(float x) {
 }
 static inline float sigmoid_f(float x) { return 1.f / (1.f + fsg_expf(-x)); }
 
-FSG_API int fsg_scan_version(void) { return 7; }
+FSG_API int fsg_scan_version(void) { return 8; }
 
 /* Per-chunk pre-pass, vectorised over time: dt = softplus(delta + bias) (or delta + bias),
    dsp = d softplus / d input (1 without softplus), gate = silu(z), sz = sigmoid(z). */
@@ -198,6 +198,34 @@ typedef struct {
     float *tu, *tdt, *tdsp, *tz, *tsz, *tg, *to, *tdy, *tdu, *tdd, *tdz, *ys, *hbuf, *abuf, *dBl, *dCl;
 } tiles_t;
 
+/* A rank-1 factored input v[b, d, t] = w[d] * x[b, t] (d_model = 1 or dt_rank = 1 in Mamba):
+   w points at the block's first channel, x at the batch element's row. */
+static inline void fac_tile(const float *fw, const float *fx, int64_t t0, int64_t len, float *tile) {
+    for (int64_t i = 0; i < len; i++) {
+        const float xv = fx[t0 + i];
+#pragma omp simd
+        for (int l = 0; l < CW; l++) tile[i * CW + l] = fw[l] * xv;
+    }
+}
+
+/* The gradient of a factored input: dw[l] += sum_t g[t, l] x[t], dx[t] += sum_l g[t, l] w[l]. */
+static inline void fac_grad_tile(const float *tile, const float *fw, const float *fx, int64_t t0, int64_t len,
+                                 double *dw, float *dx) {
+    float acc[CW];
+    for (int l = 0; l < CW; l++) acc[l] = 0.f;
+    for (int64_t i = 0; i < len; i++) {
+        const float xv = fx[t0 + i];
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int l = 0; l < CW; l++) {
+            s += tile[i * CW + l] * fw[l];
+            acc[l] += tile[i * CW + l] * xv;
+        }
+        dx[t0 + i] += s;
+    }
+    for (int l = 0; l < CW; l++) dw[l] += acc[l];
+}
+
 /* dt tile = softplus(delta + bias) (dsp = its derivative), gate tile = silu(z) (sz = sigmoid). */
 static inline void block_prepass(int64_t len, const float *bs, int softplus, int has_z, tiles_t *w, int grads) {
     for (int64_t i = 0; i < len; i++) {
@@ -224,13 +252,18 @@ static inline void block_prepass(int64_t len, const float *bs, int softplus, int
     }
 }
 
+/* delta: drows, or (if drows is NULL) the factors dfw, dfx; z likewise (no z if all NULL). */
 static void fwd_block(int64_t t0, int64_t len, int64_t L, const float *urows, const float *drows,
                       const float *zrows, float *orows, const float *At, const float *Dv, const float *bs,
-                      int softplus, const float *Bb, const float *Cb, float *h, tiles_t *w) {
+                      int softplus, const float *Bb, const float *Cb, float *h, tiles_t *w,
+                      const float *dfw, const float *dfx, const float *zfw, const float *zfx) {
+    const int has_z = zrows != NULL || zfx != NULL;
     load_tile(urows, L, t0, len, w->tu);
-    load_tile(drows, L, t0, len, w->tdt);
+    if (drows) load_tile(drows, L, t0, len, w->tdt);
+    else fac_tile(dfw, dfx, t0, len, w->tdt);
     if (zrows) load_tile(zrows, L, t0, len, w->tz);
-    block_prepass(len, bs, softplus, zrows != NULL, w, 0);
+    else if (zfx) fac_tile(zfw, zfx, t0, len, w->tz);
+    block_prepass(len, bs, softplus, has_z, w, 0);
     for (int64_t i = 0; i < len; i++) {
         const float *Bt_ = Bb + (t0 + i) * CN, *Ct_ = Cb + (t0 + i) * CN;
         const float *dt = w->tdt + i * CW, *uu = w->tu + i * CW;
@@ -252,7 +285,7 @@ static void fwd_block(int64_t t0, int64_t len, int64_t L, const float *urows, co
             }
         }
         float *o = w->to + i * CW;
-        if (zrows) {
+        if (has_z) {
 #pragma omp simd
             for (int l = 0; l < CW; l++) o[l] = acc[l] * w->tg[i * CW + l];
         } else {
@@ -266,16 +299,25 @@ static void fwd_block(int64_t t0, int64_t len, int64_t L, const float *urows, co
 /* Backward of one block over chunk [t0, t0+len). hst: the chunk's start states [CN][CW];
    g: dL/dh [CN][CW] (end of chunk in, start of chunk out). dB/dC contributions are accumulated
    per lane into w->dBl / w->dCl ([K][CN][CW]), summed over lanes later. */
+typedef struct { /* factored delta / z of one block: inputs, and where their gradients go */
+    const float *dfw, *dfx, *zfw, *zfx;
+    double *ddw, *dzw; /* per-lane (channel) weight gradients */
+    float *ddx, *dzx;  /* the batch element's row of the x gradients */
+} facs_t;
+
 static void bwd_block(int64_t t0, int64_t len, int64_t L, const float *urows, const float *drows,
                       const float *zrows, const float *dyrows, float *durows, float *ddrows, float *dzrows,
                       const float *At, const float *Dv, const float *bs, int softplus, const float *Bb,
                       const float *Cb, const float *hst, float *g, float *dAc, float *dDc, float *dbc,
-                      float *yrows, tiles_t *w) {
+                      float *yrows, tiles_t *w, facs_t f) {
+    const int has_z = zrows != NULL || f.zfx != NULL;
     load_tile(urows, L, t0, len, w->tu);
-    load_tile(drows, L, t0, len, w->tdt);
+    if (drows) load_tile(drows, L, t0, len, w->tdt);
+    else fac_tile(f.dfw, f.dfx, t0, len, w->tdt);
     load_tile(dyrows, L, t0, len, w->tdy);
     if (zrows) load_tile(zrows, L, t0, len, w->tz);
-    block_prepass(len, bs, softplus, zrows != NULL, w, 1);
+    else if (f.zfx) fac_tile(f.zfw, f.zfx, t0, len, w->tz);
+    block_prepass(len, bs, softplus, has_z, w, 1);
     /* recompute states, decays and pre-gate outputs */
     for (int64_t i = 0; i < len; i++) {
         const float *Bt_ = Bb + (t0 + i) * CN, *Ct_ = Cb + (t0 + i) * CN;
@@ -303,7 +345,7 @@ static void bwd_block(int64_t t0, int64_t len, int64_t L, const float *urows, co
         for (int l = 0; l < CW; l++) w->ys[i * CW + l] = acc[l];
         if (yrows) {
             float *o = w->to + i * CW;
-            if (zrows) {
+            if (has_z) {
 #pragma omp simd
                 for (int l = 0; l < CW; l++) o[l] = acc[l] * w->tg[i * CW + l];
             } else {
@@ -321,7 +363,7 @@ static void bwd_block(int64_t t0, int64_t len, int64_t L, const float *urows, co
         const float *hp = i > 0 ? hc - CN * CW : hst;
         float *dBi = w->dBl + i * CN * CW, *dCi = w->dCl + i * CN * CW;
         float dys[CW], dtu[CW], ddt[CW], gB[CW];
-        if (zrows) {
+        if (has_z) {
 #pragma omp simd
             for (int l = 0; l < CW; l++) {
                 const float s = w->tsz[i * CW + l], dy = w->tdy[i * CW + l];
@@ -382,8 +424,10 @@ static void bwd_block(int64_t t0, int64_t len, int64_t L, const float *urows, co
         }
     }
     store_tile(durows, L, t0, len, w->tdu);
-    store_tile(ddrows, L, t0, len, w->tdd);
-    if (zrows) store_tile(dzrows, L, t0, len, w->tdz);
+    if (ddrows) store_tile(ddrows, L, t0, len, w->tdd);
+    else fac_grad_tile(w->tdd, f.dfw, f.dfx, t0, len, f.ddw, f.ddx);
+    if (dzrows) store_tile(dzrows, L, t0, len, w->tdz);
+    else if (f.zfx) fac_grad_tile(w->tdz, f.zfw, f.zfx, t0, len, f.dzw, f.dzx);
 }
 
 static inline int tiles_alloc(tiles_t *w, int64_t K) {
@@ -446,10 +490,13 @@ static float *block_params(int64_t nblk, const float *A, const float *Dv, const 
 
 /* states may be NULL when L <= K: the only chunk-start state is h0 itself (the caller passes h0
    as `states` to the backward) or, without h0, zero (the caller passes NULL to the backward). */
+/* delta (or, if delta is NULL, its factors dfw (D), dfx (Bt, L): delta[b,d,t] = dfw[d] dfx[b,t]),
+   z likewise (z NULL and zfx NULL: no gate). */
 FSG_API int fsg_scan_fwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
                          const float *u, const float *delta, const float *A, const float *Bm,
                          const float *Cm, const float *Dv, const float *z, const float *bias,
                          int softplus, const float *h0, float *out, float *states, float *last,
+                         const float *dfw, const float *dfx, const float *zfw, const float *zfx,
                          int nthreads) {
     const int64_t nchunks = (L + K - 1) / K;
     const int64_t nblk = (N == CN) ? D / CW : 0, tail = D - nblk * CW, per = nblk + tail;
@@ -463,13 +510,14 @@ FSG_API int fsg_scan_fwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
         int64_t lo, hi;
         unit_range(Bt, nblk, tail, &lo, &hi);
         const int64_t ssz = (nblk && CN * CW > N) ? CN * CW : N; /* state slots per unit */
-        float *hs = (float *)malloc((size_t)((hi - lo) * ssz + 2 * K) * sizeof(float));
+        float *hs = (float *)malloc((size_t)((hi - lo) * ssz + 2 * K + 2 * L) * sizeof(float));
         tiles_t w;
         const int tfail = tiles_alloc(&w, K);
         if (!hs || tfail) {
             failed = 1;
         } else {
             float *dtv = hs + (hi - lo) * ssz, *gate = dtv + K;
+            float *rowd = gate + K, *rowz = rowd + L; /* factored rows of single channels */
             for (int64_t un = lo; un < hi; un++) {
                 const int64_t b = un / per, k = un % per;
                 float *hu = hs + (un - lo) * ssz;
@@ -494,18 +542,25 @@ FSG_API int fsg_scan_fwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
                             for (int l = 0; l < CW; l++)
                                 for (int n = 0; n < CN; n++) states[((bd0 + l) * nchunks + c) * N + n] = hu[n * CW + l];
                         const float *At = bp + k * (CN * CW + 2 * CW);
-                        fwd_block(t0, len, L, u + bd0 * L, delta + bd0 * L, z ? z + bd0 * L : NULL, out + bd0 * L,
-                                  At, At + CN * CW, At + CN * CW + CW, softplus, Bb, Cb, hu, &w);
+                        fwd_block(t0, len, L, u + bd0 * L, delta ? delta + bd0 * L : NULL, z ? z + bd0 * L : NULL,
+                                  out + bd0 * L, At, At + CN * CW, At + CN * CW + CW, softplus, Bb, Cb, hu, &w,
+                                  dfw ? dfw + k * CW : NULL, dfx ? dfx + b * L : NULL, zfw ? zfw + k * CW : NULL,
+                                  zfx ? zfx + b * L : NULL);
                     } else {
                         const int64_t d = nblk * CW + (k - nblk), bd = b * D + d;
                         if (states) memcpy(states + (bd * nchunks + c) * N, hu, N * sizeof(float));
-                        const float *zd = z ? z + bd * L : NULL;
+                        const float *dd = delta ? delta + bd * L : rowd;
+                        const float *zd = z ? z + bd * L : (zfx ? rowz : NULL);
+                        if (!delta)
+                            for (int64_t i = 0; i < len; i++) rowd[t0 + i] = dfw[d] * dfx[b * L + t0 + i];
+                        if (!z && zfx)
+                            for (int64_t i = 0; i < len; i++) rowz[t0 + i] = zfw[d] * zfx[b * L + t0 + i];
                         const float bs = bias ? bias[d] : 0.f, Dd = Dv ? Dv[d] : 0.f;
                         if (N == 16)
-                            fwd_chunk(t0, len, 16, u + bd * L, delta + bd * L, A + d * N, Bb, Cb, Dd, zd, bs,
+                            fwd_chunk(t0, len, 16, u + bd * L, dd, A + d * N, Bb, Cb, Dd, zd, bs,
                                       softplus, hu, out + bd * L, dtv, gate);
                         else
-                            fwd_chunk(t0, len, N, u + bd * L, delta + bd * L, A + d * N, Bb, Cb, Dd, zd, bs,
+                            fwd_chunk(t0, len, N, u + bd * L, dd, A + d * N, Bb, Cb, Dd, zd, bs,
                                       softplus, hu, out + bd * L, dtv, gate);
                     }
                 }
@@ -606,22 +661,27 @@ static inline void bwd_chunk(int64_t t0, int64_t len, const int64_t N, const flo
     *dbias_d += dbc;
 }
 
+/* Factored delta / z as in fsg_scan_fwd; their gradients then go to ddw (D), ddx (Bt, L) and
+   dzw (D), dzx (Bt, L) instead of ddelta / dz. */
 FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
                          const float *u, const float *delta, const float *A, const float *Bm,
                          const float *Cm, const float *Dv, const float *z, const float *bias,
                          int softplus, const float *states, const float *dout, const float *dlast,
                          float *du, float *ddelta, float *dA, float *dBm, float *dCm, float *dD,
-                         float *dz, float *dbias, float *dh0, float *yout, int nthreads) {
+                         float *dz, float *dbias, float *dh0, float *yout,
+                         const float *dfw, const float *dfx, const float *zfw, const float *zfx,
+                         float *ddw, float *ddx, float *dzw, float *dzx, int nthreads) {
     /* yout (optional, (Bt, D, L)): the forward output y, recomputed on the way */
     const int64_t nchunks = (L + K - 1) / K;
     const int64_t bln = Bt * L * N;
     const int64_t nblk = (N == CN) ? D / CW : 0, tail = D - nblk * CW, per = nblk + tail;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > Bt * per) nthreads = (int)(Bt * per);
-    /* per-thread accumulators: dB, dC (thread 0 writes into the outputs directly), and
-       dA (D*N), dD, dbias (D) in double */
-    float *bufBC = nthreads > 1 ? (float *)calloc((size_t)(nthreads - 1) * 2 * bln, sizeof(float)) : NULL;
-    double *bufA = (double *)calloc((size_t)nthreads * (D * N + 2 * D), sizeof(double));
+    /* per-thread accumulators: dB, dC and the factors' ddx, dzx (thread 0 writes into the outputs
+       directly), and dA (D*N), dD, dbias, ddw, dzw (D) in double */
+    const int64_t BL = Bt * L, fsz = 2 * bln + 2 * BL, asz = D * N + 4 * D;
+    float *bufBC = nthreads > 1 ? (float *)calloc((size_t)(nthreads - 1) * fsz, sizeof(float)) : NULL;
+    double *bufA = (double *)calloc((size_t)nthreads * asz, sizeof(double));
     float *bp = nblk ? block_params(nblk, A, Dv, bias) : NULL;
     if ((nthreads > 1 && !bufBC) || !bufA || (nblk && !bp)) {
         free(bufBC);
@@ -631,6 +691,8 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
     }
     memset(dBm, 0, (size_t)bln * sizeof(float));
     memset(dCm, 0, (size_t)bln * sizeof(float));
+    if (dfx) memset(ddx, 0, (size_t)BL * sizeof(float));
+    if (zfx) memset(dzx, 0, (size_t)BL * sizeof(float));
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -642,14 +704,17 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
 #endif
         int64_t lo, hi;
         unit_range(Bt, nblk, tail, &lo, &hi);
-        float *tdB = tid == 0 ? dBm : bufBC + (size_t)(tid - 1) * 2 * bln;
-        float *tdC = tid == 0 ? dCm : tdB + bln;
-        double *tdA = bufA + (size_t)tid * (D * N + 2 * D), *tdD = tdA + D * N, *tdbias = tdD + D;
+        float *tb = tid == 0 ? NULL : bufBC + (size_t)(tid - 1) * fsz;
+        float *tdB = tid == 0 ? dBm : tb, *tdC = tid == 0 ? dCm : tb + bln;
+        float *tddx = tid == 0 ? ddx : tb + 2 * bln, *tdzx = tid == 0 ? dzx : tb + 2 * bln + BL;
+        double *tdA = bufA + (size_t)tid * asz, *tdD = tdA + D * N, *tdbias = tdD + D, *tddw = tdbias + D,
+               *tdzw = tddw + D;
         const int64_t ssz = (nblk && CN * CW > N) ? CN * CW : N;
         work_t w;
         tiles_t tw;
         const int tfail = tiles_alloc(&tw, K);
-        float *mem = (float *)malloc((size_t)(2 * K * N + 6 * K + (hi - lo) * ssz + 3 * CN * CW + N) * sizeof(float));
+        float *mem = (float *)malloc((size_t)(2 * K * N + 6 * K + (hi - lo) * ssz + 3 * CN * CW + N + 4 * L) *
+                                     sizeof(float));
         if (!mem || tfail) {
             failed = 1;
         } else {
@@ -663,6 +728,8 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
             float *gs = w.ys + K, *hst = gs + (hi - lo) * ssz, *dAc = hst + CN * CW, *dvec = dAc + CN * CW;
             float *zero_state = dvec + 2 * CW; /* N zeros: the start state when states == NULL */
             for (int64_t n = 0; n < N; n++) zero_state[n] = 0.f;
+            /* rows of single channels with factored inputs: delta, z in; their gradients out */
+            float *rowd = zero_state + N, *rowz = rowd + L, *rowdd = rowz + L, *rowdz = rowdd + L;
             for (int64_t un = lo; un < hi; un++) {
                 const int64_t b = un / per, k = un % per;
                 float *gu = gs + (un - lo) * ssz;
@@ -711,10 +778,13 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
                         memset(dAc, 0, (size_t)(CN * CW + 2 * CW) * sizeof(float));
                         float *dDc = dvec, *dbc = dvec + CW;
                         const float *At = bp + k * (CN * CW + 2 * CW);
-                        bwd_block(t0, len, L, u + bd0 * L, delta + bd0 * L, z ? z + bd0 * L : NULL, dout + bd0 * L,
-                                  du + bd0 * L, ddelta + bd0 * L, dz ? dz + bd0 * L : NULL, At, At + CN * CW,
-                                  At + CN * CW + CW, softplus, Bb, Cb, hst, gu, dAc, dDc, dbc,
-                                  yout ? yout + bd0 * L : NULL, &tw);
+                        facs_t f = {dfw ? dfw + k * CW : NULL, dfx ? dfx + b * L : NULL, zfw ? zfw + k * CW : NULL,
+                                    zfx ? zfx + b * L : NULL, tddw + k * CW, tdzw + k * CW,
+                                    dfx ? tddx + b * L : NULL, zfx ? tdzx + b * L : NULL};
+                        bwd_block(t0, len, L, u + bd0 * L, delta ? delta + bd0 * L : NULL, z ? z + bd0 * L : NULL,
+                                  dout + bd0 * L, du + bd0 * L, delta ? ddelta + bd0 * L : NULL,
+                                  z ? dz + bd0 * L : NULL, At, At + CN * CW, At + CN * CW + CW, softplus, Bb, Cb,
+                                  hst, gu, dAc, dDc, dbc, yout ? yout + bd0 * L : NULL, &tw, f);
                         for (int l = 0; l < CW; l++) {
                             const int64_t d = k * CW + l;
                             for (int n = 0; n < CN; n++) tdA[d * N + n] += dAc[n * CW + l];
@@ -724,19 +794,41 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
                     } else {
                         const int64_t d = nblk * CW + (k - nblk), bd = b * D + d;
                         const float bs = bias ? bias[d] : 0.f, Dd = Dv ? Dv[d] : 0.f;
-                        const float *zd = z ? z + bd * L : NULL;
-                        float *dzd = dz ? dz + bd * L : NULL;
+                        if (!delta)
+                            for (int64_t i = 0; i < len; i++) rowd[t0 + i] = dfw[d] * dfx[b * L + t0 + i];
+                        if (!z && zfx)
+                            for (int64_t i = 0; i < len; i++) rowz[t0 + i] = zfw[d] * zfx[b * L + t0 + i];
+                        const float *dd = delta ? delta + bd * L : rowd;
+                        const float *zd = z ? z + bd * L : (zfx ? rowz : NULL);
+                        float *ddd = delta ? ddelta + bd * L : rowdd;
+                        float *dzd = z ? dz + bd * L : (zfx ? rowdz : NULL);
                         const float *st_c = states ? states + (bd * nchunks + c) * N : zero_state;
                         if (N == 16)
-                            bwd_chunk(t0, len, 16, u + bd * L, delta + bd * L, A + d * N, Bb, Cb, Dd, zd, bs,
-                                      softplus, st_c, dout + bd * L, du + bd * L, ddelta + bd * L, dzd,
+                            bwd_chunk(t0, len, 16, u + bd * L, dd, A + d * N, Bb, Cb, Dd, zd, bs,
+                                      softplus, st_c, dout + bd * L, du + bd * L, ddd, dzd,
                                       tdB + b * L * N, tdC + b * L * N, gu, tdA + d * N, tdD + d, tdbias + d,
                                       yout ? yout + bd * L : NULL, w);
                         else
-                            bwd_chunk(t0, len, N, u + bd * L, delta + bd * L, A + d * N, Bb, Cb, Dd, zd, bs,
-                                      softplus, st_c, dout + bd * L, du + bd * L, ddelta + bd * L, dzd,
+                            bwd_chunk(t0, len, N, u + bd * L, dd, A + d * N, Bb, Cb, Dd, zd, bs,
+                                      softplus, st_c, dout + bd * L, du + bd * L, ddd, dzd,
                                       tdB + b * L * N, tdC + b * L * N, gu, tdA + d * N, tdD + d, tdbias + d,
                                       yout ? yout + bd * L : NULL, w);
+                        if (!delta) { /* the factored delta's gradient */
+                            double a = 0.0;
+                            for (int64_t i = 0; i < len; i++) {
+                                a += (double)rowdd[t0 + i] * dfx[b * L + t0 + i];
+                                tddx[b * L + t0 + i] += rowdd[t0 + i] * dfw[d];
+                            }
+                            tddw[d] += a;
+                        }
+                        if (!z && zfx) {
+                            double a = 0.0;
+                            for (int64_t i = 0; i < len; i++) {
+                                a += (double)rowdz[t0 + i] * zfx[b * L + t0 + i];
+                                tdzx[b * L + t0 + i] += rowdz[t0 + i] * zfw[d];
+                            }
+                            tdzw[d] += a;
+                        }
                     }
                 }
             }
@@ -769,26 +861,37 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
         for (int64_t i = 0; i < bln; i++) {
             float sb = dBm[i], sc = dCm[i];
             for (int th = 0; th < nthreads - 1; th++) {
-                sb += bufBC[(size_t)th * 2 * bln + i];
-                sc += bufBC[(size_t)th * 2 * bln + bln + i];
+                sb += bufBC[(size_t)th * fsz + i];
+                sc += bufBC[(size_t)th * fsz + bln + i];
             }
             dBm[i] = sb;
             dCm[i] = sc;
         }
+        for (int64_t i = 0; i < BL; i++) {
+            for (int th = 0; th < nthreads - 1; th++) {
+                if (dfx) ddx[i] += bufBC[(size_t)th * fsz + 2 * bln + i];
+                if (zfx) dzx[i] += bufBC[(size_t)th * fsz + 2 * bln + BL + i];
+            }
+        }
     }
     for (int64_t i = 0; i < D * N; i++) {
         double s = 0.0;
-        for (int th = 0; th < nthreads; th++) s += bufA[(size_t)th * (D * N + 2 * D) + i];
+        for (int th = 0; th < nthreads; th++) s += bufA[(size_t)th * asz + i];
         dA[i] = (float)s;
     }
     for (int64_t i = 0; i < D; i++) {
-        double sd = 0.0, sb = 0.0;
+        double sd = 0.0, sb = 0.0, sdw = 0.0, szw = 0.0;
         for (int th = 0; th < nthreads; th++) {
-            sd += bufA[(size_t)th * (D * N + 2 * D) + D * N + i];
-            sb += bufA[(size_t)th * (D * N + 2 * D) + D * N + D + i];
+            const double *a = bufA + (size_t)th * asz + D * N;
+            sd += a[i];
+            sb += a[D + i];
+            sdw += a[2 * D + i];
+            szw += a[3 * D + i];
         }
         if (dD) dD[i] = (float)sd;
         if (dbias) dbias[i] = (float)sb;
+        if (dfx) ddw[i] = (float)sdw;
+        if (zfx) dzw[i] = (float)szw;
     }
     free(bufBC);
     free(bufA);
