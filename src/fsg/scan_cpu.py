@@ -105,7 +105,7 @@ def load_library() -> Optional[ctypes.CDLL]:
                 except subprocess.CalledProcessError:
                     _compile(cc, path, native=False)  # a compiler without -march=native
             lib = ctypes.CDLL(str(path))
-            if lib.fsg_scan_version() != 8:
+            if lib.fsg_scan_version() != 9:
                 raise RuntimeError("unexpected kernel version")
         except Exception as e:  # noqa: BLE001 - any failure means "use the reference"
             detail = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if isinstance(
@@ -118,6 +118,10 @@ def load_library() -> Optional[ctypes.CDLL]:
         lib.fsg_scan_fwd.restype = cint
         lib.fsg_scan_bwd.argtypes = [i64] * 5 + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 10 + [ptr] * 8 + [cint]
         lib.fsg_scan_bwd.restype = cint
+        lib.fsg_scan_step_fwd.argtypes = [i64] * 3 + [ptr] * 8 + [cint] + [ptr] * 3 + [cint]
+        lib.fsg_scan_step_fwd.restype = cint
+        lib.fsg_scan_step_bwd.argtypes = [i64] * 3 + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 10 + [cint]
+        lib.fsg_scan_step_bwd.restype = cint
         lib.fsg_conv_fwd.argtypes = [i64] * 4 + [ptr] * 4 + [cint, cint]
         lib.fsg_conv_fwd.restype = None
         lib.fsg_conv_bwd.argtypes = [i64] * 4 + [ptr] * 4 + [cint] + [ptr] * 3 + [cint]
@@ -164,7 +168,11 @@ def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool, dfac=N
     else:
         states = torch.empty(batch, dim, nchunks, n, dtype=torch.float32)
     last = torch.empty(batch, dim, n, dtype=torch.float32)
-    if length > 0:
+    if length == 1 and dfac is None and zfac is None:  # one step of many sequences: streaming
+        if lib.fsg_scan_step_fwd(batch, dim, n, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_), _p(z_), _p(bias_),
+                                 int(softplus), _p(h0_), _p(out), _p(last), torch.get_num_threads()):
+            raise MemoryError("fused selective scan step: out of memory")
+    elif length > 0:
         if lib.fsg_scan_fwd(batch, dim, length, n, CHUNK, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_),
                             _p(z_), _p(bias_), int(softplus), _p(h0_), _p(out), None if alias else _p(states),
                             _p(last), _p(dfw), _p(dfx), _p(zfw), _p(zfx), torch.get_num_threads()):
@@ -201,7 +209,13 @@ def _scan_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states, softplus: bool, do
     dbias = torch.zeros(dim)
     dh0 = torch.zeros(batch, dim, n) if want_h0 else None
     y = torch.empty_like(u_) if want_y else None
-    if length > 0:
+    if length == 1 and dfx is None and zfx is None:  # one step (streaming); `states` is h0 or None
+        rc = lib.fsg_scan_step_bwd(batch, dim, n, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_), _p(z_), _p(bias_),
+                                   int(softplus), _p(states), _p(dout_), _p(dlast_), _p(du), _p(ddelta), _p(dA),
+                                   _p(dB), _p(dC), _p(dD), _p(dz), _p(dbias), _p(dh0), _p(y), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("fused selective scan step backward: out of memory")
+    elif length > 0:
         rc = lib.fsg_scan_bwd(batch, dim, length, n, CHUNK, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_),
                               _p(z_), _p(bias_), int(softplus), _p(states), _p(dout_), _p(dlast_),
                               _p(du), _p(ddelta), _p(dA), _p(dB), _p(dC), _p(dD), _p(dz), _p(dbias),
@@ -226,6 +240,7 @@ class _FusedScan(torch.autograd.Function):
         C_ = C.detach().to(torch.float32).transpose(1, 2).contiguous()
         D_, z_, bias_, h0_ = _f32(D), _f32(z), _f32(delta_bias), _f32(initial_state)
         out, states, last = _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus)
+        ctx.set_materialize_grads(False)  # an unused last state (streaming) gets no zero-filled gradient
         ctx.save_for_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states)
         ctx.softplus = softplus
         ctx.flags = (D is not None, z is not None, delta_bias is not None, initial_state is not None)
@@ -234,6 +249,8 @@ class _FusedScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast):  # type: ignore[override]
         u_, d_, A_, B_, C_, D_, z_, bias_, states = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(u_)
         has_D, has_z, has_bias, has_h0 = ctx.flags
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, _ = _scan_backward(
             u_, d_, A_, B_, C_, D_, z_, bias_, states, ctx.softplus, dout, dlast,

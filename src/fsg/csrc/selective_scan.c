@@ -100,7 +100,7 @@ static inline float softplus_f(float x) {
 }
 static inline float sigmoid_f(float x) { return 1.f / (1.f + fsg_expf(-x)); }
 
-FSG_API int fsg_scan_version(void) { return 8; }
+FSG_API int fsg_scan_version(void) { return 9; }
 
 /* Per-chunk pre-pass, vectorised over time: dt = softplus(delta + bias) (or delta + bias),
    dsp = d softplus / d input (1 without softplus), gate = silu(z), sz = sigmoid(z). */
@@ -1001,5 +1001,151 @@ FSG_API int fsg_conv_bwd(int64_t Bt, int64_t D, int64_t L, int64_t K, const floa
         }
     }
     free(acc);
+    return failed;
+}
+
+/*
+ * One time step (L = 1) for many sequences: the streaming slow-net. The chunk machinery above is
+ * pure overhead here; instead each batch element's D rows of N states are updated in place of a
+ * tight loop (state rows contiguous), and the backward needs no cross-thread reduction for dB/dC
+ * (one batch element per work item). Layouts as in fsg_scan_fwd with L = 1; B, C as (Bt, N).
+ */
+FSG_API int fsg_scan_step_fwd(int64_t Bt, int64_t D, int64_t N, const float *u, const float *delta,
+                              const float *A, const float *Bm, const float *Cm, const float *Dv, const float *z,
+                              const float *bias, int softplus, const float *h0, float *out, float *last,
+                              int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        FSG_FTZ_BEGIN
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < Bt; b++) {
+            const float *Bb = Bm + b * N, *Cb = Cm + b * N;
+            for (int64_t d = 0; d < D; d++) {
+                const int64_t bd = b * D + d;
+                const float x = delta[bd] + (bias ? bias[d] : 0.f);
+                const float dt = softplus ? softplus_f(x) : x, ut = u[bd], dtu = dt * ut;
+                const float *Ad = A + d * N, *hp = h0 ? h0 + bd * N : NULL;
+                float *hn = last + bd * N;
+                float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t n = 0; n < N; n++) {
+                    const float v = fsg_expf(dt * Ad[n]) * (hp ? hp[n] : 0.f) + dtu * Bb[n];
+                    hn[n] = v;
+                    acc += Cb[n] * v;
+                }
+                float y = acc + (Dv ? Dv[d] : 0.f) * ut;
+                if (z) y *= z[bd] * sigmoid_f(z[bd]);
+                out[bd] = y;
+            }
+        }
+        FSG_FTZ_END
+    }
+    return 0;
+}
+
+FSG_API int fsg_scan_step_bwd(int64_t Bt, int64_t D, int64_t N, const float *u, const float *delta,
+                              const float *A, const float *Bm, const float *Cm, const float *Dv, const float *z,
+                              const float *bias, int softplus, const float *h0, const float *dout,
+                              const float *dlast, float *du, float *ddelta, float *dA, float *dBm, float *dCm,
+                              float *dD, float *dz, float *dbias, float *dh0, float *yout, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    const int64_t asz = D * N + 2 * D;
+    double *bufA = (double *)calloc((size_t)nthreads * asz, sizeof(double));
+    if (!bufA) return 1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        FSG_FTZ_BEGIN
+#ifdef _OPENMP
+        double *tdA = bufA + (size_t)omp_get_thread_num() * asz;
+#else
+        double *tdA = bufA;
+#endif
+        double *tdD = tdA + D * N, *tdb = tdD + D;
+        /* dA: float partial sums over up to 256 batch elements, then added into double */
+        float *work = (float *)calloc((size_t)(4 * N + D * N), sizeof(float));
+        if (!work) failed = 1;
+        int64_t since_flush = 0;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < Bt; b++) {
+            if (!work) continue;
+            float *a = work, *hn = work + N, *dBa = work + 2 * N, *dCa = work + 3 * N, *dAf = work + 4 * N;
+            const float *Bb = Bm + b * N, *Cb = Cm + b * N;
+            for (int64_t n = 0; n < N; n++) dBa[n] = dCa[n] = 0.f;
+            for (int64_t d = 0; d < D; d++) {
+                const int64_t bd = b * D + d;
+                const float x = delta[bd] + (bias ? bias[d] : 0.f);
+                const float dt = softplus ? softplus_f(x) : x, ut = u[bd], dtu = dt * ut;
+                const float *Ad = A + d * N, *hp = h0 ? h0 + bd * N : NULL;
+                float ys = 0.f;
+#pragma omp simd reduction(+ : ys)
+                for (int64_t n = 0; n < N; n++) {
+                    a[n] = fsg_expf(dt * Ad[n]);
+                    hn[n] = a[n] * (hp ? hp[n] : 0.f) + dtu * Bb[n];
+                    ys += Cb[n] * hn[n];
+                }
+                ys += (Dv ? Dv[d] : 0.f) * ut;
+                float dys = dout[bd];
+                if (z) {
+                    const float zz = z[bd], s = sigmoid_f(zz);
+                    if (dz) dz[bd] = dys * ys * s * (1.f + zz * (1.f - s));
+                    if (yout) yout[bd] = ys * zz * s;
+                    dys *= zz * s;
+                } else if (yout) {
+                    yout[bd] = ys;
+                }
+                tdD[d] += (double)dys * ut;
+                float ddt = 0.f, gB = 0.f;
+                const float *gl = dlast ? dlast + bd * N : NULL;
+                float *g0 = dh0 ? dh0 + bd * N : NULL;
+                float *dAd = dAf + d * N;
+#pragma omp simd reduction(+ : ddt, gB)
+                for (int64_t n = 0; n < N; n++) {
+                    const float gn = (gl ? gl[n] : 0.f) + dys * Cb[n];
+                    dCa[n] += dys * hn[n];
+                    const float da = gn * (hp ? hp[n] : 0.f) * a[n];
+                    ddt += da * Ad[n];
+                    dAd[n] += da * dt;
+                    gB += gn * Bb[n];
+                    dBa[n] += gn * dtu;
+                    if (g0) g0[n] = gn * a[n];
+                }
+                ddt += ut * gB;
+                du[bd] = dys * (Dv ? Dv[d] : 0.f) + dt * gB;
+                const float ddl = ddt * (softplus ? sigmoid_f(x) : 1.f);
+                ddelta[bd] = ddl;
+                tdb[d] += ddl;
+            }
+            memcpy(dBm + b * N, dBa, N * sizeof(float));
+            memcpy(dCm + b * N, dCa, N * sizeof(float));
+            if (++since_flush == 256) {
+                for (int64_t i = 0; i < D * N; i++) {
+                    tdA[i] += dAf[i];
+                    dAf[i] = 0.f;
+                }
+                since_flush = 0;
+            }
+        }
+        if (work)
+            for (int64_t i = 0; i < D * N; i++) tdA[i] += work[4 * N + i];
+        free(work);
+        FSG_FTZ_END
+    }
+    for (int64_t i = 0; i < D * N; i++) {
+        double s = 0.0;
+        for (int th = 0; th < nthreads; th++) s += bufA[(size_t)th * asz + i];
+        dA[i] = (float)s;
+    }
+    for (int64_t i = 0; i < D; i++) {
+        double sd = 0.0, sb = 0.0;
+        for (int th = 0; th < nthreads; th++) {
+            sd += bufA[(size_t)th * asz + D * N + i];
+            sb += bufA[(size_t)th * asz + D * N + D + i];
+        }
+        if (dD) dD[i] = (float)sd;
+        if (dbias) dbias[i] = (float)sb;
+    }
+    free(bufA);
     return failed;
 }
