@@ -468,6 +468,49 @@ static inline void unit_range(int64_t Bt, int64_t nblk, int64_t tail, int64_t *l
     *hi = (tid == nth - 1) ? total : bounds[1];
 }
 
+/* Per-thread unit states ([CN][CW] per channel block, [N] per single channel) from / to the
+   (Bt, D, N) row layout of h0, last, dlast, dh0 (src NULL: zeros). */
+static void rows_to_units(const float *src, int64_t lo, int64_t hi, int64_t per, int64_t nblk, int64_t D,
+                          int64_t N, int64_t ssz, float *units) {
+    for (int64_t un = lo; un < hi; un++) {
+        const int64_t b = un / per, k = un % per;
+        float *hu = units + (un - lo) * ssz;
+        if (k < nblk) {
+            for (int n = 0; n < CN; n++)
+                for (int l = 0; l < CW; l++) hu[n * CW + l] = src ? src[(b * D + k * CW + l) * N + n] : 0.f;
+        } else {
+            const int64_t bd = b * D + nblk * CW + (k - nblk);
+            for (int64_t n = 0; n < N; n++) hu[n] = src ? src[bd * N + n] : 0.f;
+        }
+    }
+}
+
+static void units_to_rows(const float *units, int64_t lo, int64_t hi, int64_t per, int64_t nblk, int64_t D,
+                          int64_t N, int64_t ssz, float *dst) {
+    for (int64_t un = lo; un < hi; un++) {
+        const int64_t b = un / per, k = un % per;
+        const float *hu = units + (un - lo) * ssz;
+        if (k < nblk) {
+            for (int l = 0; l < CW; l++)
+                for (int n = 0; n < CN; n++) dst[(b * D + k * CW + l) * N + n] = hu[n * CW + l];
+        } else {
+            memcpy(dst + (b * D + nblk * CW + (k - nblk)) * N, hu, N * sizeof(float));
+        }
+    }
+}
+
+/* The gradient of one factored row (channel d of batch element b) over [t0, t0+len):
+   dw += sum_t g[t] x[t], dx[t] += g[t] w. */
+static inline void fac_grad_row(const float *g, float w, const float *x, int64_t t0, int64_t len, double *dw,
+                                float *dx) {
+    double a = 0.0;
+    for (int64_t i = 0; i < len; i++) {
+        a += (double)g[t0 + i] * x[t0 + i];
+        dx[t0 + i] += g[t0 + i] * w;
+    }
+    *dw += a;
+}
+
 /* The loops run chunk-major: every thread takes a fixed range of work units (channel blocks or
    single channels) and advances all of them chunk by chunk, so the chunk's rows of B and C
    (shared by all channels) are read from cache rather than streamed from memory per channel. */
@@ -518,18 +561,7 @@ FSG_API int fsg_scan_fwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
         } else {
             float *dtv = hs + (hi - lo) * ssz, *gate = dtv + K;
             float *rowd = gate + K, *rowz = rowd + L; /* factored rows of single channels */
-            for (int64_t un = lo; un < hi; un++) {
-                const int64_t b = un / per, k = un % per;
-                float *hu = hs + (un - lo) * ssz;
-                if (k < nblk) {
-                    for (int n = 0; n < CN; n++)
-                        for (int l = 0; l < CW; l++)
-                            hu[n * CW + l] = h0 ? h0[(b * D + k * CW + l) * N + n] : 0.f;
-                } else {
-                    const int64_t bd = b * D + nblk * CW + (k - nblk);
-                    for (int64_t n = 0; n < N; n++) hu[n] = h0 ? h0[bd * N + n] : 0.f;
-                }
-            }
+            rows_to_units(h0, lo, hi, per, nblk, D, N, ssz, hs);
             for (int64_t c = 0; c < nchunks; c++) {
                 const int64_t t0 = c * K, len = (t0 + K < L) ? K : L - t0;
                 for (int64_t un = lo; un < hi; un++) {
@@ -565,18 +597,7 @@ FSG_API int fsg_scan_fwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
                     }
                 }
             }
-            if (last) {
-                for (int64_t un = lo; un < hi; un++) {
-                    const int64_t b = un / per, k = un % per;
-                    const float *hu = hs + (un - lo) * ssz;
-                    if (k < nblk) {
-                        for (int l = 0; l < CW; l++)
-                            for (int n = 0; n < CN; n++) last[(b * D + k * CW + l) * N + n] = hu[n * CW + l];
-                    } else {
-                        memcpy(last + (b * D + nblk * CW + (k - nblk)) * N, hu, N * sizeof(float));
-                    }
-                }
-            }
+            if (last) units_to_rows(hs, lo, hi, per, nblk, D, N, ssz, last);
         }
         free(hs);
         if (!tfail) free(w.tu);
@@ -730,18 +751,7 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
             for (int64_t n = 0; n < N; n++) zero_state[n] = 0.f;
             /* rows of single channels with factored inputs: delta, z in; their gradients out */
             float *rowd = zero_state + N, *rowz = rowd + L, *rowdd = rowz + L, *rowdz = rowdd + L;
-            for (int64_t un = lo; un < hi; un++) {
-                const int64_t b = un / per, k = un % per;
-                float *gu = gs + (un - lo) * ssz;
-                if (k < nblk) {
-                    for (int n = 0; n < CN; n++)
-                        for (int l = 0; l < CW; l++)
-                            gu[n * CW + l] = dlast ? dlast[(b * D + k * CW + l) * N + n] : 0.f;
-                } else {
-                    const int64_t bd = b * D + nblk * CW + (k - nblk);
-                    for (int64_t n = 0; n < N; n++) gu[n] = dlast ? dlast[bd * N + n] : 0.f;
-                }
-            }
+            rows_to_units(dlast, lo, hi, per, nblk, D, N, ssz, gs);
             for (int64_t c = nchunks - 1; c >= 0; c--) {
                 const int64_t t0 = c * K, len = (t0 + K < L) ? K : L - t0;
                 int64_t pending_b = -1; /* batch element whose lane-accumulated dB/dC await a flush */
@@ -813,37 +823,12 @@ FSG_API int fsg_scan_bwd(int64_t Bt, int64_t D, int64_t L, int64_t N, int64_t K,
                                       softplus, st_c, dout + bd * L, du + bd * L, ddd, dzd,
                                       tdB + b * L * N, tdC + b * L * N, gu, tdA + d * N, tdD + d, tdbias + d,
                                       yout ? yout + bd * L : NULL, w);
-                        if (!delta) { /* the factored delta's gradient */
-                            double a = 0.0;
-                            for (int64_t i = 0; i < len; i++) {
-                                a += (double)rowdd[t0 + i] * dfx[b * L + t0 + i];
-                                tddx[b * L + t0 + i] += rowdd[t0 + i] * dfw[d];
-                            }
-                            tddw[d] += a;
-                        }
-                        if (!z && zfx) {
-                            double a = 0.0;
-                            for (int64_t i = 0; i < len; i++) {
-                                a += (double)rowdz[t0 + i] * zfx[b * L + t0 + i];
-                                tdzx[b * L + t0 + i] += rowdz[t0 + i] * zfw[d];
-                            }
-                            tdzw[d] += a;
-                        }
+                        if (!delta) fac_grad_row(rowdd, dfw[d], dfx + b * L, t0, len, tddw + d, tddx + b * L);
+                        if (!z && zfx) fac_grad_row(rowdz, zfw[d], zfx + b * L, t0, len, tdzw + d, tdzx + b * L);
                     }
                 }
             }
-            if (dh0) {
-                for (int64_t un = lo; un < hi; un++) {
-                    const int64_t b = un / per, k = un % per;
-                    const float *gu = gs + (un - lo) * ssz;
-                    if (k < nblk) {
-                        for (int l = 0; l < CW; l++)
-                            for (int n = 0; n < CN; n++) dh0[(b * D + k * CW + l) * N + n] = gu[n * CW + l];
-                    } else {
-                        memcpy(dh0 + (b * D + nblk * CW + (k - nblk)) * N, gu, N * sizeof(float));
-                    }
-                }
-            }
+            if (dh0) units_to_rows(gs, lo, hi, per, nblk, D, N, ssz, dh0);
         }
         free(mem);
         if (!tfail) free(tw.tu);
