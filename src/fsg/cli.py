@@ -124,6 +124,26 @@ _nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a no
 _unit_float = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
+def _read_config_file(path: str) -> dict:
+    """The fields of a JSON configuration file (``config.json`` of a run); one-line errors."""
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read configuration {path!r}: {e.strerror or e}") from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON configuration: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: a configuration must be a JSON object")
+    unknown = sorted(set(cfg) - set(TrainConfig().to_dict()))
+    if unknown:
+        raise ValueError(f"{path}: unknown configuration field(s): {', '.join(unknown)}")
+    return cfg
+
+
 def parse_estimators(text: str) -> List[str]:
     """Split a comma list of estimator names; raises ``ValueError`` on an unknown or empty one."""
     names: List[str] = []
@@ -434,19 +454,7 @@ def config_from_args(args: argparse.Namespace):
     ds_given = dict(args.dataset_option or [])
     file_cfg = {}
     if args.config:
-        try:
-            text = Path(args.config).read_text()
-        except OSError as e:
-            raise ValueError(f"cannot read configuration {args.config!r}: {e.strerror or e}") from None
-        try:
-            file_cfg = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{args.config}: invalid JSON configuration: {e}") from None
-        if not isinstance(file_cfg, dict):
-            raise ValueError(f"{args.config}: a configuration must be a JSON object")
-        unknown = sorted(set(file_cfg) - set(TrainConfig().to_dict()))
-        if unknown:
-            raise ValueError(f"{args.config}: unknown configuration field(s): {', '.join(unknown)}")
+        file_cfg = _read_config_file(args.config)
         if args.pretrain:
             file_cfg["full_precision"] = True
 
@@ -531,19 +539,7 @@ def _grid_base_from_args(args: argparse.Namespace) -> Dict[str, object]:
 
     base = TrainConfig().to_dict()
     if args.config:
-        try:
-            text = Path(args.config).read_text()
-        except OSError as e:
-            raise ValueError(f"cannot read configuration {args.config!r}: {e.strerror or e}") from None
-        try:
-            file_cfg = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{args.config}: invalid JSON configuration: {e}") from None
-        if not isinstance(file_cfg, dict):
-            raise ValueError(f"{args.config}: a configuration must be a JSON object")
-        unknown = sorted(set(file_cfg) - set(base))
-        if unknown:
-            raise ValueError(f"{args.config}: unknown configuration field(s): {', '.join(unknown)}")
+        file_cfg = _read_config_file(args.config)
         base.update(file_cfg)
     base.update({k: v for k, v in vars(args).items() if k not in _NON_CONFIG and not k.startswith("est_")})
     est_given = {k[4:]: v for k, v in vars(args).items() if k.startswith("est_")}
