@@ -98,7 +98,7 @@ def test_metaquant_lookahead_gradient_path_goes_through_c_times_G():
     """The look-ahead's value is the previous gradient, but its gradient flows through c⊙G."""
     tr = mlp_trainer("multifc")
     tr.step(x, y)
-    ctx = tr._contexts(current=False)[0]
+    ctx = tr._contexts()[0]
     d, u = tr.estimator.directions(ctx)
     torch.testing.assert_close(d, ctx.prev_update)
     (gd,) = torch.autograd.grad((d * 3.0).sum(), tr.estimator.net.layers[0].weight)

@@ -121,7 +121,8 @@ class Trainer:
         """The current base learning rate ``η_t``."""
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def _contexts(self, current: bool) -> List[LayerContext]:
+    def _contexts(self) -> List[LayerContext]:
+        """Every layer's :class:`LayerContext` from the most recent recorded forward/backward."""
         ctxs = []
         for i, layer in enumerate(self.layers):
             p = layer.parametrization
@@ -171,7 +172,7 @@ class Trainer:
 
         # 1-2. meta-gradient and look-ahead forward (or a plain forward at W)
         if meta:
-            directions = [est.directions(c) for c in self._contexts(current=False)]
+            directions = [est.directions(c) for c in self._contexts()]
             out = functional_call(self.model, self._lookahead_params(directions), (x,))
         else:
             directions = None
@@ -206,7 +207,7 @@ class Trainer:
                 self.optimizer.step()
         else:
             if not est.natural_gradient:
-                for ctx, layer in zip(self._contexts(current=True), self.layers):
+                for ctx, layer in zip(self._contexts(), self.layers):
                     layer.latent.grad = est.directions(ctx)[1].detach()
             self.optimizer.step()
 
