@@ -393,3 +393,18 @@ def test_fsg_stream_layout_is_the_temporal_sequence_as_a_recurrence(slow_net):
     # the state is part of the estimator's checkpointable state
     extra = est.get_extra_state()
     assert len(extra["stream"]) == len(tr.layers) and extra["stream"][0] is not None
+
+
+def test_fsg_stream_state_buffers_alternate():
+    """The new scan state is written into the buffer of two steps ago (no fresh allocation)."""
+    from fsg import scan_cpu
+
+    if not scan_cpu.available():
+        pytest.skip("fused kernels unavailable")
+    tr = mlp_trainer("fsg", layout="stream", expand=8)
+    ptrs = []
+    for _ in range(6):
+        tr.step(x, y)
+        st = tr.estimator.stream_states[0]
+        ptrs.append(st[1].data_ptr() if st is not None else None)
+    assert ptrs[3] == ptrs[5] and ptrs[3] != ptrs[4]  # steady state: two buffers, alternating

@@ -212,11 +212,12 @@ class SlowNet(nn.Module):
     def _lstm(self, seq: Tensor) -> Tensor:
         return self.head(_run_lstm(self.lstm, seq)[0])
 
-    def stream(self, seq: Tensor, state=None):
+    def stream(self, seq: Tensor, state=None, state_buffer: Optional[Tensor] = None):
         """Continue the recurrence by ``seq`` (B, T_new, 1) from ``state`` (None: start).
-        Returns ``(out, new_state)``; the state enters as a constant (no gradient)."""
+        Returns ``(out, new_state)``; the state enters as a constant (no gradient).
+        ``state_buffer``: a free tensor the Mamba scan state may be written into."""
         if self.kind == "mamba":
-            return self.mamba.stream(seq, state)
+            return self.mamba.stream(seq, state, state_buffer=state_buffer)
         if state is not None:
             state = tuple(s.detach() for s in state)
         y, (h, c) = _run_lstm(self.lstm, seq, state)
@@ -385,6 +386,9 @@ class FSG(Estimator):
             self.lre = nn.Embedding(n, 1).to(device=p.device, dtype=p.dtype)
         self.hgs = [deque(maxlen=self.history_len) for _ in range(n)]
         self.stream_states: List[Optional[tuple]] = [None] * n
+        # per layer, the scan-state tensor of two steps ago: free once the previous step's
+        # backward is done, so the next state is written into it (no 1.7 GB allocation per step)
+        self._stream_spare: List[Optional[Tensor]] = [None] * n
 
     def observe(self, index: int, grad: Tensor, w_tilde: Tensor) -> None:
         self.hgs[index].append(grad.detach())
@@ -401,7 +405,9 @@ class FSG(Estimator):
             state = self.stream_states[index]
             if state is None and self.lre is not None:  # the stream starts with the layer's token
                 seq = torch.cat([self.lre.weight[index].view(1, 1, 1).expand(n, 1, 1).to(seq.dtype), seq], dim=1)
-            out, self.stream_states[index] = self.slow.stream(seq, state)
+            out, new_state = self.slow.stream(seq, state, state_buffer=self._stream_spare[index])
+            self._stream_spare[index] = state[-1] if (state is not None and self.slow.kind == "mamba") else None
+            self.stream_states[index] = new_state
             return out[:, -1, 0].reshape(shape)
         if self.layout == "flat":
             seq = torch.cat([h.reshape(-1) for h in hist]).view(1, -1, 1)
@@ -445,3 +451,4 @@ class FSG(Estimator):
         self.hgs = [deque(h, maxlen=self.history_len) for h in state["hgs"]]
         streams = state.get("stream") or [None] * len(self.hgs)
         self.stream_states = [tuple(s) if s is not None else None for s in streams]
+        self._stream_spare = [None] * len(self.stream_states)

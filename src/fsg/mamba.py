@@ -487,7 +487,7 @@ class Mamba(nn.Module):
             return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 
-    def stream(self, x: Tensor, state: Optional[tuple] = None):
+    def stream(self, x: Tensor, state: Optional[tuple] = None, state_buffer: Optional[Tensor] = None):
         """Continue the block's recurrence by the tokens ``x`` (B, T_new, d_model).
 
         ``state`` = ``(x_hist, h)`` from the previous call (None to start): ``x_hist`` the last
@@ -496,7 +496,9 @@ class Mamba(nn.Module):
         the last ``T_new`` outputs of ``forward`` on the whole sequence seen so far. The causal
         convolution is evaluated on the window ``[x_hist, x]``; only the new positions enter the
         projections and the scan (from ``h``). Gradients flow into the new tokens' computation;
-        ``state`` enters as a constant.
+        ``state`` enters as a constant. ``state_buffer``: a free (B, d_inner, d_state) float32
+        tensor the fused kernel may write the new scan state into (see ``last_out`` of
+        :func:`fsg.scan_cpu.selective_scan_fused`).
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
@@ -525,10 +527,16 @@ class Mamba(nn.Module):
         dlt, Bt, Ct = torch.split(x_dbl, [r, n, n], dim=1)
         delta = _project(self.dt_proj.weight, dlt)
         param_dtype = _compute_dtype(self.A_log.dtype)
-        y, h_new = selective_scan(
+        scan = selective_scan
+        extra = {}
+        if state_buffer is not None and _current_impl != "ref" and x.device.type == "cpu":
+            from .scan_cpu import selective_scan_fused
+
+            scan, extra = selective_scan_fused, {"last_out": state_buffer}
+        y, h_new = scan(
             u, delta, -torch.exp(self.A_log.to(param_dtype)), Bt, Ct, D=self.D.to(param_dtype), z=z,
             delta_bias=self.dt_proj.bias.to(param_dtype), delta_softplus=True, return_last_state=True,
-            initial_state=h,
+            initial_state=h, **extra,
         )
         out = torch.matmul(self.out_proj.weight, y.to(x.dtype)).transpose(1, 2)
         return out, (window[:, window.shape[1] - k:].detach(), h_new.detach())

@@ -148,7 +148,7 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.detach().to(torch.float32).contiguous()
 
 
-def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool, dfac=None, zfac=None):
+def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool, dfac=None, zfac=None, last_out=None):
     """Run the forward kernel on float32 contiguous inputs (``B_``, ``C_`` as (batch, L, n)).
     ``dfac`` / ``zfac``: ``(w (d_inner,), x (batch, L))`` giving ``delta`` / ``z`` as the rank-1
     product ``w[d]·x[b, t]`` instead of ``d_`` / ``z_`` (which are then None).
@@ -167,7 +167,9 @@ def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool, dfac=N
         states = h0_.view(batch, dim, 1, n) if h0_ is not None else None
     else:
         states = torch.empty(batch, dim, nchunks, n, dtype=torch.float32)
-    last = torch.empty(batch, dim, n, dtype=torch.float32)
+    ok_out = (last_out is not None and last_out.dtype == torch.float32 and last_out.is_contiguous()
+              and tuple(last_out.shape) == (batch, dim, n) and last_out.device.type == "cpu")
+    last = last_out if ok_out else torch.empty(batch, dim, n, dtype=torch.float32)
     if length == 1 and dfac is None and zfac is None:  # one step of many sequences: streaming
         if lib.fsg_scan_step_fwd(batch, dim, n, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_), _p(z_), _p(bias_),
                                  int(softplus), _p(h0_), _p(out), _p(last), torch.get_num_threads()):
@@ -234,12 +236,12 @@ def _scan_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states, softplus: bool, do
 
 class _FusedScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):  # type: ignore[override]
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, last_out):  # type: ignore[override]
         u_, d_, A_ = _f32(u), _f32(delta), _f32(A)
         B_ = B.detach().to(torch.float32).transpose(1, 2).contiguous()  # (batch, L, n)
         C_ = C.detach().to(torch.float32).transpose(1, 2).contiguous()
         D_, z_, bias_, h0_ = _f32(D), _f32(z), _f32(delta_bias), _f32(initial_state)
-        out, states, last = _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus)
+        out, states, last = _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus, last_out=last_out[0])
         ctx.set_materialize_grads(False)  # an unused last state (streaming) gets no zero-filled gradient
         ctx.save_for_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states)
         ctx.softplus = softplus
@@ -256,7 +258,7 @@ class _FusedScan(torch.autograd.Function):
             u_, d_, A_, B_, C_, D_, z_, bias_, states, ctx.softplus, dout, dlast,
             want_h0=has_h0 and ctx.needs_input_grad[8])
         return (du, ddelta, dA, dB.transpose(1, 2), dC.transpose(1, 2), dD if has_D else None, dz,
-                dbias if has_bias else None, dh0, None)
+                dbias if has_bias else None, dh0, None, None)
 
 
 class _MambaLowMemory(torch.autograd.Function):
@@ -364,11 +366,14 @@ def mamba_low_memory(block, x: Tensor) -> Optional[Tensor]:
 
 def selective_scan_fused(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                          z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                         return_last_state: bool = False, initial_state: Optional[Tensor] = None):
+                         return_last_state: bool = False, initial_state: Optional[Tensor] = None,
+                         last_out: Optional[Tensor] = None):
     """Fused CPU selective scan; same signature and results as :func:`fsg.mamba.selective_scan_ref`.
 
-    Falls back to the reference for float64 inputs, non-CPU tensors, or when the kernel is not
-    available (no compiler)."""
+    ``last_out``: a float32 (batch, d_inner, d_state) buffer to write the last state into (reused
+    across streaming steps instead of allocating — and page-faulting — a new one); it must not be
+    referenced by anything still needed. Falls back to the reference for float64 inputs, non-CPU
+    tensors, or when the kernel is not available (no compiler)."""
     from .mamba import _check_scan_shapes, selective_scan_ref
 
     _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -376,7 +381,8 @@ def selective_scan_fused(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     if (any(t.device.type != "cpu" or t.dtype == torch.float64 for t in tensors) or not available()):
         return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                                   return_last_state=return_last_state, initial_state=initial_state)
-    y, last = _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
+    # the buffer travels inside a list: autograd must not treat it as an input
+    y, last = _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), [last_out])
     return (y, last) if return_last_state else y
 
 
