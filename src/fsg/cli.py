@@ -146,16 +146,9 @@ def _read_config_file(path: str) -> dict:
 
 def parse_estimators(text: str) -> List[str]:
     """Split a comma list of estimator names; raises ``ValueError`` on an unknown or empty one."""
-    names: List[str] = []
-    for part in text.split(","):
-        name = part.strip()
-        if not name:
-            raise ValueError(f"--estimators: empty name in {text!r} (give a comma list like 'ste,multifc,fsg')")
-        if name not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {name!r}: choose from {', '.join(ESTIMATORS)}")
-        if name not in names:
-            names.append(name)
-    return names
+    from .grid import parse_list
+
+    return parse_list(text, "--estimators", list(ESTIMATORS))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -445,18 +445,10 @@ def _channel_stats(images: Tensor) -> Tuple[Tuple[float, ...], Tuple[float, ...]
 
 
 def _atomic_save(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """``torch.save`` to a temp file beside ``path``, then rename (no partial cache file)."""
+    from .checkpoint import _atomic_write
+
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _load_folder_split(path: str, split: str, cache_dir) -> Optional[dict]:

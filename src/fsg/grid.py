@@ -78,7 +78,9 @@ def parse_list(value: Union[str, Iterable[str]], what: str, choices: Sequence[st
         if not name:
             raise ValueError(f"{what}: empty name in {value!r} (give a comma list like {','.join(choices[:2])!r})")
         if name not in choices:
-            raise ValueError(f"unknown {what[:-1] if what.endswith('s') else what} {name!r}: choose from {', '.join(choices)}")
+            noun = what.lstrip("-")
+            noun = noun[:-1] if noun.endswith("s") else noun
+            raise ValueError(f"unknown {noun} {name!r}: choose from {', '.join(choices)}")
         if name not in names:
             names.append(name)
     if not names:
