@@ -105,15 +105,16 @@ def test_functional_call_injects_lookahead_weight():
 
 def test_binary_activations_except_first_input():
     torch.manual_seed(3)
-    m = fsg.binarize(MLP(4, [5], 3), "sign", activations=True)
+    m = fsg.binarize(MLP(4, [5], 3, activation="hardtanh"), "sign", activations=True)
     lin1, lin2 = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
     x = torch.randn(6, 4)
-    h = torch.relu(x @ lin1.weight.T + lin1.bias)
-    hb = torch.where(h >= 0, 1.0, -1.0)  # relu output is ≥ 0, so sign gives +1 everywhere
+    h = torch.nn.functional.hardtanh(x @ lin1.weight.T + lin1.bias)
+    hb = torch.where(h >= 0, 1.0, -1.0)
+    assert (hb < 0).any() and (hb > 0).any()
     expected = hb @ lin2.weight.T + lin2.bias
     torch.testing.assert_close(m(x), expected)
     # with the first input binarized too
-    m2 = fsg.binarize(MLP(4, [5], 3), "sign", activations=True, binarize_first_input=True)
+    m2 = fsg.binarize(MLP(4, [5], 3, activation="hardtanh"), "sign", activations=True, binarize_first_input=True)
     m2.load_state_dict(m.state_dict())
     l1 = [mod for mod in m2.modules() if isinstance(mod, nn.Linear)][0]
     xb = torch.where(x >= 0, 1.0, -1.0)

@@ -14,6 +14,7 @@ gradient ``∂L/∂Ŵ`` at the binary weight when the loss is back-propagated.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
@@ -66,10 +67,25 @@ class BinaryWeight(nn.Module):
 
 
 class _BinaryActivation:
-    """Forward pre-hook replacing a layer's input ``x`` by ``sign(x)`` (clipped STE)."""
+    """Forward pre-hook replacing a layer's input ``x`` by ``sign(x)`` (clipped STE:
+    ``∂sign(x)/∂x := 1[|x| ≤ 1]``). On its first call it warns when ``x`` has no negative entry:
+    ``sign`` of a non-negative input (a ReLU output) is ``+1`` everywhere and carries nothing."""
+
+    def __init__(self, name: str = ""):
+        self.name = name
+        self.checked = False
 
     def __call__(self, module: nn.Module, args):
-        return (sign_ste(args[0]),) + tuple(args[1:])
+        x = args[0]
+        if not self.checked:
+            self.checked = True
+            if x.numel() and not bool((x < 0).any()):
+                warnings.warn(
+                    f"the input of binarized layer {self.name or '<root>'!r} has no negative value, so its 1-bit "
+                    "activation sign(x) is +1 everywhere (a ReLU before it?); use a nonlinearity that keeps the "
+                    "sign, e.g. hardtanh (fsg's models: activation='hardtanh', the default with activations=True "
+                    "in fsg train)", stacklevel=2)
+        return (sign_ste(x),) + tuple(args[1:])
 
 
 @dataclass
@@ -139,8 +155,9 @@ def binarize(
         include: glob patterns of qualified module names to binarize (default: all).
         exclude: glob patterns of qualified module names to keep in full precision.
         activations: also binarize the *inputs* of the binarized layers with ``sign`` and a
-            clipped STE (1W1A); the first binarized layer's input (the image) is left alone unless
-            ``binarize_first_input``.
+            clipped STE (1W1A); the input of the model's first conv-or-linear layer (the image) is
+            left alone unless ``binarize_first_input``. ``sign`` of a ReLU output is constant: build
+            the model with a sign-keeping nonlinearity (fsg's models: ``activation="hardtanh"``).
 
     Raises:
         ValueError: when nothing would be binarized, or a layer is already binarized.
@@ -169,8 +186,9 @@ def binarize(
     for name, m in selected:
         if is_binarized(m):
             raise ValueError(f"layer {name or '<root>'!r} is already binarized")
-    for i, (name, m) in enumerate(selected):
+    first = candidates[0][1]
+    for name, m in selected:
         parametrize.register_parametrization(m, "weight", BinaryWeight(q), unsafe=True)
-        if activations and (i > 0 or binarize_first_input):
-            m.register_forward_pre_hook(_BinaryActivation())
+        if activations and (m is not first or binarize_first_input):
+            m.register_forward_pre_hook(_BinaryActivation(name))
     return model

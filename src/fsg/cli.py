@@ -381,6 +381,8 @@ def _add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = 
     g = p.add_argument_group("model and data")
     opt_in(g, "model", "network", choices=list(MODEL_NAMES))
     opt_in(g, "width", "small-cnn: channels of the first conv", type=_positive_int)
+    opt_in(g, "activation", "hidden nonlinearity of the model (default: relu; hardtanh with --activations, "
+           "since sign() of a ReLU output is always +1)", choices=["relu", "hardtanh"])
     opt_in(g, "dataset", "dataset", choices=list(DATASET_NAMES))
     opt_in(g, "data_dir", "where the dataset lives (cifar: the official python-format files or archive; "
            "imagefolder: a directory or .tar.gz of split/class/*.jpg)", metavar="DIR")

@@ -56,6 +56,8 @@ class TrainConfig:
     Model and data:
         model: ``small-cnn`` or ``resnet20/32/44/56/110`` (CIFAR ResNets).
         width: channels of the first conv of ``small-cnn`` (ignored by the ResNets).
+        activation: the models' hidden nonlinearity, ``relu`` or ``hardtanh`` (``None``: ``relu``,
+            or ``hardtanh`` with ``activations`` — ``sign`` after a ReLU would be constant).
         dataset: ``cifar10``, ``cifar100``, ``imagefolder`` or ``synthetic``.
         data_dir: where the dataset lives (``None``: the data module's default).
         download: download the dataset when it is missing.
@@ -88,6 +90,7 @@ class TrainConfig:
     # model and data
     model: str = "resnet20"
     width: int = 8
+    activation: Optional[str] = None
     dataset: str = "cifar10"
     data_dir: Optional[str] = None
     download: bool = False
@@ -127,6 +130,14 @@ class TrainConfig:
     device: str = "cpu"
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def model_activation(self) -> str:
+        """The nonlinearity the model is built with: ``activation``, else ``hardtanh`` when the
+        activations are binarized (``sign`` of a ReLU output is constant) and ``relu`` otherwise."""
+        if self.activation is not None:
+            return self.activation
+        return "hardtanh" if self.activations and not self.full_precision else "relu"
+
     def to_dict(self) -> Dict[str, Any]:
         """A plain dict (JSON-able) of every field."""
         d = dataclasses.asdict(self)
@@ -184,6 +195,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check every field; raises ``ValueError`` with one line naming the first bad one."""
         from .estimators import ESTIMATORS, get_estimator
+        from .models import ACTIVATIONS
         from .quantizers import QUANTIZERS
         from .trainer import OPTIMIZERS
 
@@ -230,6 +242,8 @@ class TrainConfig:
 
         choice("model", MODEL_NAMES)
         integer("width", 1)
+        if self.activation is not None:
+            choice("activation", tuple(ACTIVATIONS))
         choice("dataset", DATASET_NAMES)
         string("data_dir", optional=True)
         boolean("download")

@@ -12,39 +12,60 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["SmallCNN", "MLP", "BasicBlock", "CifarResNet", "resnet", "MODELS", "get_model", "load_pretrained",
-           "PretrainedError"]
+           "PretrainedError", "ACTIVATIONS"]
+
+#: Hidden-layer nonlinearities of the built-in models. ``relu`` is the paper's. With 1-bit
+#: activations (``fsg.binarize(..., activations=True)``) a binarized layer sees ``sign(input)``,
+#: and after a ReLU that is ``+1`` everywhere: such models need ``hardtanh`` (as IR-Net's 1W1A
+#: CIFAR ResNets), which keeps the sign of the BatchNorm output.
+ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {"relu": torch.relu, "hardtanh": torch.nn.functional.hardtanh}
+
+
+def _activation(name: str) -> Callable[[Tensor], Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 class SmallCNN(nn.Module):
     """A small CNN for tiny images: ``[conv3×3-BN-ReLU-maxpool] × 2``, global average pool,
-    linear classifier. Used by ``fsg demo`` and the tests."""
+    linear classifier. Used by ``fsg demo`` and the tests. ``activation``: see :data:`ACTIVATIONS`;
+    with ``hardtanh`` a BatchNorm1d (``bn_fc``) precedes the classifier."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8, activation: str = "relu"):
         super().__init__()
+        self.activation = activation
+        self._act = _activation(activation)
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(2 * width)
         self.pool = nn.MaxPool2d(2)
+        # with hardtanh (1-bit activations) the pooled features are mostly positive: normalise them
+        # so that sign() of the classifier's input is not constant (the ResNets' bn_fc)
+        self.bn_fc = nn.BatchNorm1d(2 * width) if activation == "hardtanh" else None
         self.fc = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
-        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
-        return self.fc(x.mean((2, 3)))
+        x = self.pool(self._act(self.bn1(self.conv1(x))))
+        x = self.pool(self._act(self.bn2(self.conv2(x)))).mean((2, 3))
+        return self.fc(x if self.bn_fc is None else self.bn_fc(x))
 
 
 class MLP(nn.Module):
-    """Fully connected net ``in → hidden → … → out`` with ReLU; flattens its input."""
+    """Fully connected net ``in → hidden → … → out`` with ReLU (or ``activation="hardtanh"``);
+    flattens its input."""
 
-    def __init__(self, in_features: int, hidden: List[int], out_features: int):
+    def __init__(self, in_features: int, hidden: List[int], out_features: int, activation: str = "relu"):
         super().__init__()
+        _activation(activation)
+        self.activation = activation
         dims = [in_features] + list(hidden) + [out_features]
         layers: List[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             layers.append(nn.Linear(a, b))
             if i < len(dims) - 2:
-                layers.append(nn.ReLU())
+                layers.append(nn.ReLU() if activation == "relu" else nn.Hardtanh())
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -54,8 +75,9 @@ class MLP(nn.Module):
 class BasicBlock(nn.Module):
     """CIFAR ResNet basic block; 1×1 conv + BN shortcut where the shape changes."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, activation: str = "relu"):
         super().__init__()
+        self._act = _activation(activation)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
@@ -65,10 +87,10 @@ class BasicBlock(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self._act(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         sc = x if self.downsample is None else self.downsample(x)
-        return torch.relu(out + sc)
+        return self._act(out + sc)
 
 
 class CifarResNet(nn.Module):
@@ -76,10 +98,13 @@ class CifarResNet(nn.Module):
     (16, 32, 64 channels, stride 1, 2, 2), global average pool, BatchNorm1d(64), linear.
 
     Parameter names match the pre-trained checkpoints in ``shared/pretrained`` (which lack the
-    ``bn_fc`` BatchNorm1d entry; it starts fresh)."""
+    ``bn_fc`` BatchNorm1d entry; it starts fresh). ``activation``: ``relu`` (the paper's) or
+    ``hardtanh`` (for 1-bit activations, see :data:`ACTIVATIONS`)."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10):
+    def __init__(self, depth: int = 20, num_classes: int = 10, activation: str = "relu"):
         super().__init__()
+        self.activation = activation
+        self._act = _activation(activation)
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
@@ -91,7 +116,7 @@ class CifarResNet(nn.Module):
             blocks = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(BasicBlock(planes, width, stride))
+                blocks.append(BasicBlock(planes, width, stride, activation))
                 planes = width
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
@@ -102,19 +127,20 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self._act(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.bn_fc(x.mean((2, 3))))
 
 
-def resnet(depth: int = 20, num_classes: int = 10) -> CifarResNet:
+def resnet(depth: int = 20, num_classes: int = 10, activation: str = "relu") -> CifarResNet:
     """CIFAR ResNet of the given depth (6n+2)."""
-    return CifarResNet(depth, num_classes)
+    return CifarResNet(depth, num_classes, activation)
 
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "small-cnn": SmallCNN,
-    **{f"resnet{d}": (lambda d=d: lambda num_classes=10, **_: CifarResNet(d, num_classes))() for d in (20, 32, 44, 56, 110)},
+    **{f"resnet{d}": (lambda d=d: lambda num_classes=10, activation="relu", **_: CifarResNet(d, num_classes, activation))()
+       for d in (20, 32, 44, 56, 110)},
 }
 
 

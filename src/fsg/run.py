@@ -180,12 +180,13 @@ def build_model(cfg: TrainConfig, dataset, *, pretrained: bool = True, log: Call
     channels = int(dataset.images.shape[1])
     classes = len(dataset.classes)
     if cfg.model == "small-cnn":
-        model: nn.Module = SmallCNN(in_channels=channels, num_classes=classes, width=cfg.width)
+        model: nn.Module = SmallCNN(in_channels=channels, num_classes=classes, width=cfg.width,
+                                    activation=cfg.model_activation)
     else:
         if channels != 3:
             raise ValueError(f"{cfg.model} takes 3-channel images; the {cfg.dataset} data has {channels} "
                              "(for the synthetic dataset pass channels=3 in its options)")
-        model = get_model(cfg.model, num_classes=classes)
+        model = get_model(cfg.model, num_classes=classes, activation=cfg.model_activation)
     if cfg.pretrained and pretrained:
         fresh = load_pretrained(model, cfg.pretrained)
         if log is not None:
