@@ -15,6 +15,8 @@ from .binarize import BinaryLayer, BinaryWeight, binarize, binarized_layers, is_
 from .estimators import ESTIMATORS, Estimator, LayerContext, get_estimator, register_estimator
 from .quantizers import QUANTIZERS, Quantizer, get_quantizer, register_quantizer
 from .trainer import StepResult, Trainer, evaluate, make_optimizer
+from .export import ExportError, export_checkpoint, export_model, load_exported, read_exported
+from .summary import ModelSummary, summary
 
 __version__ = "0.1.0"
 
@@ -23,5 +25,7 @@ __all__ = [
     "Estimator", "LayerContext", "ESTIMATORS", "get_estimator", "register_estimator",
     "Quantizer", "QUANTIZERS", "get_quantizer", "register_quantizer",
     "Trainer", "StepResult", "evaluate", "make_optimizer",
-    "estimators", "mamba", "models", "quantizers", "synthetic", "__version__",
+    "export_model", "export_checkpoint", "load_exported", "read_exported", "ExportError",
+    "summary", "ModelSummary",
+    "distributed", "estimators", "mamba", "models", "quantizers", "synthetic", "__version__",
 ]

@@ -403,7 +403,15 @@ def _payload(cfg, trainer, loader_state, scheduler, epoch, batch, running, histo
         "history": [dict(r) for r in history],
         "elapsed": float(elapsed),
         "rng": rng_state(),
+        # the architecture without the dataset (fsg export / summary): {"name", "kwargs"} or None
+        "model_spec": _model_spec(trainer.model),
     }
+
+
+def _model_spec(model: nn.Module):
+    from .export import model_spec
+
+    return model_spec(model)
 
 
 def _new_running() -> Dict[str, float]:
