@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from .distributed import shard_bounds
+
 __all__ = [
     "ImageDataset", "DataLoader", "DataError", "DataNotFoundError", "ChecksumError",
     "load_dataset", "load_cifar", "load_image_folder", "random_crop_flip", "draw_crop_flip",
@@ -672,13 +674,26 @@ class DataLoader:
     mid-epoch and given to :meth:`load_state_dict` makes the next iteration yield exactly the
     remaining batches of that epoch, identical to an uninterrupted run (the skipped batches'
     random numbers are re-drawn and discarded).
+
+    Sharding (``world_size > 1``, multi-process training): ``batch_size`` is the *global* batch;
+    this loader yields rank ``rank``'s contiguous slice of each global batch
+    (:func:`fsg.distributed.shard_bounds`). The order and the crop/flip numbers are drawn for the
+    whole global batch exactly as in one process, so the union of the ranks' batches is the
+    one-process batch, image for image. Training: a final global batch smaller than
+    ``world_size`` is skipped by every rank (each rank must take part in every step); evaluation:
+    a rank whose slice is empty skips that batch.
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, train: bool, seed: int = 0,
                  drop_last: bool = False, augment: Optional[bool] = None, device="cpu",
-                 padding: int = 4):
+                 padding: int = 4, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
+        if train and batch_size < world_size:
+            raise ValueError(f"batch size {batch_size} is smaller than the {world_size} processes: the batch size "
+                             "is the global batch, split over the processes; raise it")
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.train = bool(train)
@@ -687,6 +702,7 @@ class DataLoader:
         self.augment = self.train if augment is None else bool(augment)
         self.device = torch.device(device)
         self.padding = int(padding)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.epoch = 0
         self.batch = 0
 
@@ -722,15 +738,22 @@ class DataLoader:
                 draw_crop_flip(sizes[k], g, self.padding)
         for k in range(start, len(sizes)):
             idx = order[k * self.batch_size: k * self.batch_size + sizes[k]]
+            if self.augment:  # drawn for the whole global batch, as in one process
+                dy, dx, flip = draw_crop_flip(sizes[k], g, self.padding)
+            lo, hi = shard_bounds(sizes[k], self.rank, self.world_size)
+            self.batch = k + 1
+            if hi == lo or (self.train and sizes[k] < self.world_size):
+                continue
+            idx = idx[lo:hi]
             x = ds.images[idx].to(self.device, non_blocking=True)
             y = ds.labels[idx].to(self.device, non_blocking=True)
             if self.augment:
-                x = random_crop_flip(x, g, self.padding)
+                x = apply_crop_flip(x, dy[lo:hi], dx[lo:hi], flip[lo:hi], self.padding)
             x = normalize(x, ds.mean, ds.std)
-            self.batch = k + 1
             yield x, y
         self.epoch, self.batch = self.epoch + 1, 0
 
     def __repr__(self) -> str:
+        shard = f", rank={self.rank}, world_size={self.world_size}" if self.world_size > 1 else ""
         return (f"DataLoader({self.dataset!r}, batch_size={self.batch_size}, train={self.train}, "
-                f"augment={self.augment}, seed={self.seed}, epoch={self.epoch}, batch={self.batch})")
+                f"augment={self.augment}, seed={self.seed}, epoch={self.epoch}, batch={self.batch}{shard})")

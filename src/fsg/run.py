@@ -50,12 +50,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed as dist
 from .binarize import binarize
 from .checkpoint import (CheckpointError, atomic_write_text, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
 from .config import RESUME_CHANGEABLE, TrainConfig
 from .models import SmallCNN, get_model, load_pretrained
-from .trainer import StepResult, Trainer, _accuracy, evaluate as evaluate_model, make_optimizer
+from .trainer import StepResult, Trainer, _accuracy, average_over_ranks, evaluate as evaluate_model, make_optimizer
 
 __all__ = [
     "train", "pretrain", "evaluate", "TrainResult", "TrainingInterrupted", "FullPrecisionTrainer",
@@ -111,6 +112,9 @@ class FullPrecisionTrainer:
         self.optimizer = make_optimizer(optimizer, model.parameters(), lr, weight_decay=weight_decay)
         self.loss_fn = loss_fn or F.cross_entropy
         self.step_count = 0
+        self.distributed = dist.is_distributed()
+        if self.distributed:
+            dist.broadcast_(list(model.parameters()) + list(model.buffers()))
 
     @property
     def lr(self) -> float:
@@ -123,9 +127,12 @@ class FullPrecisionTrainer:
         loss = self.loss_fn(out, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        loss_value, acc, samples = loss.detach(), _accuracy(out.detach(), y), int(y.shape[0])
+        if self.distributed:
+            loss_value, acc, samples = average_over_ranks(self.model, [], loss_value, acc, samples)
         self.optimizer.step()
         self.step_count += 1
-        return StepResult(loss.item(), _accuracy(out.detach(), y), lr, self.step_count - 1)
+        return StepResult(float(loss_value), acc, lr, self.step_count - 1, samples)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -165,10 +172,12 @@ def build_data(cfg: TrainConfig, splits: Tuple[str, ...] = ("train", "test")):
         ds = _subset(ds, cfg.train_subset if split == "train" else cfg.test_subset)
         if len(ds) == 0:
             raise ValueError(f"the {split} split of {cfg.dataset!r} is empty")
+        shard = dict(rank=dist.rank(), world_size=dist.world_size())  # one process: rank 0 of 1
         if split == "train":
-            loader = DataLoader(ds, cfg.batch_size, train=True, seed=cfg.seed, augment=cfg.augment, device=cfg.device)
+            loader = DataLoader(ds, cfg.batch_size, train=True, seed=cfg.seed, augment=cfg.augment, device=cfg.device,
+                                **shard)
         else:
-            loader = DataLoader(ds, cfg.eval_batch_size, train=False, device=cfg.device)
+            loader = DataLoader(ds, cfg.eval_batch_size, train=False, device=cfg.device, **shard)
         out[split] = (ds, loader)
     return out
 
@@ -302,6 +311,16 @@ class MetricsLog:
                 pass
         if self._tb is not None:
             self._tb.close()
+
+
+class _NoLog:
+    """The metrics log of a rank other than 0: writes nothing."""
+
+    def write(self, row: Dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,6 +460,21 @@ def train(config: Optional[TrainConfig] = None, *, resume: Optional[PathLike] = 
         def log(msg: str) -> None:
             print(msg, file=sys.stderr, flush=True)
 
+    joined, device = dist.init_from_env(config.device if config is not None else "cpu")
+    try:
+        if config is not None and device != config.device:
+            config = config.replace(device=device)
+        if not dist.is_main_process():  # rank 0 speaks and writes for the group
+            log, progress = (lambda msg: None), False
+        return _train_checked(config, resume, progress, log)
+    finally:
+        if joined:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _train_checked(config: Optional[TrainConfig], resume, progress, log) -> TrainResult:
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)  # reads only; a bad file stops here, before anything is written
@@ -459,6 +493,10 @@ def train(config: Optional[TrainConfig] = None, *, resume: Optional[PathLike] = 
     last = out / "last.pt"
     if ckpt is None and last.exists():
         raise ValueError(f"{str(out)!r} already holds a run ({last.name}): resume it (--resume) or choose another --out")
+    if cfg.batch_size < dist.world_size():
+        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the {dist.world_size()} processes: it is the "
+                         "global batch, split over the processes; raise it")
+    dist.barrier()  # every rank has checked the run directory before rank 0 writes to it
     if cfg.tensorboard:
         try:
             import tensorboardX  # noqa: F401
@@ -502,9 +540,13 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
         history = [dict(r) for r in ckpt["history"]]
         set_rng_state(ckpt["rng"])
 
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.json")
-    metrics = MetricsLog(out, resume_step=None if ckpt is None else trainer.step_count, tensorboard=cfg.tensorboard)
+    main = dist.is_main_process()  # in a process group only rank 0 writes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.json")
+        metrics = MetricsLog(out, resume_step=None if ckpt is None else trainer.step_count, tensorboard=cfg.tensorboard)
+    else:
+        metrics = _NoLog()
     if progress is None:
         progress = sys.stderr.isatty()
     t_start = time.perf_counter() - (float(ckpt.get("elapsed") or 0.0) if ckpt is not None else 0.0)
@@ -515,16 +557,18 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
     safe = {"loader": loader.state_dict(), "epoch": epoch, "batch": batch, "running": dict(running)}
 
     def save(epoch_, batch_, loader_state, running_) -> Path:
+        if not main:
+            return last
         return save_checkpoint(last, _payload(cfg, trainer, loader_state, scheduler, epoch_, batch_, running_, history,
                                               time.perf_counter() - t_start))
 
     def run_eval() -> Tuple[float, float, float]:
         t0 = time.perf_counter()
-        tl, ta = evaluate_model(model, test_loader)
+        tl, ta = evaluate_model(model, test_loader, distributed=dist.is_distributed())
         return tl, ta, time.perf_counter() - t0
 
     def save_model_pt() -> None:
-        if cfg.full_precision:
+        if cfg.full_precision and main:
             save_checkpoint_plain(out / "model.pt", _plain_model_state(model))
 
     guard = _InterruptGuard()
@@ -552,7 +596,7 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
                         with guard.critical():
                             r = trainer.step(x, y)
                             now = time.perf_counter()
-                            bs = int(y.shape[0])
+                            bs = r.samples or int(y.shape[0])  # the global batch
                             acc = r.accuracy if r.accuracy is not None else float("nan")
                             running["loss_sum"] += r.loss * bs
                             running["acc_sum"] += acc * bs

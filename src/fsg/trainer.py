@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import distributed as dist
 from .binarize import BinaryLayer, binarized_layers
 from .estimators import Estimator, LayerContext, get_estimator
 
@@ -58,6 +59,7 @@ class StepResult:
     accuracy: Optional[float]
     lr: float
     step: int
+    samples: int = 0  #: samples in the (global) batch
 
 
 def _accuracy(out: Tensor, y: Tensor) -> Optional[float]:
@@ -78,6 +80,11 @@ class Trainer:
         lr: base learning rate ``η`` (read back from the optimizer every step, so schedulers work).
         loss_fn: ``loss_fn(output, target)``; cross-entropy by default.
         update_on_observe: also update the weights (with STE gradients) in the observe step 0.
+        distributed: average the gradients, the captured ``∂L/∂Ŵ``, the float buffers, the loss
+            and the accuracy over the processes of the ``torch.distributed`` group after every
+            backward (:mod:`fsg.distributed`); each process passes its own slice of the global
+            batch to :meth:`step`. Default: when a group of more than one process is initialised.
+            The model's and the estimator's parameters and buffers are broadcast from rank 0 here.
         estimator_options: keyword arguments for a named estimator.
     """
 
@@ -90,6 +97,7 @@ class Trainer:
         loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         update_on_observe: bool = False,
         weight_decay: Optional[float] = None,
+        distributed: Optional[bool] = None,
         **estimator_options,
     ):
         self.model = model
@@ -114,6 +122,12 @@ class Trainer:
         self.loss_fn = loss_fn or F.cross_entropy
         self.update_on_observe = update_on_observe
         self.step_count = 0
+        self.distributed = dist.is_distributed() if distributed is None else bool(distributed)
+        if self.distributed:
+            if not dist.is_distributed():
+                raise ValueError("distributed=True needs an initialised torch.distributed group of more than one "
+                                 "process (launch with torchrun)")
+            dist.broadcast_(list(model.parameters()) + list(model.buffers()) + list(self.estimator.parameters()))
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -182,6 +196,10 @@ class Trainer:
         # 3. backward: hypernetwork grads, new ∂L/∂Ŵ, natural grads of everything else
         self._zero_grad()
         loss.backward()
+        acc = _accuracy(out.detach(), y)
+        loss_value, samples = loss.detach(), int(y.shape[0])
+        if self.distributed:  # the same gradients, ∂L/∂Ŵ and statistics on every rank
+            loss_value, acc, samples = self._average_over_ranks(loss_value, acc, samples)
 
         # 4. meta step
         if meta:
@@ -212,7 +230,14 @@ class Trainer:
             self.optimizer.step()
 
         self.step_count += 1
-        return StepResult(loss.item(), _accuracy(out.detach(), y), lr, self.step_count - 1)
+        return StepResult(float(loss_value), acc, lr, self.step_count - 1, samples)
+
+    def _average_over_ranks(self, loss: Tensor, acc: Optional[float], samples: int):
+        """Replace, on every rank, each ``.grad`` of the model and the hypernetworks, each captured
+        ``∂L/∂Ŵ`` and each float buffer by its sample-weighted mean over the ranks."""
+        tensors = [p.grad for p in self.estimator.parameters() if p.grad is not None]
+        tensors += [l.parametrization.grad for l in self.layers if l.parametrization.grad is not None]
+        return average_over_ranks(self.model, tensors, loss, acc, samples)
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -290,6 +315,20 @@ class Trainer:
                 p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
 
 
+def average_over_ranks(model: nn.Module, tensors: List[Tensor], loss: Tensor, acc: Optional[float], samples: int
+                       ) -> Tuple[float, Optional[float], int]:
+    """After a backward on each rank's slice of the global batch: replace every ``.grad`` of
+    ``model``, every float buffer of ``model`` and every tensor in ``tensors`` by its mean over the
+    ranks weighted by their sample counts (one collective, :func:`fsg.distributed.weighted_average_`);
+    return the global loss, accuracy (``None`` stays ``None``) and number of samples."""
+    stats = torch.tensor([float(loss), 0.0 if acc is None else acc], dtype=torch.float64, device=loss.device)
+    everything = [p.grad for p in model.parameters() if p.grad is not None] + list(tensors)
+    everything += [b for b in model.buffers() if b.is_floating_point()]
+    total = dist.weighted_average_(everything + [stats], samples)
+    loss_g, acc_g = stats.tolist()
+    return loss_g, (None if acc is None else acc_g), int(round(total))
+
+
 def _to_device(obj, device):
     """``obj`` with every tensor in it (nested dicts, lists, tuples) moved to ``device``."""
     if isinstance(obj, Tensor):
@@ -303,8 +342,13 @@ def _to_device(obj, device):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]],
-             loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Tuple[float, float]:
-    """Mean loss and accuracy of ``model`` (eval mode, latent weights ``Ŵ = Q(A(W))``)."""
+             loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+             distributed: bool = False) -> Tuple[float, float]:
+    """Mean loss and accuracy of ``model`` (eval mode, latent weights ``Ŵ = Q(A(W))``).
+
+    ``distributed``: every rank of the process group calls this with its own share of the test
+    set (e.g. a :class:`fsg.data.DataLoader` with ``rank``/``world_size``); the sums are added
+    over the ranks, so every rank returns the figures of the whole set."""
     loss_fn = loss_fn or F.cross_entropy
     was_training = model.training
     model.eval()
@@ -317,6 +361,8 @@ def evaluate(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]],
             total += len(y)
     finally:
         model.train(was_training)
+    if distributed:
+        loss_sum, correct, total = dist.all_reduce_sum([loss_sum, correct, total])
     if total == 0:
         raise ValueError("evaluate() got no batches")
     return loss_sum / total, correct / total
