@@ -51,7 +51,7 @@ def rel(a, b):
     # channel-blocked path (d_state 16, 16 channels a block) with and without a channel tail
     (1, 16, 2 * CHUNK + 3, 16), (2, 37, CHUNK + 9, 16), (3, 20, 40, 16), (1, 100, 300, 16), (5, 33, 7, 16),
     # single steps of many sequences (the streaming kernel)
-    (300, 20, 1, 16), (7, 5, 1, 3),
+    (300, 20, 1, 16), (40, 100, 1, 16), (7, 5, 1, 3),
 ])
 @pytest.mark.parametrize("options", [
     dict(D=True, z=True, bias=True, h0=True, softplus=True),

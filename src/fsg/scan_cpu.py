@@ -105,7 +105,7 @@ def load_library() -> Optional[ctypes.CDLL]:
                 except subprocess.CalledProcessError:
                     _compile(cc, path, native=False)  # a compiler without -march=native
             lib = ctypes.CDLL(str(path))
-            if lib.fsg_scan_version() != 9:
+            if lib.fsg_scan_version() != 10:
                 raise RuntimeError("unexpected kernel version")
         except Exception as e:  # noqa: BLE001 - any failure means "use the reference"
             detail = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if isinstance(

@@ -100,7 +100,7 @@ static inline float softplus_f(float x) {
 }
 static inline float sigmoid_f(float x) { return 1.f / (1.f + fsg_expf(-x)); }
 
-FSG_API int fsg_scan_version(void) { return 9; }
+FSG_API int fsg_scan_version(void) { return 10; }
 
 /* Per-chunk pre-pass, vectorised over time: dt = softplus(delta + bias) (or delta + bias),
    dsp = d softplus / d input (1 without softplus), gate = silu(z), sz = sigmoid(z). */
@@ -995,11 +995,203 @@ FSG_API int fsg_conv_bwd(int64_t Bt, int64_t D, int64_t L, int64_t K, const floa
  * tight loop (state rows contiguous), and the backward needs no cross-thread reduction for dB/dC
  * (one batch element per work item). Layouts as in fsg_scan_fwd with L = 1; B, C as (Bt, N).
  */
+/*
+ * d_state = 16 (the slow-net's), specialised: per batch element the per-channel scalars
+ * (softplus(delta + bias), its derivative, sigmoid(z)) are computed first, vectorised over the
+ * channels, so that the per-channel state update is one branch-free 16-lane vector with no scalar
+ * transcendental in the loop. Same arithmetic as the generic step kernels below.
+ */
+#define FSG_SN 16
+static const float fsg_zeros16[FSG_SN] = {0};
+
+static inline void step_prepass(int64_t D, const float *ub, const float *db, const float *bias, int softplus,
+                                const float *zb, float *dt, float *dtu, float *dsp, float *sz) {
+    if (softplus) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) {
+            const float x = db[d] + (bias ? bias[d] : 0.f);
+            dt[d] = softplus_f(x);
+            if (dsp) dsp[d] = sigmoid_f(x);
+        }
+    } else {
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) {
+            dt[d] = db[d] + (bias ? bias[d] : 0.f);
+            if (dsp) dsp[d] = 1.f;
+        }
+    }
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++) dtu[d] = dt[d] * ub[d];
+    if (zb) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) sz[d] = sigmoid_f(zb[d]);
+    }
+}
+
+static int step_fwd16(int64_t Bt, int64_t D, const float *u, const float *delta, const float *A, const float *Bm,
+                      const float *Cm, const float *Dv, const float *z, const float *bias, int softplus,
+                      const float *h0, float *out, float *last, int nthreads) {
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        FSG_FTZ_BEGIN
+        float *wk = (float *)malloc((size_t)3 * D * sizeof(float));
+        if (!wk) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < Bt; b++) {
+            if (!wk) continue;
+            float *dt = wk, *dtu = wk + D, *sz = wk + 2 * D;
+            const float *ub = u + b * D, *zb = z ? z + b * D : NULL;
+            step_prepass(D, ub, delta + b * D, bias, softplus, zb, dt, dtu, NULL, sz);
+            float Bb[FSG_SN], Cb[FSG_SN];
+            for (int n = 0; n < FSG_SN; n++) {
+                Bb[n] = Bm[b * FSG_SN + n];
+                Cb[n] = Cm[b * FSG_SN + n];
+            }
+            for (int64_t d = 0; d < D; d++) {
+                const int64_t bd = b * D + d;
+                const float *Ad = A + d * FSG_SN, *hp = h0 ? h0 + bd * FSG_SN : fsg_zeros16;
+                float *hn = last + bd * FSG_SN;
+                const float t = dt[d], tu = dtu[d];
+                float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                for (int n = 0; n < FSG_SN; n++) {
+                    const float v = fsg_expf(t * Ad[n]) * hp[n] + tu * Bb[n];
+                    hn[n] = v;
+                    acc += Cb[n] * v;
+                }
+                float y = acc + (Dv ? Dv[d] : 0.f) * ub[d];
+                if (zb) y *= zb[d] * sz[d];
+                out[bd] = y;
+            }
+        }
+        free(wk);
+        FSG_FTZ_END
+    }
+    return failed;
+}
+
+static int step_bwd16(int64_t Bt, int64_t D, const float *u, const float *delta, const float *A, const float *Bm,
+                      const float *Cm, const float *Dv, const float *z, const float *bias, int softplus,
+                      const float *h0, const float *dout, const float *dlast, float *du, float *ddelta, float *dA,
+                      float *dBm, float *dCm, float *dD, float *dz, float *dbias, float *dh0, float *yout,
+                      int nthreads) {
+    const int64_t N = FSG_SN;
+    const int64_t asz = D * N + 2 * D;
+    double *bufA = (double *)calloc((size_t)nthreads * asz, sizeof(double));
+    if (!bufA) return 1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        FSG_FTZ_BEGIN
+#ifdef _OPENMP
+        double *tdA = bufA + (size_t)omp_get_thread_num() * asz;
+#else
+        double *tdA = bufA;
+#endif
+        double *tdD = tdA + D * N, *tdb = tdD + D;
+        /* dA: float partial sums over up to 256 batch elements, then added into double */
+        float *work = (float *)calloc((size_t)(D * N + 4 * D), sizeof(float));
+        if (!work) failed = 1;
+        int64_t since_flush = 0;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < Bt; b++) {
+            if (!work) continue;
+            float *dAf = work, *dt = work + D * N, *dtu = dt + D, *dsp = dtu + D, *sz = dsp + D;
+            const float *ub = u + b * D, *zb = z ? z + b * D : NULL;
+            step_prepass(D, ub, delta + b * D, bias, softplus, zb, dt, dtu, dsp, sz);
+            float Bb[FSG_SN], Cb[FSG_SN], dBa[FSG_SN], dCa[FSG_SN];
+            for (int n = 0; n < FSG_SN; n++) {
+                Bb[n] = Bm[b * FSG_SN + n];
+                Cb[n] = Cm[b * FSG_SN + n];
+                dBa[n] = dCa[n] = 0.f;
+            }
+            for (int64_t d = 0; d < D; d++) {
+                const int64_t bd = b * D + d;
+                const float t = dt[d], tu = dtu[d], ut = ub[d];
+                const float *Ad = A + d * FSG_SN, *hp = h0 ? h0 + bd * FSG_SN : fsg_zeros16;
+                const float *gl = dlast ? dlast + bd * FSG_SN : fsg_zeros16;
+                float a[FSG_SN], hn[FSG_SN];
+                float ys = 0.f;
+#pragma omp simd reduction(+ : ys)
+                for (int n = 0; n < FSG_SN; n++) {
+                    a[n] = fsg_expf(t * Ad[n]);
+                    hn[n] = a[n] * hp[n] + tu * Bb[n];
+                    ys += Cb[n] * hn[n];
+                }
+                ys += (Dv ? Dv[d] : 0.f) * ut;
+                float dys = dout[bd];
+                if (zb) {
+                    const float zz = zb[d], s = sz[d];
+                    if (dz) dz[bd] = dys * ys * s * (1.f + zz * (1.f - s));
+                    if (yout) yout[bd] = ys * zz * s;
+                    dys *= zz * s;
+                } else if (yout) {
+                    yout[bd] = ys;
+                }
+                tdD[d] += (double)dys * ut;
+                float ddt = 0.f, gB = 0.f;
+                float *dAd = dAf + d * FSG_SN;
+#pragma omp simd reduction(+ : ddt, gB)
+                for (int n = 0; n < FSG_SN; n++) {
+                    const float gn = gl[n] + dys * Cb[n];
+                    dCa[n] += dys * hn[n];
+                    const float da = gn * hp[n] * a[n];
+                    ddt += da * Ad[n];
+                    dAd[n] += da * t;
+                    gB += gn * Bb[n];
+                    dBa[n] += gn * tu;
+                }
+                if (dh0) {
+                    float *g0 = dh0 + bd * FSG_SN;
+#pragma omp simd
+                    for (int n = 0; n < FSG_SN; n++) g0[n] = (gl[n] + dys * Cb[n]) * a[n];
+                }
+                ddt += ut * gB;
+                du[bd] = dys * (Dv ? Dv[d] : 0.f) + t * gB;
+                const float ddl = ddt * dsp[d];
+                ddelta[bd] = ddl;
+                tdb[d] += ddl;
+            }
+            memcpy(dBm + b * N, dBa, N * sizeof(float));
+            memcpy(dCm + b * N, dCa, N * sizeof(float));
+            if (++since_flush == 256) {
+                for (int64_t i = 0; i < D * N; i++) {
+                    tdA[i] += dAf[i];
+                    dAf[i] = 0.f;
+                }
+                since_flush = 0;
+            }
+        }
+        if (work)
+            for (int64_t i = 0; i < D * N; i++) tdA[i] += work[i];
+        free(work);
+        FSG_FTZ_END
+    }
+    for (int64_t i = 0; i < D * N; i++) {
+        double s = 0.0;
+        for (int th = 0; th < nthreads; th++) s += bufA[(size_t)th * asz + i];
+        dA[i] = (float)s;
+    }
+    for (int64_t i = 0; i < D; i++) {
+        double sd = 0.0, sb = 0.0;
+        for (int th = 0; th < nthreads; th++) {
+            sd += bufA[(size_t)th * asz + D * N + i];
+            sb += bufA[(size_t)th * asz + D * N + D + i];
+        }
+        if (dD) dD[i] = (float)sd;
+        if (dbias) dbias[i] = (float)sb;
+    }
+    free(bufA);
+    return failed;
+}
+
 FSG_API int fsg_scan_step_fwd(int64_t Bt, int64_t D, int64_t N, const float *u, const float *delta,
                               const float *A, const float *Bm, const float *Cm, const float *Dv, const float *z,
                               const float *bias, int softplus, const float *h0, float *out, float *last,
                               int nthreads) {
     if (nthreads < 1) nthreads = 1;
+    if (N == FSG_SN) return step_fwd16(Bt, D, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, out, last, nthreads);
 #pragma omp parallel num_threads(nthreads)
     {
         FSG_FTZ_BEGIN
@@ -1035,6 +1227,9 @@ FSG_API int fsg_scan_step_bwd(int64_t Bt, int64_t D, int64_t N, const float *u, 
                               const float *dlast, float *du, float *ddelta, float *dA, float *dBm, float *dCm,
                               float *dD, float *dz, float *dbias, float *dh0, float *yout, int nthreads) {
     if (nthreads < 1) nthreads = 1;
+    if (N == FSG_SN)
+        return step_bwd16(Bt, D, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, dout, dlast, du, ddelta, dA, dBm,
+                          dCm, dD, dz, dbias, dh0, yout, nthreads);
     const int64_t asz = D * N + 2 * D;
     double *bufA = (double *)calloc((size_t)nthreads * asz, sizeof(double));
     if (!bufA) return 1;
