@@ -357,7 +357,10 @@ class _Rank1Project(torch.autograd.Function):
         w, x = ctx.saved_tensors
         dw = dx = None
         if ctx.needs_input_grad[0]:
-            dw = torch.matmul(grad, x.transpose(1, 2)).sum(0)  # (out, 1)
+            if grad.shape[2] == 1:  # one token per sequence (streaming): one GEMV, not B tiny ones
+                dw = torch.matmul(x.reshape(1, -1), grad.reshape(grad.shape[0], -1)).t()  # (out, 1)
+            else:
+                dw = torch.matmul(grad, x.transpose(1, 2)).sum(0)  # (out, 1)
         if ctx.needs_input_grad[1]:
             dx = torch.matmul(w.t(), grad)  # (B, 1, T)
         return dw, dx
@@ -523,7 +526,9 @@ class Mamba(nn.Module):
             u = _project(w_in[:d], window.transpose(1, 2))
             u = _causal_conv1d(u, conv_w, self.conv1d.bias, silu=True)[..., k:]
         z = _project(w_in[d:], x.transpose(1, 2))
-        x_dbl = torch.matmul(self.x_proj.weight, u)
+        # (B, T_new, d_inner) @ (d_inner, r + 2n): one GEMM over all B·T_new tokens (a batched
+        # matmul of the weight with (B, d_inner, T_new) would be B tiny GEMVs for T_new = 1)
+        x_dbl = torch.matmul(u.transpose(1, 2), self.x_proj.weight.t()).transpose(1, 2)
         dlt, Bt, Ct = torch.split(x_dbl, [r, n, n], dim=1)
         delta = _project(self.dt_proj.weight, dlt)
         param_dtype = _compute_dtype(self.A_log.dtype)
@@ -538,7 +543,7 @@ class Mamba(nn.Module):
             delta_bias=self.dt_proj.bias.to(param_dtype), delta_softplus=True, return_last_state=True,
             initial_state=h, **extra,
         )
-        out = torch.matmul(self.out_proj.weight, y.to(x.dtype)).transpose(1, 2)
+        out = torch.matmul(y.to(x.dtype).transpose(1, 2), self.out_proj.weight.t())  # (B, T_new, d_model)
         return out, (window[:, window.shape[1] - k:].detach(), h_new.detach())
 
     def _pre_scan_parts(self, x: Tensor):
