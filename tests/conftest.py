@@ -21,3 +21,33 @@ def make_task(n=96, d=8, k=3, seed=0):
 def make_mlp(seed=0, d=8, hidden=12, k=3):
     torch.manual_seed(seed)
     return MLP(d, [hidden], k)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (small-op CLI runs are faster and less noisy so)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fsg_cli(capsys, *args):
+    """Run ``fsg ARGS`` in-process: ``(exit code, stdout, stderr)``."""
+    from fsg.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def cli_error(capsys, *args):
+    """Run ``fsg ARGS`` expecting a usage error: exit status 2 and one line ``fsg: error: ...``."""
+    from fsg.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.startswith("fsg: error: ") and err.count("\n") == 1, err
+    return err

@@ -21,12 +21,7 @@ from conftest import make_mlp, make_task
 TIME_FIELDS = ("epoch_time", "eval_time", "elapsed")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(out, estimator="multifc", **kw):

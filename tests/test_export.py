@@ -19,8 +19,9 @@ from fsg.export import (ExportError, export_checkpoint, export_model, load_expor
 from fsg.models import MLP, SmallCNN, resnet
 from fsg.quantizers import Quantizer
 
-# sign after a ReLU is constant (fsg.binarize warns); exactness does not depend on it
-pytestmark = pytest.mark.filterwarnings("ignore:the input of binarized layer")
+from conftest import cli_error, fsg_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--dataset", "synthetic", "--dataset-option", "n_train=32", "--dataset-option", "n_test=16",
         "--dataset-option", "size=8", "--dataset-option", "num_classes=4", "--model", "small-cnn", "--width", "4",
@@ -28,23 +29,16 @@ TINY = ["--dataset", "synthetic", "--dataset-option", "n_train=32", "--dataset-o
         "--optimizer", "adam", "--lr", "0.01"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def trained(arch, quantizer, activations, bits=1, steps=3):
     """A binarized model after a few STE steps (non-trivial weights and BN statistics), in eval
     mode, and a batch of inputs."""
     torch.manual_seed(0)
+    act = "hardtanh" if activations else "relu"  # sign() of a ReLU output would be constant
     if arch == "small-cnn":
-        model, x = SmallCNN(in_channels=2, num_classes=5, width=4), torch.randn(6, 2, 12, 12)
+        model, x = SmallCNN(in_channels=2, num_classes=5, width=4, activation=act), torch.randn(6, 2, 12, 12)
         y = torch.randint(5, (6,))
     else:
-        model, x = resnet(20, num_classes=10), torch.randn(4, 3, 16, 16)
+        model, x = resnet(20, num_classes=10, activation=act), torch.randn(4, 3, 16, 16)
         y = torch.randint(10, (4,))
     fsg.binarize(model, quantizer, bits=bits, activations=activations)
     trainer = fsg.Trainer(model, "ste", optimizer="adam", lr=0.05)
@@ -173,7 +167,7 @@ def test_file_layout_packing_and_metadata(tmp_path):
     assert packed == sum((math.prod(r["shape"]) + 7) // 8 for r in json.loads(meta["layers"]))
     assert abs(packed / (4 * n) - 1 / 32) < 1e-3
     assert meta["format"] == "fsg-binary" and meta["format_version"] == "1" and meta["bit_order"] == "little"
-    assert json.loads(meta["arch"]) == {"name": "resnet20", "kwargs": {"num_classes": 10}}
+    assert json.loads(meta["arch"]) == {"name": "resnet20", "kwargs": {"num_classes": 10, "activation": "hardtanh"}}
     layers = json.loads(meta["layers"])
     assert len(layers) == 22 and layers[0]["name"] == "conv1" and layers[0]["activations"] is False
     assert layers[1] == {"name": "layer1.0.conv1", "shape": [16, 16, 3, 3], "quantizer": "bwn", "bits": 1,
@@ -224,13 +218,13 @@ def test_pack_codes_is_numpy_packbits_little_and_round_trips():
 
 def test_user_supplied_architecture(tmp_path):
     torch.manual_seed(0)
-    mlp = fsg.binarize(MLP(6, [8], 3), "bwn", activations=True)
+    mlp = fsg.binarize(MLP(6, [8], 3, activation="hardtanh"), "bwn", activations=True)
     assert model_spec(mlp) is None
     x = torch.randn(4, 6)
     path = export_model(mlp, tmp_path / "mlp.safetensors")
     with pytest.raises(ExportError, match="records no built-in architecture"):
         load_exported(path)
-    plain = load_exported(path, model=MLP(6, [8], 3))
+    plain = load_exported(path, model=MLP(6, [8], 3, activation="hardtanh"))
     assert torch.equal(outputs(plain, x), outputs(mlp, x))
     with pytest.raises(ExportError, match="does not fit MLP: .*shape mismatch"):
         load_exported(path, model=MLP(6, [9], 3))
@@ -315,21 +309,6 @@ def test_foreign_files(tmp_path, exported):
 
 # ----------------------------------------------------------------------------------------------
 # from training checkpoints and the command line
-
-
-def fsg_cli(capsys, *args):
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def cli_error(capsys, *args):
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-    err = capsys.readouterr().err
-    assert info.value.code == 2
-    assert err.startswith("fsg: error: ") and err.count("\n") == 1, err
-    return err
 
 
 def eval_model_and_data(run):

@@ -25,12 +25,7 @@ RUNS = ["multifc-dorefa-adam-s0", "multifc-dorefa-adam-s1", "ste-dorefa-adam-s0"
 ROW = re.compile(r"^\| (\S+) \| (\S+) \| (\S+) \| ([\d.]+) ± ([\d.]+) \| ([\d.]+) ± ([\d.]+) \| (\d+) \| (\d+) \|$")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grid(capsys, *args):

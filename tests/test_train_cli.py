@@ -15,6 +15,8 @@ from fsg.config import TrainConfig, estimator_option_names
 from fsg.estimators import ESTIMATORS
 from fsg.models import PretrainedError, SmallCNN, load_pretrained, resnet
 
+from conftest import cli_error, fsg_cli
+
 PRETRAINED = Path("/work/shared/pretrained/ResNet20-CIFAR10-pretrain.pth")
 
 TINY = ["--dataset", "synthetic", "--dataset-option", "n_train=48", "--dataset-option", "n_test=16",
@@ -22,27 +24,7 @@ TINY = ["--dataset", "synthetic", "--dataset-option", "n_train=48", "--dataset-o
         "--batch-size", "16", "--num-threads", "1", "--no-progress", "--log-every", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def fsg_cli(capsys, *args):
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def cli_error(capsys, *args):
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-    err = capsys.readouterr().err
-    assert info.value.code == 2
-    assert err.startswith("fsg: error: ") and err.count("\n") == 1, err
-    return err
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def snapshot_dir(d):

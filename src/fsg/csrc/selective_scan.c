@@ -989,12 +989,35 @@ FSG_API int fsg_conv_bwd(int64_t Bt, int64_t D, int64_t L, int64_t K, const floa
     return failed;
 }
 
-/*
- * One time step (L = 1) for many sequences: the streaming slow-net. The chunk machinery above is
- * pure overhead here; instead each batch element's D rows of N states are updated in place of a
- * tight loop (state rows contiguous), and the backward needs no cross-thread reduction for dB/dC
- * (one batch element per work item). Layouts as in fsg_scan_fwd with L = 1; B, C as (Bt, N).
- */
+/* The step backward kernels' reductions: a thread's float partial sums of dA go into its double
+   accumulator every 256 batch elements; at the end the threads' accumulators (dA: D×N, then dD
+   and dbias: D each, `D·N + 2·D` doubles per thread) are summed into the outputs. */
+static inline void step_flush_dA(double *tdA, float *dAf, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        tdA[i] += dAf[i];
+        dAf[i] = 0.f;
+    }
+}
+
+static void step_bwd_reduce(const double *bufA, int nthreads, int64_t D, int64_t N, float *dA, float *dD,
+                            float *dbias) {
+    const int64_t asz = D * N + 2 * D;
+    for (int64_t i = 0; i < D * N; i++) {
+        double s = 0.0;
+        for (int th = 0; th < nthreads; th++) s += bufA[(size_t)th * asz + i];
+        dA[i] = (float)s;
+    }
+    for (int64_t i = 0; i < D; i++) {
+        double sd = 0.0, sb = 0.0;
+        for (int th = 0; th < nthreads; th++) {
+            sd += bufA[(size_t)th * asz + D * N + i];
+            sb += bufA[(size_t)th * asz + D * N + D + i];
+        }
+        if (dD) dD[i] = (float)sd;
+        if (dbias) dbias[i] = (float)sb;
+    }
+}
+
 /*
  * d_state = 16 (the slow-net's), specialised: per batch element the per-channel scalars
  * (softplus(delta + bias), its derivative, sigmoid(z)) are computed first, vectorised over the
@@ -1156,10 +1179,7 @@ static int step_bwd16(int64_t Bt, int64_t D, const float *u, const float *delta,
             memcpy(dBm + b * N, dBa, N * sizeof(float));
             memcpy(dCm + b * N, dCa, N * sizeof(float));
             if (++since_flush == 256) {
-                for (int64_t i = 0; i < D * N; i++) {
-                    tdA[i] += dAf[i];
-                    dAf[i] = 0.f;
-                }
+                step_flush_dA(tdA, dAf, D * N);
                 since_flush = 0;
             }
         }
@@ -1168,24 +1188,17 @@ static int step_bwd16(int64_t Bt, int64_t D, const float *u, const float *delta,
         free(work);
         FSG_FTZ_END
     }
-    for (int64_t i = 0; i < D * N; i++) {
-        double s = 0.0;
-        for (int th = 0; th < nthreads; th++) s += bufA[(size_t)th * asz + i];
-        dA[i] = (float)s;
-    }
-    for (int64_t i = 0; i < D; i++) {
-        double sd = 0.0, sb = 0.0;
-        for (int th = 0; th < nthreads; th++) {
-            sd += bufA[(size_t)th * asz + D * N + i];
-            sb += bufA[(size_t)th * asz + D * N + D + i];
-        }
-        if (dD) dD[i] = (float)sd;
-        if (dbias) dbias[i] = (float)sb;
-    }
+    step_bwd_reduce(bufA, nthreads, D, N, dA, dD, dbias);
     free(bufA);
     return failed;
 }
 
+/*
+ * One time step (L = 1) for many sequences: the streaming slow-net. The chunk machinery above is
+ * pure overhead here; instead each batch element's D rows of N states are updated in place of a
+ * tight loop (state rows contiguous), and the backward needs no cross-thread reduction for dB/dC
+ * (one batch element per work item). Layouts as in fsg_scan_fwd with L = 1; B, C as (Bt, N).
+ */
 FSG_API int fsg_scan_step_fwd(int64_t Bt, int64_t D, int64_t N, const float *u, const float *delta,
                               const float *A, const float *Bm, const float *Cm, const float *Dv, const float *z,
                               const float *bias, int softplus, const float *h0, float *out, float *last,
@@ -1300,10 +1313,7 @@ FSG_API int fsg_scan_step_bwd(int64_t Bt, int64_t D, int64_t N, const float *u, 
             memcpy(dBm + b * N, dBa, N * sizeof(float));
             memcpy(dCm + b * N, dCa, N * sizeof(float));
             if (++since_flush == 256) {
-                for (int64_t i = 0; i < D * N; i++) {
-                    tdA[i] += dAf[i];
-                    dAf[i] = 0.f;
-                }
+                step_flush_dA(tdA, dAf, D * N);
                 since_flush = 0;
             }
         }
@@ -1312,20 +1322,7 @@ FSG_API int fsg_scan_step_bwd(int64_t Bt, int64_t D, int64_t N, const float *u, 
         free(work);
         FSG_FTZ_END
     }
-    for (int64_t i = 0; i < D * N; i++) {
-        double s = 0.0;
-        for (int th = 0; th < nthreads; th++) s += bufA[(size_t)th * asz + i];
-        dA[i] = (float)s;
-    }
-    for (int64_t i = 0; i < D; i++) {
-        double sd = 0.0, sb = 0.0;
-        for (int th = 0; th < nthreads; th++) {
-            sd += bufA[(size_t)th * asz + D * N + i];
-            sb += bufA[(size_t)th * asz + D * N + D + i];
-        }
-        if (dD) dD[i] = (float)sd;
-        if (dbias) dbias[i] = (float)sb;
-    }
+    step_bwd_reduce(bufA, nthreads, D, N, dA, dD, dbias);
     free(bufA);
     return failed;
 }
