@@ -162,17 +162,25 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
             assert l2 == pytest.approx(l1, rel=1e-5) and a2 == pytest.approx(a1) and n2 == n1 == 16
 
 
+def _torchrun_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "fsg", "train", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+TORCHRUN_TINY = ["--dataset", "synthetic", "--model", "small-cnn", "--width", "4", "--estimator", "fsg", "--history", "2",
+                 "--batch-size", "16", "--epochs", "1", "--log-every", "1", "--train-subset", "64", "--test-subset", "40",
+                 "--num-threads", "1", "--no-progress"]
+
+
 def test_fsg_train_under_torchrun(tmp_path):
     """`torchrun -m fsg train`: rank 0 alone writes the run directory; the logged loss is the
-    global batch's; the checkpoint evaluates with `fsg eval` in one process."""
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "fsg", "train", "--dataset", "synthetic", "--model", "small-cnn",
-           "--width", "4", "--estimator", "fsg", "--history", "2", "--batch-size", "16", "--epochs", "1",
-           "--max-steps", "3", "--log-every", "1", "--train-subset", "64", "--test-subset", "40",
-           "--num-threads", "1", "--no-progress", "--out", str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    global batch's; the checkpoint evaluates with `fsg eval` in one process; a run stopped at
+    step 3 and resumed under torchrun ends exactly where an uninterrupted run does."""
+    out, full = tmp_path / "run", tmp_path / "full"
+    _torchrun_train(*TORCHRUN_TINY, "--max-steps", "3", "--out", str(out))
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2, 3]  # written once, not once per rank
     final = [r for r in rows if r["kind"] == "final"]
@@ -182,3 +190,14 @@ def test_fsg_train_under_torchrun(tmp_path):
     assert ev.returncode == 0, ev.stderr
     res = json.loads(ev.stdout)
     assert res["images"] == 40 and res["accuracy"] == pytest.approx(final[0]["test_accuracy"])
+
+    _torchrun_train("--resume", str(out / "last.pt"), "--max-steps", "4")
+    _torchrun_train(*TORCHRUN_TINY, "--max-steps", "4", "--out", str(full))
+    resumed = torch.load(out / "last.pt", weights_only=True)
+    straight = torch.load(full / "last.pt", weights_only=True)
+    assert resumed["step"] == straight["step"] == 4
+    for where in ("model", "estimator"):
+        a, b = resumed["trainer"][where], straight["trainer"][where]
+        for k, v in _leaves(a):
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, dict(_leaves(b))[k]), (where, k)
