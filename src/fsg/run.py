@@ -460,21 +460,17 @@ def train(config: Optional[TrainConfig] = None, *, resume: Optional[PathLike] = 
         def log(msg: str) -> None:
             print(msg, file=sys.stderr, flush=True)
 
-    joined, device = dist.init_from_env(config.device if config is not None else "cpu")
+    group = {"joined": False}
     try:
-        if config is not None and device != config.device:
-            config = config.replace(device=device)
-        if not dist.is_main_process():  # rank 0 speaks and writes for the group
-            log, progress = (lambda msg: None), False
-        return _train_checked(config, resume, progress, log)
+        return _train_checked(config, resume, progress, log, group)
     finally:
-        if joined:
+        if group["joined"]:
             import torch.distributed
 
             torch.distributed.destroy_process_group()
 
 
-def _train_checked(config: Optional[TrainConfig], resume, progress, log) -> TrainResult:
+def _train_checked(config: Optional[TrainConfig], resume, progress, log, group: Dict[str, bool]) -> TrainResult:
     ckpt = None
     if resume is not None:
         ckpt = load_checkpoint(resume)  # reads only; a bad file stops here, before anything is written
@@ -489,6 +485,12 @@ def _train_checked(config: Optional[TrainConfig], resume, progress, log) -> Trai
         if config is None:
             raise ValueError("train() needs a config (or resume=CHECKPOINT)")
         cfg = config.validate()
+    # under torchrun: join the process group (NCCL for a CUDA device, one GPU per LOCAL_RANK)
+    group["joined"], device = dist.init_from_env(cfg.device)
+    if device != cfg.device:
+        cfg = cfg.replace(device=device)
+    if not dist.is_main_process():  # rank 0 speaks and writes for the group
+        log, progress = (lambda msg: None), False
     out = Path(cfg.out)
     last = out / "last.pt"
     if ckpt is None and last.exists():
