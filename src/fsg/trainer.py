@@ -9,6 +9,7 @@ Step ``t ≥ 1``::
     2. look-ahead       W_meta = W − η_t·D_l,   b_meta = b − η_t·b.grad_prev
                         out = functional_call(model, {W: W_meta, b: b_meta}, x)
     3. backward         loss.backward()  →  hypernetwork grads, new g⁽ᵗ⁾ (hook at Ŵ), BN/bias grads
+                        (several processes: all of these averaged over the ranks, fsg.distributed)
     4. meta step        one Adam per hypernetwork group
     5. weight update    W.grad ← U_l;  base optimizer π ∈ {SGD, SGD-M, Adam} steps every parameter
 
