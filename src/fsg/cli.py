@@ -868,6 +868,8 @@ def _cmd_summary(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             kwargs.update(in_channels=args.in_channels or 1, width=args.width or 8)
         elif args.in_channels not in (None, 3) or args.width is not None:
             raise ValueError(f"--in-channels and --width are small-cnn options ({args.model} takes 3 channels)")
+        if args.activations:  # as fsg train builds it: sign() of a ReLU output would be constant
+            kwargs["activation"] = "hardtanh"
         model = get_model(args.model, **kwargs)
         if args.full_precision:
             if any(f in model_flags for f in ("quantizer", "bits", "keep_first", "keep_last", "activations")):
