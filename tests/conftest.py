@@ -51,3 +51,22 @@ def cli_error(capsys, *args):
     assert info.value.code == 2
     assert err.startswith("fsg: error: ") and err.count("\n") == 1, err
     return err
+
+
+def interrupt_at_batch(monkeypatch, n):
+    """Make the data pipeline raise KeyboardInterrupt when the ``n``-th training batch (counted
+    over every loader and epoch) is fetched, as a Ctrl-C between two steps would."""
+    import fsg.data
+
+    original = fsg.data.DataLoader.__iter__
+    fetched = {"n": 0}
+
+    def iterate(self):
+        for item in original(self):
+            if self.train:
+                fetched["n"] += 1
+                if fetched["n"] == n:
+                    raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(fsg.data.DataLoader, "__iter__", iterate)

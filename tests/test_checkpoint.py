@@ -16,7 +16,7 @@ from fsg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fsg.config import TrainConfig
 from fsg.run import TrainingInterrupted, train
 
-from conftest import make_mlp, make_task
+from conftest import interrupt_at_batch, make_mlp, make_task
 
 TIME_FIELDS = ("epoch_time", "eval_time", "elapsed")
 
@@ -181,18 +181,7 @@ def test_keyboard_interrupt_between_steps_resumes_exactly(tmp_path, tmp_path_fac
     """KeyboardInterrupt raised by the data pipeline when fetching the 7th batch (epoch 2)."""
     ref, ref_ck, _ = reference(tmp_path_factory, "multifc")
     out = tmp_path / "run"
-    original = fsg.data.DataLoader.__iter__
-    fetched = {"n": 0}
-
-    def iterate(self):
-        for item in original(self):
-            if self.train:
-                fetched["n"] += 1
-                if fetched["n"] == 7:
-                    raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(fsg.data.DataLoader, "__iter__", iterate)
+    interrupt_at_batch(monkeypatch, 7)
     with pytest.raises(TrainingInterrupted) as info:
         train(tiny(out, "multifc"), progress=False)
     assert info.value.step == 6
@@ -200,7 +189,7 @@ def test_keyboard_interrupt_between_steps_resumes_exactly(tmp_path, tmp_path_fac
     assert (ck["step"], ck["epoch"], ck["batch"]) == (6, 1, 2)
     assert ck["data"] == {"epoch": 1, "batch": 2, "seed": 0}
 
-    monkeypatch.setattr(fsg.data.DataLoader, "__iter__", original)
+    monkeypatch.undo()  # the data pipeline works again
     rest = train(None, resume=out / "last.pt", progress=False)
     assert rest.losses == ref.losses[6:]
     assert_same_run(ref_ck, load_checkpoint(out / "last.pt"))

@@ -16,6 +16,8 @@ from fsg.cli import main
 from fsg.config import TrainConfig
 from fsg.grid import parse_seeds, run_grid, write_report
 
+from conftest import interrupt_at_batch
+
 # 48 training images in batches of 16: 3 steps per epoch
 TINY = ["--dataset", "synthetic", "--dataset-option", "n_train=48", "--dataset-option", "n_test=16",
         "--dataset-option", "size=8", "--dataset-option", "num_classes=4", "--model", "small-cnn", "--width", "4",
@@ -180,24 +182,13 @@ def test_unfinished_runs_are_resumed(tmp_path, capsys, monkeypatch):
 def test_ctrl_c_then_rerun_finishes_the_grid(tmp_path, capsys, monkeypatch):
     out = tmp_path / "g"
     common = ["--estimators", "ste", "--seeds", "0,1", "--epochs", "1", "--out", str(out), *TINY]
-    original = fsg.data.DataLoader.__iter__
-    fetched = {"n": 0}
-
-    def iterate(self):
-        for item in original(self):
-            if self.train:
-                fetched["n"] += 1
-                if fetched["n"] == 5:  # second run, second batch
-                    raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(fsg.data.DataLoader, "__iter__", iterate)
+    interrupt_at_batch(monkeypatch, 5)  # second run, second batch
     code, _, err = grid(capsys, *common)
     assert code == 130
     last = err.strip().splitlines()[-1]
     assert last.startswith("fsg: interrupted at epoch 1, step 1;") and "running the same grid again resumes" in last
     assert not (out / "results.md").exists()
-    monkeypatch.setattr(fsg.data.DataLoader, "__iter__", original)
+    monkeypatch.undo()  # the data pipeline works again
     code, stdout, err = grid(capsys, *common)
     assert code == 0 and "s0: finished (step 3), skipped" in err and "s1: resuming from step 1" in err
     assert re.search(r"^\| ste \| dorefa \| adam \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| 2 \| 3 \|$", stdout, re.M)

@@ -15,7 +15,7 @@ from fsg.config import TrainConfig, estimator_option_names
 from fsg.estimators import ESTIMATORS
 from fsg.models import PretrainedError, SmallCNN, load_pretrained, resnet
 
-from conftest import cli_error, fsg_cli
+from conftest import cli_error, fsg_cli, interrupt_at_batch
 
 PRETRAINED = Path("/work/shared/pretrained/ResNet20-CIFAR10-pretrain.pth")
 
@@ -97,24 +97,13 @@ def test_config_file_reproduces_a_run(tmp_path, capsys):
 
 def test_ctrl_c_in_the_cli_saves_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    original = fsg.data.DataLoader.__iter__
-    fetched = {"n": 0}
-
-    def iterate(self):
-        for item in original(self):
-            if self.train:
-                fetched["n"] += 1
-                if fetched["n"] == 3:
-                    raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(fsg.data.DataLoader, "__iter__", iterate)
+    interrupt_at_batch(monkeypatch, 3)
     code, _, err = fsg_cli(capsys, "train", *TINY, "--estimator", "ste", "--epochs", "2", "--out", str(out))
     assert code == 130
     assert err.count("\n") == 1 and err.startswith("fsg: interrupted at epoch 1, step 2;")
     assert f"fsg train --resume {out / 'last.pt'}" in err
     assert load_checkpoint(out / "last.pt")["step"] == 2
-    monkeypatch.setattr(fsg.data.DataLoader, "__iter__", original)
+    monkeypatch.undo()  # the data pipeline works again
     code, stdout, _ = fsg_cli(capsys, "train", "--resume", str(out / "last.pt"), "--json", "--no-progress")
     assert code == 0 and json.loads(stdout)["steps"] == 6
 
