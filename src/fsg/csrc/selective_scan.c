@@ -1019,13 +1019,18 @@ static void step_bwd_reduce(const double *bufA, int nthreads, int64_t D, int64_t
 }
 
 /*
- * d_state = 16 (the slow-net's), specialised: per batch element the per-channel scalars
- * (softplus(delta + bias), its derivative, sigmoid(z)) are computed first, vectorised over the
- * channels, so that the per-channel state update is one branch-free 16-lane vector with no scalar
- * transcendental in the loop. Same arithmetic as the generic step kernels below.
+ * One time step (L = 1) for many sequences: the streaming slow-net. The chunk machinery above is
+ * pure overhead here; instead each batch element's D rows of N states are updated in a tight
+ * loop (state rows contiguous), and the backward needs no cross-thread reduction for dB/dC (one
+ * batch element per work item). Layouts as in fsg_scan_fwd with L = 1; B, C as (Bt, N).
+ *
+ * Per batch element the per-channel scalars (softplus(delta + bias), its derivative, sigmoid(z))
+ * are computed first, vectorised over the channels, so that the per-channel state update is one
+ * branch-free vector loop with no scalar transcendental in it. The bodies are written once for a
+ * runtime N and inlined twice: with N = 16 (the slow-net's d_state: one 16-lane vector, fully
+ * unrolled) and with any other N.
  */
-#define FSG_SN 16
-static const float fsg_zeros16[FSG_SN] = {0};
+#define FSG_ALWAYS_INLINE static inline __attribute__((always_inline))
 
 static inline void step_prepass(int64_t D, const float *ub, const float *db, const float *bias, int softplus,
                                 const float *zb, float *dt, float *dtu, float *dsp, float *sz) {
@@ -1051,34 +1056,34 @@ static inline void step_prepass(int64_t D, const float *ub, const float *db, con
     }
 }
 
-static int step_fwd16(int64_t Bt, int64_t D, const float *u, const float *delta, const float *A, const float *Bm,
-                      const float *Cm, const float *Dv, const float *z, const float *bias, int softplus,
-                      const float *h0, float *out, float *last, int nthreads) {
+FSG_ALWAYS_INLINE int step_fwd_impl(int64_t Bt, int64_t D, const int64_t N, const float *u, const float *delta,
+                                    const float *A, const float *Bm, const float *Cm, const float *Dv, const float *z,
+                                    const float *bias, int softplus, const float *h0, float *out, float *last,
+                                    int nthreads) {
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         FSG_FTZ_BEGIN
-        float *wk = (float *)malloc((size_t)3 * D * sizeof(float));
+        /* dt, dtu, sigmoid(z) per channel; N zeros standing in for a missing h0 */
+        float *wk = (float *)calloc((size_t)(3 * D + N), sizeof(float));
         if (!wk) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < Bt; b++) {
             if (!wk) continue;
             float *dt = wk, *dtu = wk + D, *sz = wk + 2 * D;
+            const float *zeros = wk + 3 * D;
             const float *ub = u + b * D, *zb = z ? z + b * D : NULL;
+            const float *restrict Bb = Bm + b * N, *restrict Cb = Cm + b * N;
             step_prepass(D, ub, delta + b * D, bias, softplus, zb, dt, dtu, NULL, sz);
-            float Bb[FSG_SN], Cb[FSG_SN];
-            for (int n = 0; n < FSG_SN; n++) {
-                Bb[n] = Bm[b * FSG_SN + n];
-                Cb[n] = Cm[b * FSG_SN + n];
-            }
             for (int64_t d = 0; d < D; d++) {
                 const int64_t bd = b * D + d;
-                const float *Ad = A + d * FSG_SN, *hp = h0 ? h0 + bd * FSG_SN : fsg_zeros16;
-                float *hn = last + bd * FSG_SN;
+                const float *restrict Ad = A + d * N;
+                const float *restrict hp = h0 ? h0 + bd * N : zeros;
+                float *restrict hn = last + bd * N;
                 const float t = dt[d], tu = dtu[d];
                 float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-                for (int n = 0; n < FSG_SN; n++) {
+                for (int64_t n = 0; n < N; n++) {
                     const float v = fsg_expf(t * Ad[n]) * hp[n] + tu * Bb[n];
                     hn[n] = v;
                     acc += Cb[n] * v;
@@ -1094,12 +1099,11 @@ static int step_fwd16(int64_t Bt, int64_t D, const float *u, const float *delta,
     return failed;
 }
 
-static int step_bwd16(int64_t Bt, int64_t D, const float *u, const float *delta, const float *A, const float *Bm,
-                      const float *Cm, const float *Dv, const float *z, const float *bias, int softplus,
-                      const float *h0, const float *dout, const float *dlast, float *du, float *ddelta, float *dA,
-                      float *dBm, float *dCm, float *dD, float *dz, float *dbias, float *dh0, float *yout,
-                      int nthreads) {
-    const int64_t N = FSG_SN;
+FSG_ALWAYS_INLINE int step_bwd_impl(int64_t Bt, int64_t D, const int64_t N, const float *u, const float *delta,
+                                    const float *A, const float *Bm, const float *Cm, const float *Dv, const float *z,
+                                    const float *bias, int softplus, const float *h0, const float *dout,
+                                    const float *dlast, float *du, float *ddelta, float *dA, float *dBm, float *dCm,
+                                    float *dD, float *dz, float *dbias, float *dh0, float *yout, int nthreads) {
     const int64_t asz = D * N + 2 * D;
     double *bufA = (double *)calloc((size_t)nthreads * asz, sizeof(double));
     if (!bufA) return 1;
@@ -1113,31 +1117,30 @@ static int step_bwd16(int64_t Bt, int64_t D, const float *u, const float *delta,
         double *tdA = bufA;
 #endif
         double *tdD = tdA + D * N, *tdb = tdD + D;
-        /* dA: float partial sums over up to 256 batch elements, then added into double */
-        float *work = (float *)calloc((size_t)(D * N + 4 * D), sizeof(float));
+        /* dA float partial sums (D·N), per-channel scalars (4·D), and per-row a, h_new, dB, dC
+           and zeros (5·N) */
+        float *work = (float *)calloc((size_t)(D * N + 4 * D + 5 * N), sizeof(float));
         if (!work) failed = 1;
         int64_t since_flush = 0;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < Bt; b++) {
             if (!work) continue;
             float *dAf = work, *dt = work + D * N, *dtu = dt + D, *dsp = dtu + D, *sz = dsp + D;
+            float *restrict a = sz + D, *restrict hn = a + N, *restrict dBa = hn + N, *restrict dCa = dBa + N;
+            const float *zeros = dCa + N;
             const float *ub = u + b * D, *zb = z ? z + b * D : NULL;
+            const float *restrict Bb = Bm + b * N, *restrict Cb = Cm + b * N;
             step_prepass(D, ub, delta + b * D, bias, softplus, zb, dt, dtu, dsp, sz);
-            float Bb[FSG_SN], Cb[FSG_SN], dBa[FSG_SN], dCa[FSG_SN];
-            for (int n = 0; n < FSG_SN; n++) {
-                Bb[n] = Bm[b * FSG_SN + n];
-                Cb[n] = Cm[b * FSG_SN + n];
-                dBa[n] = dCa[n] = 0.f;
-            }
+            for (int64_t n = 0; n < N; n++) dBa[n] = dCa[n] = 0.f;
             for (int64_t d = 0; d < D; d++) {
                 const int64_t bd = b * D + d;
                 const float t = dt[d], tu = dtu[d], ut = ub[d];
-                const float *Ad = A + d * FSG_SN, *hp = h0 ? h0 + bd * FSG_SN : fsg_zeros16;
-                const float *gl = dlast ? dlast + bd * FSG_SN : fsg_zeros16;
-                float a[FSG_SN], hn[FSG_SN];
+                const float *restrict Ad = A + d * N;
+                const float *restrict hp = h0 ? h0 + bd * N : zeros;
+                const float *restrict gl = dlast ? dlast + bd * N : zeros;
                 float ys = 0.f;
 #pragma omp simd reduction(+ : ys)
-                for (int n = 0; n < FSG_SN; n++) {
+                for (int64_t n = 0; n < N; n++) {
                     a[n] = fsg_expf(t * Ad[n]);
                     hn[n] = a[n] * hp[n] + tu * Bb[n];
                     ys += Cb[n] * hn[n];
@@ -1154,9 +1157,9 @@ static int step_bwd16(int64_t Bt, int64_t D, const float *u, const float *delta,
                 }
                 tdD[d] += (double)dys * ut;
                 float ddt = 0.f, gB = 0.f;
-                float *dAd = dAf + d * FSG_SN;
+                float *restrict dAd = dAf + d * N;
 #pragma omp simd reduction(+ : ddt, gB)
-                for (int n = 0; n < FSG_SN; n++) {
+                for (int64_t n = 0; n < N; n++) {
                     const float gn = gl[n] + dys * Cb[n];
                     dCa[n] += dys * hn[n];
                     const float da = gn * hp[n] * a[n];
@@ -1166,9 +1169,9 @@ static int step_bwd16(int64_t Bt, int64_t D, const float *u, const float *delta,
                     dBa[n] += gn * tu;
                 }
                 if (dh0) {
-                    float *g0 = dh0 + bd * FSG_SN;
+                    float *restrict g0 = dh0 + bd * N;
 #pragma omp simd
-                    for (int n = 0; n < FSG_SN; n++) g0[n] = (gl[n] + dys * Cb[n]) * a[n];
+                    for (int64_t n = 0; n < N; n++) g0[n] = (gl[n] + dys * Cb[n]) * a[n];
                 }
                 ddt += ut * gB;
                 du[bd] = dys * (Dv ? Dv[d] : 0.f) + t * gB;
@@ -1183,8 +1186,7 @@ static int step_bwd16(int64_t Bt, int64_t D, const float *u, const float *delta,
                 since_flush = 0;
             }
         }
-        if (work)
-            for (int64_t i = 0; i < D * N; i++) tdA[i] += work[i];
+        if (work) step_flush_dA(tdA, work, D * N);
         free(work);
         FSG_FTZ_END
     }
@@ -1193,45 +1195,13 @@ static int step_bwd16(int64_t Bt, int64_t D, const float *u, const float *delta,
     return failed;
 }
 
-/*
- * One time step (L = 1) for many sequences: the streaming slow-net. The chunk machinery above is
- * pure overhead here; instead each batch element's D rows of N states are updated in place of a
- * tight loop (state rows contiguous), and the backward needs no cross-thread reduction for dB/dC
- * (one batch element per work item). Layouts as in fsg_scan_fwd with L = 1; B, C as (Bt, N).
- */
 FSG_API int fsg_scan_step_fwd(int64_t Bt, int64_t D, int64_t N, const float *u, const float *delta,
                               const float *A, const float *Bm, const float *Cm, const float *Dv, const float *z,
                               const float *bias, int softplus, const float *h0, float *out, float *last,
                               int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    if (N == FSG_SN) return step_fwd16(Bt, D, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, out, last, nthreads);
-#pragma omp parallel num_threads(nthreads)
-    {
-        FSG_FTZ_BEGIN
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < Bt; b++) {
-            const float *Bb = Bm + b * N, *Cb = Cm + b * N;
-            for (int64_t d = 0; d < D; d++) {
-                const int64_t bd = b * D + d;
-                const float x = delta[bd] + (bias ? bias[d] : 0.f);
-                const float dt = softplus ? softplus_f(x) : x, ut = u[bd], dtu = dt * ut;
-                const float *Ad = A + d * N, *hp = h0 ? h0 + bd * N : NULL;
-                float *hn = last + bd * N;
-                float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-                for (int64_t n = 0; n < N; n++) {
-                    const float v = fsg_expf(dt * Ad[n]) * (hp ? hp[n] : 0.f) + dtu * Bb[n];
-                    hn[n] = v;
-                    acc += Cb[n] * v;
-                }
-                float y = acc + (Dv ? Dv[d] : 0.f) * ut;
-                if (z) y *= z[bd] * sigmoid_f(z[bd]);
-                out[bd] = y;
-            }
-        }
-        FSG_FTZ_END
-    }
-    return 0;
+    if (N == 16) return step_fwd_impl(Bt, D, 16, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, out, last, nthreads);
+    return step_fwd_impl(Bt, D, N, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, out, last, nthreads);
 }
 
 FSG_API int fsg_scan_step_bwd(int64_t Bt, int64_t D, int64_t N, const float *u, const float *delta,
@@ -1240,89 +1210,9 @@ FSG_API int fsg_scan_step_bwd(int64_t Bt, int64_t D, int64_t N, const float *u, 
                               const float *dlast, float *du, float *ddelta, float *dA, float *dBm, float *dCm,
                               float *dD, float *dz, float *dbias, float *dh0, float *yout, int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    if (N == FSG_SN)
-        return step_bwd16(Bt, D, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, dout, dlast, du, ddelta, dA, dBm,
-                          dCm, dD, dz, dbias, dh0, yout, nthreads);
-    const int64_t asz = D * N + 2 * D;
-    double *bufA = (double *)calloc((size_t)nthreads * asz, sizeof(double));
-    if (!bufA) return 1;
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads)
-    {
-        FSG_FTZ_BEGIN
-#ifdef _OPENMP
-        double *tdA = bufA + (size_t)omp_get_thread_num() * asz;
-#else
-        double *tdA = bufA;
-#endif
-        double *tdD = tdA + D * N, *tdb = tdD + D;
-        /* dA: float partial sums over up to 256 batch elements, then added into double */
-        float *work = (float *)calloc((size_t)(4 * N + D * N), sizeof(float));
-        if (!work) failed = 1;
-        int64_t since_flush = 0;
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < Bt; b++) {
-            if (!work) continue;
-            float *a = work, *hn = work + N, *dBa = work + 2 * N, *dCa = work + 3 * N, *dAf = work + 4 * N;
-            const float *Bb = Bm + b * N, *Cb = Cm + b * N;
-            for (int64_t n = 0; n < N; n++) dBa[n] = dCa[n] = 0.f;
-            for (int64_t d = 0; d < D; d++) {
-                const int64_t bd = b * D + d;
-                const float x = delta[bd] + (bias ? bias[d] : 0.f);
-                const float dt = softplus ? softplus_f(x) : x, ut = u[bd], dtu = dt * ut;
-                const float *Ad = A + d * N, *hp = h0 ? h0 + bd * N : NULL;
-                float ys = 0.f;
-#pragma omp simd reduction(+ : ys)
-                for (int64_t n = 0; n < N; n++) {
-                    a[n] = fsg_expf(dt * Ad[n]);
-                    hn[n] = a[n] * (hp ? hp[n] : 0.f) + dtu * Bb[n];
-                    ys += Cb[n] * hn[n];
-                }
-                ys += (Dv ? Dv[d] : 0.f) * ut;
-                float dys = dout[bd];
-                if (z) {
-                    const float zz = z[bd], s = sigmoid_f(zz);
-                    if (dz) dz[bd] = dys * ys * s * (1.f + zz * (1.f - s));
-                    if (yout) yout[bd] = ys * zz * s;
-                    dys *= zz * s;
-                } else if (yout) {
-                    yout[bd] = ys;
-                }
-                tdD[d] += (double)dys * ut;
-                float ddt = 0.f, gB = 0.f;
-                const float *gl = dlast ? dlast + bd * N : NULL;
-                float *g0 = dh0 ? dh0 + bd * N : NULL;
-                float *dAd = dAf + d * N;
-#pragma omp simd reduction(+ : ddt, gB)
-                for (int64_t n = 0; n < N; n++) {
-                    const float gn = (gl ? gl[n] : 0.f) + dys * Cb[n];
-                    dCa[n] += dys * hn[n];
-                    const float da = gn * (hp ? hp[n] : 0.f) * a[n];
-                    ddt += da * Ad[n];
-                    dAd[n] += da * dt;
-                    gB += gn * Bb[n];
-                    dBa[n] += gn * dtu;
-                    if (g0) g0[n] = gn * a[n];
-                }
-                ddt += ut * gB;
-                du[bd] = dys * (Dv ? Dv[d] : 0.f) + dt * gB;
-                const float ddl = ddt * (softplus ? sigmoid_f(x) : 1.f);
-                ddelta[bd] = ddl;
-                tdb[d] += ddl;
-            }
-            memcpy(dBm + b * N, dBa, N * sizeof(float));
-            memcpy(dCm + b * N, dCa, N * sizeof(float));
-            if (++since_flush == 256) {
-                step_flush_dA(tdA, dAf, D * N);
-                since_flush = 0;
-            }
-        }
-        if (work)
-            for (int64_t i = 0; i < D * N; i++) tdA[i] += work[4 * N + i];
-        free(work);
-        FSG_FTZ_END
-    }
-    step_bwd_reduce(bufA, nthreads, D, N, dA, dD, dbias);
-    free(bufA);
-    return failed;
+    if (N == 16)
+        return step_bwd_impl(Bt, D, 16, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, dout, dlast, du, ddelta, dA,
+                             dBm, dCm, dD, dz, dbias, dh0, yout, nthreads);
+    return step_bwd_impl(Bt, D, N, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, dout, dlast, du, ddelta, dA, dBm,
+                         dCm, dD, dz, dbias, dh0, yout, nthreads);
 }
