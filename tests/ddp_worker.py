@@ -55,6 +55,7 @@ def main(argv):
         torch.save({"state": trainer.state_dict(), "losses": losses, "world": world},
                    os.path.join(out, f"{name}-rank{r}.pt"))
     if joined:
+        dist.barrier()  # leave the group together (a rank tearing gloo down early can abort the other)
         torch.distributed.destroy_process_group()
 
 

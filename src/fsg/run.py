@@ -462,7 +462,10 @@ def train(config: Optional[TrainConfig] = None, *, resume: Optional[PathLike] = 
 
     group = {"joined": False}
     try:
-        return _train_checked(config, resume, progress, log, group)
+        result = _train_checked(config, resume, progress, log, group)
+        if group["joined"]:
+            dist.barrier()  # rank 0 has written its last checkpoint: all ranks leave the group together
+        return result
     finally:
         if group["joined"]:
             import torch.distributed
