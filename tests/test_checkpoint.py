@@ -401,8 +401,12 @@ def run_split(estimator, optimizer, k=3, n=7, drop=()):
     buf = io.BytesIO()
     state = part.state_dict()
     for key in drop:
-        state[key] = {l: {"grad": None, "w_tilde": None} for l in state["recorded"]} if key == "recorded" \
-            else {"model": {}, "estimator": {}}
+        if key == "recorded":
+            state[key] = {l: {"grad": None, "w_tilde": None} for l in state["recorded"]}
+        elif key == "applied":
+            state[key] = {}
+        else:
+            state[key] = {"model": {}, "estimator": {}}
     torch.save(state, buf)
     buf.seek(0)
     fresh = build(estimator, optimizer)
@@ -423,11 +427,12 @@ def test_trainer_state_dict_resumes_exactly(estimator, optimizer):
     assert_same(full.state_dict(), fresh.state_dict())
 
 
-@pytest.mark.parametrize("drop", ["grads", "recorded"])
+@pytest.mark.parametrize("drop", [("grads", "applied"), ("recorded",)])
 def test_trainer_state_needs_grads_and_recorded_observations(drop):
-    """Without the previous W.grad / b.grad, or without the recorded ∂L/∂Ŵ and W̃, a resumed
-    MetaQuant run is not the uninterrupted one (or cannot step at all)."""
-    ref, got, _, _ = run_split("multifc", "sgd", drop=(drop,))
+    """Without the previous update directions (the applied d, or W.grad / b.grad standing in for
+    them), or without the recorded ∂L/∂Ŵ and W̃, a resumed MetaQuant run is not the
+    uninterrupted one (or cannot step at all)."""
+    ref, got, _, _ = run_split("multifc", "sgd", drop=drop)
     assert got != ref
 
 

@@ -61,7 +61,8 @@ from .models import SmallCNN
 from .quantizers import QUANTIZERS
 from .run import TrainingInterrupted
 from .synthetic import batches, make_synthetic
-from .trainer import OPTIMIZERS, Trainer, evaluate
+from .optim import ADAM_VARIANTS, OPTIMIZERS
+from .trainer import Trainer, evaluate
 
 __all__ = ["main", "build_parser", "run_demo", "DEMO_DEFAULTS", "DEMO_TASK", "ESTIMATOR_FLAGS", "PRETRAIN_DEFAULTS",
            "config_from_args"]
@@ -407,10 +408,14 @@ def _add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = 
     opt_in(g, "batch_size", "training batch size", type=_positive_int)
     opt_in(g, "eval_batch_size", "evaluation batch size", type=_positive_int)
     opt_in(g, "pretrained", "full-precision state_dict to start from (e.g. from 'fsg pretrain')", metavar="FILE")
+    opt_in(g, "classifier_bn", "CIFAR ResNets: BatchNorm1d before the classifier (the FSG code's network; "
+           "--no-classifier-bn: MetaQuant's)", **bool_kw)
 
     g = p.add_argument_group("optimisation")
     if not grid:
         opt_in(g, "optimizer", "base optimizer (sgdm: momentum 0.9, weight decay 5e-4)", choices=list(OPTIMIZERS))
+    opt_in(g, "adam_variant", "Adam arithmetic: torch (m̂/(√v̂+ε), the spec's) or reference (MetaQuant's: ε added "
+           "before the bias correction)", choices=list(ADAM_VARIANTS))
     opt_in(g, "lr", "base learning rate", type=_positive_float)
     opt_in(g, "weight_decay", "weight decay (default: the optimizer's)", type=_nonnegative_float)
     opt_in(g, "lr_step", "divide the learning rate every N epochs", type=_positive_int, metavar="N")

@@ -67,6 +67,8 @@ class TrainConfig:
             seed 0, the same subset in every run).
         augment: random crop + flip on training batches (``None``: the data loader's default).
         pretrained: path of a full-precision ``state_dict`` loaded before binarization.
+        classifier_bn: CIFAR ResNets: a BatchNorm1d before the classifier (the FSG code's network);
+            ``False``: MetaQuant's ResNet (pool → linear).
     Binarization:
         full_precision: do not binarize (``fsg pretrain``); the estimator is then unused.
         quantizer: ``dorefa``, ``bwn`` or ``sign``; bits: dorefa bits (1 = binary).
@@ -76,7 +78,9 @@ class TrainConfig:
         estimator: a registered estimator name; estimator_options: its keyword options.
         update_on_observe: also update the weights (STE gradients) in the observe step 0.
     Optimisation:
-        optimizer: ``sgd``, ``sgdm`` or ``adam``; lr: base learning rate; weight_decay: ``None``
+        optimizer: ``sgd``, ``sgdm`` or ``adam``; adam_variant: ``torch`` (the spec's Adam) or
+        ``reference`` (MetaQuant's, ε before the bias correction; :mod:`fsg.optim`);
+        lr: base learning rate; weight_decay: ``None``
         for the optimizer's default; lr divided by ``1/lr_gamma`` every ``lr_step`` epochs.
         epochs; max_steps: stop after this many steps in all (final checkpoint + evaluation).
         batch_size; eval_batch_size; seed.
@@ -99,6 +103,7 @@ class TrainConfig:
     test_subset: Optional[int] = None
     augment: Optional[bool] = None
     pretrained: Optional[str] = None
+    classifier_bn: bool = True
     # binarization
     full_precision: bool = False
     quantizer: str = "dorefa"
@@ -112,6 +117,7 @@ class TrainConfig:
     update_on_observe: bool = False
     # optimisation
     optimizer: str = "sgd"
+    adam_variant: str = "torch"
     lr: float = 1e-3
     weight_decay: Optional[float] = None
     lr_step: int = 30
@@ -197,7 +203,7 @@ class TrainConfig:
         from .estimators import ESTIMATORS, get_estimator
         from .models import ACTIVATIONS
         from .quantizers import QUANTIZERS
-        from .trainer import OPTIMIZERS
+        from .optim import ADAM_VARIANTS, OPTIMIZERS
 
         def choice(name, options):
             v = getattr(self, name)
@@ -252,6 +258,7 @@ class TrainConfig:
         integer("test_subset", 1, optional=True)
         boolean("augment", optional=True)
         string("pretrained", optional=True)
+        boolean("classifier_bn")
         boolean("full_precision")
         choice("quantizer", tuple(QUANTIZERS))
         integer("bits", 1)
@@ -265,6 +272,7 @@ class TrainConfig:
             raise ValueError(f"estimator_options must be a JSON object, got {self.estimator_options!r}")
         boolean("update_on_observe")
         choice("optimizer", OPTIMIZERS)
+        choice("adam_variant", ADAM_VARIANTS)
         number("lr", 0, low_open=True)
         number("weight_decay", 0, optional=True)
         integer("lr_step", 1)

@@ -277,6 +277,8 @@ def model_spec(model: nn.Module) -> Optional[Dict[str, Any]]:
                                                 "width": int(model.conv1.out_channels)}}
     elif type(model) is CifarResNet and f"resnet{int(model.depth)}" in MODELS:
         spec = {"name": f"resnet{int(model.depth)}", "kwargs": {"num_classes": int(model.fc.out_features)}}
+        if not model.classifier_bn:  # recorded only when off: files stay loadable by older fsg versions
+            spec["kwargs"]["classifier_bn"] = False
     if spec is not None:
         _add_activation(spec, getattr(model, "activation", None))
     return spec
@@ -329,6 +331,8 @@ def _infer_spec(cfg, state: Dict[str, Tensor], where: str) -> Dict[str, Any]:
         raise CheckpointError(f"{where}: {cfg.model} takes 3-channel images, the state has {in_channels}")
     else:
         spec = {"name": cfg.model, "kwargs": {"num_classes": classes}}
+        if not getattr(cfg, "classifier_bn", True):
+            spec["kwargs"]["classifier_bn"] = False
     _add_activation(spec, getattr(cfg, "model_activation", None))
     return spec
 

@@ -210,7 +210,7 @@ def run_grid(out: PathLike, estimators: Union[str, Sequence[str], None] = None,
             print(msg, file=sys.stderr, flush=True)
     from .estimators import ESTIMATORS
     from .quantizers import QUANTIZERS
-    from .trainer import OPTIMIZERS
+    from .optim import OPTIMIZERS
 
     _check_report_args(last_k, x_axis)
     if config is None:

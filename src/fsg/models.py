@@ -99,11 +99,14 @@ class CifarResNet(nn.Module):
 
     Parameter names match the pre-trained checkpoints in ``shared/pretrained`` (which lack the
     ``bn_fc`` BatchNorm1d entry; it starts fresh). ``activation``: ``relu`` (the paper's) or
-    ``hardtanh`` (for 1-bit activations, see :data:`ACTIVATIONS`)."""
+    ``hardtanh`` (for 1-bit activations, see :data:`ACTIVATIONS`). ``classifier_bn``: the
+    BatchNorm1d before the classifier, as in the FSG code's network (default); ``False`` gives
+    MetaQuant's own ResNet (pool → linear), for comparisons with its tables."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, activation: str = "relu"):
+    def __init__(self, depth: int = 20, num_classes: int = 10, activation: str = "relu", classifier_bn: bool = True):
         super().__init__()
         self.activation = activation
+        self.classifier_bn = bool(classifier_bn)
         self._act = _activation(activation)
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
@@ -120,7 +123,7 @@ class CifarResNet(nn.Module):
                 planes = width
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
-        self.bn_fc = nn.BatchNorm1d(64)
+        self.bn_fc = nn.BatchNorm1d(64) if classifier_bn else None
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -129,17 +132,19 @@ class CifarResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self._act(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(self.bn_fc(x.mean((2, 3))))
+        x = x.mean((2, 3))
+        return self.fc(x if self.bn_fc is None else self.bn_fc(x))
 
 
-def resnet(depth: int = 20, num_classes: int = 10, activation: str = "relu") -> CifarResNet:
+def resnet(depth: int = 20, num_classes: int = 10, activation: str = "relu", classifier_bn: bool = True) -> CifarResNet:
     """CIFAR ResNet of the given depth (6n+2)."""
-    return CifarResNet(depth, num_classes, activation)
+    return CifarResNet(depth, num_classes, activation, classifier_bn)
 
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "small-cnn": SmallCNN,
-    **{f"resnet{d}": (lambda d=d: lambda num_classes=10, activation="relu", **_: CifarResNet(d, num_classes, activation))()
+    **{f"resnet{d}": (lambda d=d: lambda num_classes=10, activation="relu", classifier_bn=True, **_:
+                      CifarResNet(d, num_classes, activation, classifier_bn))()
        for d in (20, 32, 44, 56, 110)},
 }
 

@@ -56,7 +56,8 @@ from .checkpoint import (CheckpointError, atomic_write_text, load_checkpoint, rn
                          set_rng_state)
 from .config import RESUME_CHANGEABLE, TrainConfig
 from .models import SmallCNN, get_model, load_pretrained
-from .trainer import StepResult, Trainer, _accuracy, average_over_ranks, evaluate as evaluate_model, make_optimizer
+from .optim import make_optimizer
+from .trainer import StepResult, Trainer, _accuracy, average_over_ranks, evaluate as evaluate_model
 
 __all__ = [
     "train", "pretrain", "evaluate", "TrainResult", "TrainingInterrupted", "FullPrecisionTrainer",
@@ -195,7 +196,8 @@ def build_model(cfg: TrainConfig, dataset, *, pretrained: bool = True, log: Call
         if channels != 3:
             raise ValueError(f"{cfg.model} takes 3-channel images; the {cfg.dataset} data has {channels} "
                              "(for the synthetic dataset pass channels=3 in its options)")
-        model = get_model(cfg.model, num_classes=classes, activation=cfg.model_activation)
+        model = get_model(cfg.model, num_classes=classes, activation=cfg.model_activation,
+                          classifier_bn=cfg.classifier_bn)
     if cfg.pretrained and pretrained:
         fresh = load_pretrained(model, cfg.pretrained)
         if log is not None:
@@ -212,7 +214,7 @@ def build_trainer(cfg: TrainConfig, model: nn.Module):
     if cfg.full_precision:
         return FullPrecisionTrainer(model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay)
     return Trainer(model, cfg.estimator, optimizer=cfg.optimizer, lr=cfg.lr, update_on_observe=cfg.update_on_observe,
-                   weight_decay=cfg.weight_decay, **cfg.estimator_options)
+                   weight_decay=cfg.weight_decay, adam_variant=cfg.adam_variant, **cfg.estimator_options)
 
 
 def _seed_everything(seed: int) -> None:

@@ -11,7 +11,9 @@ Step ``t ≥ 1``::
     3. backward         loss.backward()  →  hypernetwork grads, new g⁽ᵗ⁾ (hook at Ŵ), BN/bias grads
                         (several processes: all of these averaged over the ranks, fsg.distributed)
     4. meta step        one Adam per hypernetwork group
-    5. weight update    W.grad ← U_l;  base optimizer π ∈ {SGD, SGD-M, Adam} steps every parameter
+    5. weight update    W.grad ← U_l;  base optimizer π ∈ {SGD, SGD-M, Adam} steps every parameter,
+                        p ← p − η_t·d_p; the applied directions d_p are kept for the next step's
+                        look-ahead (W.grad_prev and b.grad_prev above are these d_p: fsg.optim)
 
 STE (and any estimator with ``lookahead = False``) is plain training: forward at ``W``,
 backward, optional replacement of ``W.grad`` by ``U_l``, optimizer step.
@@ -30,26 +32,9 @@ from torch.func import functional_call
 from . import distributed as dist
 from .binarize import BinaryLayer, binarized_layers
 from .estimators import Estimator, LayerContext, get_estimator
+from .optim import OPTIMIZERS, make_optimizer, step_with_directions
 
 __all__ = ["Trainer", "StepResult", "make_optimizer", "evaluate", "OPTIMIZERS"]
-
-OPTIMIZERS = ("sgd", "sgdm", "adam")
-
-
-def make_optimizer(name: str, params, lr: float, momentum: float = 0.9, weight_decay: Optional[float] = None):
-    """The base optimizer ``π``: ``"sgd"`` (plain), ``"sgdm"`` (momentum 0.9, weight decay 5e-4
-    unless given) or ``"adam"`` (β = (0.9, 0.999), ε = 1e-8, no weight decay unless given)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"learning rate must be a positive number, got {lr!r}")
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay or 0.0)
-    if name == "sgdm":
-        wd = 5e-4 if weight_decay is None else weight_decay
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
-    return torch.optim.Adam(params, lr=lr, eps=1e-8, weight_decay=weight_decay or 0.0)
-
 
 @dataclass
 class StepResult:
@@ -86,6 +71,8 @@ class Trainer:
             backward (:mod:`fsg.distributed`); each process passes its own slice of the global
             batch to :meth:`step`. Default: when a group of more than one process is initialised.
             The model's and the estimator's parameters and buffers are broadcast from rank 0 here.
+        adam_variant: with ``optimizer="adam"``: ``"torch"`` (the spec's ``m̂/(√v̂ + ε)``) or
+            ``"reference"`` (MetaQuant's arithmetic, ε before the bias correction); :mod:`fsg.optim`.
         estimator_options: keyword arguments for a named estimator.
     """
 
@@ -99,6 +86,7 @@ class Trainer:
         update_on_observe: bool = False,
         weight_decay: Optional[float] = None,
         distributed: Optional[bool] = None,
+        adam_variant: str = "torch",
         **estimator_options,
     ):
         self.model = model
@@ -114,7 +102,10 @@ class Trainer:
         if isinstance(optimizer, torch.optim.Optimizer):
             self.optimizer = optimizer
         else:
-            self.optimizer = make_optimizer(optimizer, model.parameters(), lr, weight_decay=weight_decay)
+            self.optimizer = make_optimizer(optimizer, model.parameters(), lr, weight_decay=weight_decay,
+                                            adam_variant=adam_variant)
+        # d_p of the last base-optimizer step (p ← p − η·d_p): the look-ahead's W.grad_prev, b.grad_prev
+        self.applied: Dict[Tensor, Tensor] = {}
         self.meta_optimizers: Dict[str, torch.optim.Optimizer] = {
             g["name"]: torch.optim.Adam(g["params"], lr=g["lr"])
             for g in self.estimator.meta_param_groups()
@@ -154,7 +145,7 @@ class Trainer:
                     grad=p.grad,
                     w_tilde=p.w_tilde,
                     calibration=layer.quantizer.calibration(w),
-                    prev_update=None if w.grad is None else w.grad.detach(),
+                    prev_update=self._previous_direction(w),
                 )
             )
         return ctxs
@@ -164,10 +155,26 @@ class Trainer:
         params: Dict[str, Tensor] = {}
         for layer, (d, _) in zip(self.layers, directions):
             params[layer.weight_key] = layer.latent - lr * d
-            if layer.bias_key is not None and layer.module.bias.grad is not None:
-                b = layer.module.bias
-                params[layer.bias_key] = b - lr * b.grad.detach()
+            if layer.bias_key is not None:
+                d_b = self._previous_direction(layer.module.bias)
+                if d_b is not None:
+                    params[layer.bias_key] = layer.module.bias - lr * d_b
         return params
+
+    def _previous_direction(self, p: Tensor) -> Optional[Tensor]:
+        """The direction ``d`` of ``p``'s last update ``p ← p − η·d`` (:mod:`fsg.optim`); after
+        the observe step (no update yet), the gradient ``p.grad`` of that step; else ``None``."""
+        d = self.applied.get(p)
+        if d is None:
+            d = p.grad
+        return None if d is None else d.detach()
+
+    def _optimizer_step(self) -> None:
+        """The base optimizer's step; for a look-ahead estimator also keep what it applied."""
+        if self.estimator.lookahead:
+            self.applied = step_with_directions(self.optimizer)
+        else:
+            self.optimizer.step()
 
     def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -220,15 +227,15 @@ class Trainer:
         if meta:
             for layer, (_, u) in zip(self.layers, directions):
                 layer.latent.grad = u.detach().to(layer.latent.dtype)
-            self.optimizer.step()
+            self._optimizer_step()
         elif est.lookahead:  # observe step 0
             if self.update_on_observe:
-                self.optimizer.step()
+                self._optimizer_step()
         else:
             if not est.natural_gradient:
                 for ctx, layer in zip(self._contexts(), self.layers):
                     layer.latent.grad = est.directions(ctx)[1].detach()
-            self.optimizer.step()
+            self._optimizer_step()
 
         self.step_count += 1
         return StepResult(float(loss_value), acc, lr, self.step_count - 1, samples)
@@ -248,9 +255,11 @@ class Trainer:
         holds FSG's HGS and LSTMFC's carried LSTM states), ``optimizer``, ``meta_optimizers``,
         ``step_count``; ``recorded``: each binarized layer's ``∂L/∂Ŵ`` and ``W̃`` of the last
         back-propagated forward (the next meta-gradient's input), by layer name; ``grads``: the
-        ``.grad`` left on every model and estimator parameter (MetaQuant's look-ahead uses the
-        previous ``W.grad``, the bias look-ahead ``b − η·b.grad``). Tensors are references,
-        not copies: save or clone them before the next step.
+        ``.grad`` left on every model and estimator parameter; ``applied``: the direction ``d`` of
+        each model parameter's last update ``p ← p − η·d`` (MetaQuant's look-ahead
+        ``W − η·d_prev``, the bias look-ahead ``b − η·d_prev(b)``; absent from checkpoints of
+        fsg < 0.2, where the gradients stand in). Tensors are references, not copies: save or
+        clone them before the next step.
         """
         return {
             "model": self.model.state_dict(),
@@ -267,6 +276,7 @@ class Trainer:
                 "model": {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None},
                 "estimator": {n: p.grad for n, p in self.estimator.named_parameters() if p.grad is not None},
             },
+            "applied": {n: self.applied[p] for n, p in self.model.named_parameters() if p in self.applied},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -294,6 +304,10 @@ class Trainer:
             extra = sorted(set(state["grads"].get(where, {})) - set(params))
             if extra:
                 raise ValueError(f"trainer state has gradients of unknown {where} parameters: {', '.join(extra[:5])}")
+        applied = state.get("applied") or {}
+        unknown = sorted(set(applied) - set(model_params))
+        if unknown:
+            raise ValueError(f"trainer state has update directions of unknown parameters: {', '.join(unknown[:5])}")
         try:
             self.model.load_state_dict(state["model"])
             # extra state (FSG's HGS, LSTMFC's carried states) is taken as is: put it on our device
@@ -314,6 +328,8 @@ class Trainer:
             for n, p in params.items():
                 g = grads.get(n)
                 p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
+        self.applied = {model_params[n]: d.to(device=model_params[n].device, dtype=model_params[n].dtype).clone()
+                        for n, d in applied.items()}
 
 
 def average_over_ranks(model: nn.Module, tensors: List[Tensor], loss: Tensor, acc: Optional[float], samples: int
