@@ -402,6 +402,8 @@ def _add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = 
                    "size, noise, max_shift, seed); repeatable")
     opt_in(g, "train_subset", "use only a fixed random subset of N training images (the same in every run)",
            type=_positive_int, metavar="N")
+    opt_in(g, "val_split", "hold out N training images for validation (the same ones in every run; logged as "
+           "val_loss/val_accuracy beside the test metrics)", type=_positive_int, metavar="N")
     opt_in(g, "test_subset", "use only a fixed random subset of N test images (the same in every run)",
            type=_positive_int, metavar="N")
     opt_in(g, "augment", "random crop + flip of training images (default: on)", **bool_kw)

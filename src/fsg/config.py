@@ -63,6 +63,10 @@ class TrainConfig:
         download: download the dataset when it is missing.
         dataset_options: keyword options of the ``synthetic`` dataset (``n_train``, ``n_test``,
             ``num_classes``, ``channels``, ``size``, ``noise``, ``max_shift``, ``seed``).
+        val_split: hold out N training images as a validation split (a fixed random choice, the
+            same for every run whatever its seed; never trained on, never augmented), evaluated
+            with the test split and logged as ``val_loss``/``val_accuracy``: model selection
+            without the test set.
         train_subset / test_subset: use only a fixed random subset of N images of a split (quick runs;
             seed 0, the same subset in every run).
         augment: random crop + flip on training batches (``None``: the data loader's default).
@@ -101,6 +105,7 @@ class TrainConfig:
     dataset_options: Dict[str, Any] = field(default_factory=dict)
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
+    val_split: Optional[int] = None
     augment: Optional[bool] = None
     pretrained: Optional[str] = None
     classifier_bn: bool = True
@@ -256,6 +261,7 @@ class TrainConfig:
         self._check_dataset_options()
         integer("train_subset", 1, optional=True)
         integer("test_subset", 1, optional=True)
+        integer("val_split", 1, optional=True)
         boolean("augment", optional=True)
         string("pretrained", optional=True)
         boolean("classifier_bn")

@@ -427,7 +427,7 @@ def write_report(out: PathLike, last_k: int = DEFAULT_LAST_K, x_axis: str = "ste
 
 
 _COMMON_KEYS = ("model", "dataset", "data_dir", "pretrained", "bits", "epochs", "max_steps", "batch_size", "lr",
-                "lr_step", "lr_gamma", "weight_decay", "augment", "train_subset", "test_subset", "keep_first",
+                "lr_step", "lr_gamma", "weight_decay", "augment", "train_subset", "test_subset", "val_split", "keep_first",
                 "keep_last", "activations", "update_on_observe", "estimator_options", "dataset_options")
 
 

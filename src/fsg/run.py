@@ -161,19 +161,34 @@ def _subset(ds, n: Optional[int]):
     return dataclasses.replace(ds, images=ds.images[idx], labels=ds.labels[idx])
 
 
+def split_validation(ds, n: int):
+    """``(train, val)``: ``n`` images of ``ds`` drawn at random with a fixed generator (seed 0),
+    so every run holds out the same ones whatever its own seed; both keep the original order."""
+    if n >= len(ds):
+        raise ValueError(f"val_split must be smaller than the training set ({len(ds)} images), got {n}")
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    pick = lambda idx: dataclasses.replace(ds, images=ds.images[idx], labels=ds.labels[idx])
+    return pick(perm[n:].sort().values), pick(perm[:n].sort().values)
+
+
 def build_data(cfg: TrainConfig, splits: Tuple[str, ...] = ("train", "test")):
     """``{split: (dataset, loader)}`` for the configuration (train: shuffled, augmented per
-    ``cfg.augment``; test: in order, never augmented)."""
+    ``cfg.augment``; test: in order, never augmented). With ``cfg.val_split`` (and "train" in
+    ``splits``) also ``"val"``: images held out of the training split (:func:`split_validation`,
+    before ``train_subset`` is drawn from the rest), in order, never augmented."""
     from .data import DataLoader, load_dataset
 
     out = {}
     for split in splits:
         ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, split=split, download=cfg.download,
                           **(cfg.dataset_options if cfg.dataset == "synthetic" else {}))
+        shard = dict(rank=dist.rank(), world_size=dist.world_size())  # one process: rank 0 of 1
+        if split == "train" and cfg.val_split is not None:
+            ds, val = split_validation(ds, cfg.val_split)
+            out["val"] = (val, DataLoader(val, cfg.eval_batch_size, train=False, device=cfg.device, **shard))
         ds = _subset(ds, cfg.train_subset if split == "train" else cfg.test_subset)
         if len(ds) == 0:
             raise ValueError(f"the {split} split of {cfg.dataset!r} is empty")
-        shard = dict(rank=dist.rank(), world_size=dist.world_size())  # one process: rank 0 of 1
         if split == "train":
             loader = DataLoader(ds, cfg.batch_size, train=True, seed=cfg.seed, augment=cfg.augment, device=cfg.device,
                                 **shard)
@@ -558,6 +573,8 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
         progress = sys.stderr.isatty()
     t_start = time.perf_counter() - (float(ckpt.get("elapsed") or 0.0) if ckpt is not None else 0.0)
     losses: List[float] = []
+    val_metrics: Dict[str, float] = {}  # the last validation figures (cfg.val_split), merged into the rows
+    trained_before = sum(r.get("epoch_time") or 0.0 for r in history if r.get("kind") == "epoch")
     final: Dict[str, Any] = {"test_loss": None, "test_accuracy": None}
     stopped = "epochs"
     bar = None
@@ -572,6 +589,9 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
     def run_eval() -> Tuple[float, float, float]:
         t0 = time.perf_counter()
         tl, ta = evaluate_model(model, test_loader, distributed=dist.is_distributed())
+        if "val" in data:
+            val_metrics.update(zip(("val_loss", "val_accuracy"),
+                                   evaluate_model(model, data["val"][1], distributed=dist.is_distributed())))
         return tl, ta, time.perf_counter() - t0
 
     def save_model_pt() -> None:
@@ -620,7 +640,8 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
                                 w = running["win_steps"]
                                 metrics.write({"kind": "step", "epoch": epoch + 1, "step": step,
                                                "loss": running["win_loss"] / w, "accuracy": running["win_acc"] / w,
-                                               "lr": r.lr, "elapsed": now - t_start})
+                                               "lr": r.lr, "elapsed": now - t_start,
+                                               "train_time": trained_before + running["train_time"]})
                                 running["win_loss"], running["win_acc"], running["win_steps"] = 0.0, 0.0, 0
                             safe = {"loader": loader.state_dict(), "epoch": epoch, "batch": batch,
                                     "running": dict(running)}
@@ -643,7 +664,7 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
                         row = {"kind": "final", "epoch": epoch + 1, "step": trainer.step_count, "lr": running["lr"],
                                "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": tl,
                                "test_accuracy": ta, "epoch_time": running["train_time"], "eval_time": te,
-                               "elapsed": time.perf_counter() - t_start}
+                               "elapsed": time.perf_counter() - t_start, **val_metrics}
                         metrics.write(row)
                         history.append(row)
                         final = {"test_loss": tl, "test_accuracy": ta}
@@ -662,13 +683,14 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
                     row = {"kind": "epoch", "epoch": epoch + 1, "step": trainer.step_count, "lr": running["lr"],
                            "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": tl,
                            "test_accuracy": ta, "epoch_time": running["train_time"], "eval_time": te,
-                           "elapsed": time.perf_counter() - t_start}
+                           "elapsed": time.perf_counter() - t_start, **(val_metrics if do_eval else {})}
                     metrics.write(row)
                     history.append(row)
                     if do_eval:
                         final = {"test_loss": tl, "test_accuracy": ta}
                     log(_epoch_line(row, cfg.epochs))
                     scheduler.step()
+                    trained_before += running["train_time"]
                     epoch, batch = epoch + 1, 0
                     running = _new_running()
                     loader.set_epoch(epoch)
@@ -717,6 +739,8 @@ def _epoch_line(row: Dict[str, Any], epochs: int) -> str:
 
     test = (f", test loss {f(row['test_loss'], '.4f')} acc {f(row['test_accuracy'] * 100, '.2f')}%"
             if row.get("test_accuracy") is not None else "")
+    if row.get("val_accuracy") is not None:
+        test += f", val loss {f(row['val_loss'], '.4f')} acc {f(row['val_accuracy'] * 100, '.2f')}%"
     return (f"fsg: epoch {row['epoch']}/{epochs} (step {row['step']}, lr {row['lr']:.3g}): train loss "
             f"{f(row['train_loss'], '.4f')} acc {f(None if row['train_accuracy'] is None else row['train_accuracy'] * 100, '.2f')}%"
             f"{test}, {row['epoch_time']:.1f} s")
