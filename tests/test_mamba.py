@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsg import mamba
+from fsg import mamba, ssm
 from fsg.mamba import (
     Mamba,
     causal_conv1d,
@@ -17,6 +17,9 @@ from fsg.mamba import (
     set_scan_impl,
     use_scan_impl,
 )
+
+# the old selection API (set_scan_impl, ...) is tested here on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:fsg.mamba.*is deprecated:DeprecationWarning")
 
 DT = torch.float64
 
@@ -105,11 +108,11 @@ def make_scan_inputs(batch=2, dim=3, N=4, L=6, seed=0, requires_grad=False):
 @pytest.fixture(autouse=True)
 def _restore_scan_impl():
     prev = get_scan_impl()
-    known = set(mamba._SCAN_IMPLS)
+    known = set(ssm.list_backends())
     yield
     set_scan_impl(prev)
-    for k in set(mamba._SCAN_IMPLS) - known:
-        del mamba._SCAN_IMPLS[k]
+    for k in set(ssm.list_backends()) - known:
+        ssm.unregister_backend(k)
 
 
 # ---------------------------------------------------------------------------
@@ -464,17 +467,10 @@ def test_mamba_bfloat16_module_runs():
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _restore_scan_impl():
-    previous = get_scan_impl()
-    yield
-    set_scan_impl(previous)
-
-
 def test_default_impl_is_auto():
     assert get_scan_impl() == "auto"
-    assert mamba._SCAN_IMPLS["ref"] is selective_scan_ref
-    assert {"ref", "fused", "auto"} <= set(mamba._SCAN_IMPLS)
+    assert ssm.get_backend("reference").selective_scan is selective_scan_ref
+    assert {"reference", "cpu", "mamba_ssm", "triton"} <= set(ssm.list_backends())
 
 
 def test_set_unknown_impl_raises():
@@ -541,7 +537,8 @@ def test_cpu_inputs_never_use_cuda_kernel(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("CUDA kernel must not be used for CPU tensors")
 
-    monkeypatch.setattr(mamba, "_cuda_selective_scan_fn", boom)
+    monkeypatch.setattr(ssm.get_backend("mamba_ssm"), "selective_scan", boom)
+    monkeypatch.setattr(ssm.get_backend("mamba_ssm"), "check_available", lambda: None)
     inp = make_scan_inputs()
     y = selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"])
     torch.testing.assert_close(y, selective_scan_ref(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"]))

@@ -7,6 +7,9 @@ from fsg import mamba, scan_cpu
 from fsg.mamba import Mamba, selective_scan, selective_scan_ref, use_scan_impl
 from fsg.scan_cpu import CHUNK, selective_scan_fused
 
+# the old selection API (set_scan_impl, ...) is tested here on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:fsg.mamba.*is deprecated:DeprecationWarning")
+
 needs_kernel = pytest.mark.skipif(not scan_cpu.available(), reason=f"fused scan unavailable: {scan_cpu.build_error()}")
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]

@@ -10,7 +10,7 @@ Fast and Slow Gradient generation (FSG, AAAI 2025) and the baselines it is measu
         trainer.step(x, y)
 """
 
-from . import distributed, estimators, mamba, models, quantizers, synthetic
+from . import distributed, estimators, mamba, models, quantizers, ssm, synthetic
 from .binarize import BinaryLayer, BinaryWeight, binarize, binarized_layers, is_binarized
 from .estimators import ESTIMATORS, Estimator, LayerContext, get_estimator, register_estimator
 from .quantizers import QUANTIZERS, Quantizer, get_quantizer, register_quantizer
@@ -27,5 +27,5 @@ __all__ = [
     "Trainer", "StepResult", "evaluate", "make_optimizer",
     "export_model", "export_checkpoint", "load_exported", "read_exported", "ExportError",
     "summary", "ModelSummary",
-    "distributed", "estimators", "mamba", "models", "quantizers", "synthetic", "__version__",
+    "distributed", "estimators", "mamba", "models", "quantizers", "ssm", "synthetic", "__version__",
 ]

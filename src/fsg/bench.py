@@ -10,7 +10,7 @@ machine, one after the other; ratios are taken between measurements of the same 
   ``*_peak_rss_mb``: the process's peak resident memory (model, data, optimizer included).
 * ``scan``: the selective scan alone, forward + backward, on the history sequence of ResNet-20's
   largest layer in the flat layout (36,864 weights → 1 + 5·36,864 = 184,321 tokens, 100 channels,
-  16 states): ``fsg.scan_cpu`` against ``mambapy`` 1.2's parallel scan (a benchmark-only extra:
+  16 states): ``fsg.ssm.cpu`` against ``mambapy`` 1.2's parallel scan (a benchmark-only extra:
   ``pip install mambapy``). ``*_peak_rss_mb``: the peak resident memory *added* by the scan
   (peak minus the resident memory once the inputs exist).
 """
@@ -89,7 +89,7 @@ def _case_scan(impl: str, reps: int, threads: Optional[int], length: int = SCAN_
         def run():
             return block.selective_scan(u, delta, A, B, C, D)  # (B, L, ED) layout, parallel scan
     else:
-        from fsg import scan_cpu
+        from fsg.ssm import cpu as scan_cpu
 
         if not scan_cpu.available():
             raise RuntimeError(f"fused scan unavailable: {scan_cpu.build_error()}")

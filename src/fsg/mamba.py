@@ -22,29 +22,33 @@ The block maps ``x`` of shape ``(B, T, d_model)`` to the same shape.  With
 
 There is no normalisation and no residual connection around the block.
 
-The scan is reached through :func:`selective_scan`, a dispatcher with the
-signature and tensor layouts of ``mamba_ssm``'s ``selective_scan_fn``.  On
-CUDA it uses ``mamba_ssm``'s kernel when that package is importable;
-otherwise it calls the selected CPU implementation: ``"auto"`` (default: the
-fused, memory-bounded compiled kernel of :mod:`fsg.scan_cpu` when it can be
-built here, else the reference), ``"fused"`` (that kernel; it falls back to
-the reference itself for float64 inputs or without a compiler), ``"ref"``
-(:func:`selective_scan_ref`), or another one registered with
-:func:`register_scan_impl`, selected with :func:`set_scan_impl` or
-:func:`use_scan_impl`.  Parameter names match ``mamba_ssm.Mamba`` so state
-dicts can be exchanged.
+The scan (:func:`selective_scan`, with the signature and tensor layouts of
+``mamba_ssm``'s ``selective_scan_fn``), the causal convolution, the low-memory
+forward and the streaming step are dispatched through the backends of
+:mod:`fsg.ssm` (``"auto"`` by default: the C kernels on the CPU, ``mamba_ssm``
+or Triton on CUDA; :func:`fsg.ssm.set_backend` / :func:`fsg.ssm.use_backend`
+choose another, :func:`fsg.ssm.register_backend` adds one).  The old
+selection functions :func:`set_scan_impl`, :func:`use_scan_impl`,
+:func:`get_scan_impl` and :func:`register_scan_impl` are deprecated aliases
+(old names ``"ref"`` = ``"reference"``, ``"fused"`` = ``"cpu"``).  Parameter
+names match ``mamba_ssm.Mamba`` so state dicts can be exchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from typing import Callable, Dict, Iterator, Optional
+import warnings
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
+
+from . import ssm as _ssm
+from .ssm.backends import Backend, causal_conv1d, selective_scan, selective_scan_step
+from .ssm.reference import check_scan_shapes, compute_dtype, selective_scan_ref
 
 __all__ = [
     "selective_scan_ref",
@@ -57,285 +61,69 @@ __all__ = [
     "Mamba",
 ]
 
-
-# ---------------------------------------------------------------------------
-# Reference selective scan
-# ---------------------------------------------------------------------------
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half/bfloat16/float32 inputs, float64 stays float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# old private names, kept for code that imported them
+_compute_dtype = compute_dtype
+_check_scan_shapes = check_scan_shapes
 
 
-def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
-    if u.dim() != 3:
-        raise ValueError(f"u must have shape (batch, d_inner, L), got {tuple(u.shape)}")
-    batch, dim, length = u.shape
-    if delta.shape != u.shape:
-        raise ValueError(f"delta must have the shape of u {tuple(u.shape)}, got {tuple(delta.shape)}")
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"A must have shape (d_inner={dim}, d_state), got {tuple(A.shape)}")
-    dstate = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (batch, dstate, length):
-            raise ValueError(
-                f"{name} must have shape (batch, d_state, L) = {(batch, dstate, length)}, got {tuple(t.shape)}"
-            )
-    if D is not None and tuple(D.shape) != (dim,):
-        raise ValueError(f"D must have shape (d_inner,) = {(dim,)}, got {tuple(D.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"z must have the shape of u {tuple(u.shape)}, got {tuple(z.shape)}")
-    if delta_bias is not None and tuple(delta_bias.shape) != (dim,):
-        raise ValueError(f"delta_bias must have shape (d_inner,) = {(dim,)}, got {tuple(delta_bias.shape)}")
-    if initial_state is not None and tuple(initial_state.shape) != (batch, dim, dstate):
-        raise ValueError(
-            f"initial_state must have shape (batch, d_inner, d_state) = {(batch, dim, dstate)}, "
-            f"got {tuple(initial_state.shape)}"
-        )
-
-
-def selective_scan_ref(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_bias: Optional[Tensor] = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    initial_state: Optional[Tensor] = None,
-):
-    """Reference selective scan, plain PyTorch, differentiable by autograd.
-
-    Shapes (``mamba_ssm`` layout): ``u, delta, z``: ``(batch, d_inner, L)``;
-    ``A``: ``(d_inner, d_state)``; ``B, C``: ``(batch, d_state, L)``;
-    ``D, delta_bias``: ``(d_inner,)``; ``initial_state``:
-    ``(batch, d_inner, d_state)``.
-
-    With ``delta <- delta + delta_bias`` and then ``delta <- softplus(delta)``
-    when requested, it computes, for every batch ``b``, channel ``d``,
-    state ``n``::
-
-        h_t[b,d,n] = exp(delta[b,d,t] * A[d,n]) * h_{t-1}[b,d,n]
-                     + delta[b,d,t] * B[b,n,t] * u[b,d,t]
-        y[b,d,t]   = sum_n C[b,n,t] * h_t[b,d,n]  (+ D[d] * u[b,d,t])
-        y          <- y * silu(z)                 (if z is given)
-
-    with ``h_{-1} = initial_state`` (zeros if None).  Returns ``y`` in the
-    dtype of ``u`` and, if ``return_last_state``, also the final state
-    ``h_{L-1}`` of shape ``(batch, d_inner, d_state)`` (in the compute dtype).
-
-    Computation happens in float32 (half/bfloat16 are upcast; float64 stays
-    float64).  The decay and input terms are built for all time steps at
-    once; only the recurrence itself is a Python loop over time.
-    """
-    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    dtype_in = u.dtype
-    ct = _compute_dtype(dtype_in)
-    batch, dim, length = u.shape
-    dstate = A.shape[1]
-
-    u = u.to(ct)
-    delta = delta.to(ct)
-    A = A.to(ct)
-    B = B.to(ct)
-    C = C.to(ct)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-
-    # Time-major (L, batch, d_inner, d_state) so each step reads a contiguous slice.
-    delta_t = delta.permute(2, 0, 1)  # (L, b, d)
-    deltaA = torch.exp(delta_t[..., None] * A)  # (L, b, d, n)
-    deltaB_u = (delta_t * u.permute(2, 0, 1))[..., None] * B.permute(2, 0, 1)[:, :, None, :]  # (L, b, d, n)
-
-    if initial_state is None:
-        h = u.new_zeros(batch, dim, dstate)
-    else:
-        h = initial_state.to(ct)
-
-    hs = []
-    for dA_t, dBu_t in zip(deltaA.unbind(0), deltaB_u.unbind(0)):
-        h = dA_t * h + dBu_t
-        hs.append(h)
-
-    if length > 0:
-        H = torch.stack(hs, dim=0)  # (L, b, d, n)
-        y = torch.einsum("lbdn,bnl->bdl", H, C)
-    else:
-        y = u.new_zeros(batch, dim, 0)
-    if D is not None:
-        y = y + u * D.to(ct)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(ct))
-    y = y.to(dtype_in)
-    return (y, h) if return_last_state else y
+def _causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
+    return causal_conv1d(x, weight, bias, silu=silu)
 
 
 # ---------------------------------------------------------------------------
-# Dispatcher
+# Deprecated selection API (aliases of fsg.ssm's backend selection)
 # ---------------------------------------------------------------------------
 
 ScanFn = Callable[..., object]
-
-def _selective_scan_fused(*args, **kwargs):
-    from .scan_cpu import selective_scan_fused
-
-    return selective_scan_fused(*args, **kwargs)
+_OLD_TO_NEW = {"ref": "reference", "fused": "cpu"}
+_NEW_TO_OLD = {v: k for k, v in _OLD_TO_NEW.items()}
 
 
-def _selective_scan_auto(*args, **kwargs):
-    """The fused CPU kernel when it can be built here, else the reference."""
-    from . import scan_cpu
-
-    fn = scan_cpu.selective_scan_fused if scan_cpu.available() else selective_scan_ref
-    return fn(*args, **kwargs)
-
-
-_SCAN_IMPLS: Dict[str, ScanFn] = {
-    "ref": selective_scan_ref,
-    "fused": _selective_scan_fused,
-    "auto": _selective_scan_auto,
-}
-_current_impl: str = "auto"
-
-_CUDA_FN_UNSET = object()
-_cuda_selective_scan_fn = _CUDA_FN_UNSET
-
-
-def _get_cuda_scan_fn():
-    """mamba_ssm's CUDA ``selective_scan_fn`` or None; imported lazily once."""
-    global _cuda_selective_scan_fn
-    if _cuda_selective_scan_fn is _CUDA_FN_UNSET:
-        try:
-            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        except Exception:  # not installed, or built against another CUDA/torch
-            selective_scan_fn = None
-        _cuda_selective_scan_fn = selective_scan_fn
-    return _cuda_selective_scan_fn
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"fsg.mamba.{old} is deprecated; use fsg.ssm.{new}", DeprecationWarning, stacklevel=3)
 
 
 def register_scan_impl(name: str, fn: ScanFn) -> None:
-    """Register a CPU scan ``fn`` (same signature as :func:`selective_scan_ref`) under ``name``."""
+    """Deprecated: :func:`fsg.ssm.register_backend`. Registers ``fn`` (the signature of
+    :func:`selective_scan_ref`) as the scan of a backend ``name`` for any device; for an existing
+    backend (``"ref"``/``"reference"``, ``"fused"``/``"cpu"``, ...) it replaces only its scan."""
+    _deprecated("register_scan_impl", "register_backend")
     if not isinstance(name, str) or not name:
         raise ValueError(f"scan implementation name must be a non-empty string, got {name!r}")
     if not callable(fn):
         raise ValueError(f"scan implementation {name!r} must be callable, got {type(fn).__name__}")
-    _SCAN_IMPLS[name] = fn
+    name = _OLD_TO_NEW.get(name, name)
+    if name in _ssm.list_backends():
+        _ssm.register_backend(dataclasses.replace(_ssm.get_backend(name), selective_scan=fn))
+    else:
+        _ssm.register_backend(Backend(name, devices=None, selective_scan=fn))
 
 
 def set_scan_impl(name: str) -> None:
-    """Make the registered implementation ``name`` the one :func:`selective_scan` calls."""
-    global _current_impl
-    if name not in _SCAN_IMPLS:
-        known = ", ".join(repr(k) for k in sorted(_SCAN_IMPLS))
+    """Deprecated: :func:`fsg.ssm.set_backend` (``"ref"`` = ``"reference"``, ``"fused"`` = ``"cpu"``)."""
+    _deprecated("set_scan_impl", "set_backend")
+    new = _OLD_TO_NEW.get(name, name)
+    if new != _ssm.AUTO and new not in _ssm.list_backends():
+        known = ", ".join(repr(k) for k in sorted({_ssm.AUTO, *_OLD_TO_NEW, *_ssm.list_backends()}))
         raise ValueError(f"unknown scan implementation {name!r}; known: {known}")
-    _current_impl = name
+    _ssm.set_backend(new)
 
 
 def get_scan_impl() -> str:
-    """Name of the currently selected CPU scan implementation."""
-    return _current_impl
+    """Deprecated: :func:`fsg.ssm.current_backend`, with the old names ``"ref"`` and ``"fused"``."""
+    current = _ssm.current_backend()
+    return _NEW_TO_OLD.get(current, current)
 
 
 @contextlib.contextmanager
 def use_scan_impl(name: str) -> Iterator[None]:
-    """Context manager selecting scan implementation ``name``, restoring the previous one on exit."""
-    previous = get_scan_impl()
+    """Deprecated: :func:`fsg.ssm.use_backend` (old names accepted)."""
+    previous = _ssm.current_backend()
     set_scan_impl(name)
     try:
         yield
     finally:
-        set_scan_impl(previous)
-
-
-def selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_bias: Optional[Tensor] = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    initial_state: Optional[Tensor] = None,
-):
-    """Selective scan dispatcher; same signature and semantics as :func:`selective_scan_ref`.
-
-    Uses ``mamba_ssm``'s CUDA ``selective_scan_fn`` when the inputs are on
-    CUDA, it is importable, the dtypes are ones it supports and no
-    ``initial_state`` is given; otherwise the registered implementation
-    selected by :func:`set_scan_impl` (default ``"auto"``).
-    """
-    if (
-        u.is_cuda
-        and initial_state is None
-        and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and A.dtype == torch.float32
-    ):
-        fn = _get_cuda_scan_fn()
-        if fn is not None:
-            return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    impl = _SCAN_IMPLS[_current_impl]
-    return impl(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D=D,
-        z=z,
-        delta_bias=delta_bias,
-        delta_softplus=delta_softplus,
-        return_last_state=return_last_state,
-        initial_state=initial_state,
-    )
-
-
-# ---------------------------------------------------------------------------
-# Causal depthwise convolution
-# ---------------------------------------------------------------------------
-
-
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """Causal depthwise 1-D convolution over the last axis.
-
-    ``x``: ``(batch, channels, L)``; ``weight``: ``(channels, d_conv)``;
-    ``bias``: ``(channels,)`` or None.  Returns ``(batch, channels, L)`` with::
-
-        out[b, c, t] = bias[c] + sum_{k=0}^{d_conv-1} weight[c, k] * x[b, c, t - (d_conv-1) + k]
-
-    where ``x`` at negative time indices is zero.  Works for any
-    ``d_conv >= 1``, including ``d_conv > L``.
-    """
-    if x.dim() != 3:
-        raise ValueError(f"x must have shape (batch, channels, L), got {tuple(x.shape)}")
-    if weight.dim() != 2 or weight.shape[0] != x.shape[1] or weight.shape[1] < 1:
-        raise ValueError(
-            f"weight must have shape (channels={x.shape[1]}, d_conv>=1), got {tuple(weight.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (x.shape[1],):
-        raise ValueError(f"bias must have shape (channels,) = {(x.shape[1],)}, got {tuple(bias.shape)}")
-    return _causal_conv1d(x, weight, bias, silu=False)
-
-
-def _causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
-    """``causal_conv1d``, then SiLU if ``silu``; the compiled kernel where it applies."""
-    if _current_impl != "ref":
-        from .scan_cpu import causal_conv1d_fused
-
-        out = causal_conv1d_fused(x, weight, bias, silu=silu)
-        if out is not None:
-            return out
-    channels, d_conv = weight.shape
-    out = F.conv1d(F.pad(x, (d_conv - 1, 0)), weight.unsqueeze(1), bias, groups=channels)
-    return F.silu(out) if silu else out
+        _ssm.set_backend(previous)
 
 
 # ---------------------------------------------------------------------------
@@ -473,22 +261,17 @@ class Mamba(nn.Module):
         """``x``: ``(B, T, d_model)`` -> ``(B, T, d_model)``.
 
         ``low_memory=True`` keeps (almost) nothing of the block's activations for the backward
-        pass: with the fused CPU kernels only ``x`` and the scan's chunk-boundary states are
-        kept and the backward recomputes the rest without re-running the scan's forward
-        (:func:`fsg.scan_cpu.mamba_low_memory`); elsewhere the block is checkpointed
-        (``torch.utils.checkpoint``: recomputed in the backward pass). Same values and gradients.
+        pass (:func:`fsg.ssm.mamba_low_memory`): with the ``"cpu"`` backend only ``x`` and the
+        scan's chunk-boundary states are kept and the backward recomputes the rest without
+        re-running the scan's forward (:func:`fsg.ssm.cpu.mamba_low_memory`); with a backend
+        without that operation the block is checkpointed (``torch.utils.checkpoint``:
+        recomputed in the backward pass). Same values and gradients.
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
         if low_memory and torch.is_grad_enabled():
-            if _current_impl != "ref":
-                from .scan_cpu import mamba_low_memory
-
-                out = mamba_low_memory(self, x)
-                if out is not None:
-                    return out
-            return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+            return _ssm.mamba_low_memory(self, x)
+        return self.plain_forward(x)
 
     def stream(self, x: Tensor, state: Optional[tuple] = None, state_buffer: Optional[Tensor] = None):
         """Continue the block's recurrence by the tokens ``x`` (B, T_new, d_model).
@@ -500,8 +283,8 @@ class Mamba(nn.Module):
         convolution is evaluated on the window ``[x_hist, x]``; only the new positions enter the
         projections and the scan (from ``h``). Gradients flow into the new tokens' computation;
         ``state`` enters as a constant. ``state_buffer``: a free (B, d_inner, d_state) float32
-        tensor the fused kernel may write the new scan state into (see ``last_out`` of
-        :func:`fsg.scan_cpu.selective_scan_fused`).
+        tensor the backend may write the new scan state into (see ``last_out`` of
+        :func:`fsg.ssm.selective_scan_step`).
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
@@ -524,29 +307,23 @@ class Mamba(nn.Module):
             u = F.silu(self.conv1d.bias + w_in[:d, 0] * s).transpose(1, 2).contiguous()  # (B, d_inner, t_new)
         else:
             u = _project(w_in[:d], window.transpose(1, 2))
-            u = _causal_conv1d(u, conv_w, self.conv1d.bias, silu=True)[..., k:]
+            u = causal_conv1d(u, conv_w, self.conv1d.bias, silu=True)[..., k:]
         z = _project(w_in[d:], x.transpose(1, 2))
         # (B, T_new, d_inner) @ (d_inner, r + 2n): one GEMM over all B·T_new tokens (a batched
         # matmul of the weight with (B, d_inner, T_new) would be B tiny GEMVs for T_new = 1)
         x_dbl = torch.matmul(u.transpose(1, 2), self.x_proj.weight.t()).transpose(1, 2)
         dlt, Bt, Ct = torch.split(x_dbl, [r, n, n], dim=1)
         delta = _project(self.dt_proj.weight, dlt)
-        param_dtype = _compute_dtype(self.A_log.dtype)
-        scan = selective_scan
-        extra = {}
-        if state_buffer is not None and _current_impl != "ref" and x.device.type == "cpu":
-            from .scan_cpu import selective_scan_fused
-
-            scan, extra = selective_scan_fused, {"last_out": state_buffer}
-        y, h_new = scan(
+        param_dtype = compute_dtype(self.A_log.dtype)
+        y, h_new = selective_scan_step(
             u, delta, -torch.exp(self.A_log.to(param_dtype)), Bt, Ct, D=self.D.to(param_dtype), z=z,
             delta_bias=self.dt_proj.bias.to(param_dtype), delta_softplus=True, return_last_state=True,
-            initial_state=h, **extra,
+            initial_state=h, last_out=state_buffer,
         )
         out = torch.matmul(y.to(x.dtype).transpose(1, 2), self.out_proj.weight.t())  # (B, T_new, d_model)
         return out, (window[:, window.shape[1] - k:].detach(), h_new.detach())
 
-    def _pre_scan_parts(self, x: Tensor):
+    def pre_scan_parts(self, x: Tensor):
         """Steps 1-3, channel-first: ``(u, dlt, B, C)``; ``u`` after the conv and SiLU, ``dlt``
         the dt_rank-dimensional input of ``dt_proj``."""
         # Everything runs channel-first, (B, channels, T), so that no large tensor is transposed:
@@ -554,22 +331,24 @@ class Mamba(nn.Module):
         d, r, n = self.d_inner, self.dt_rank, self.d_state
         xt = x.transpose(1, 2)  # (B, d_model, T)
         u = _project(self.in_proj.weight[:d], xt)  # (B, d_inner, T)
-        u = _causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, silu=True)
+        u = causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, silu=True)
         x_dbl = torch.matmul(self.x_proj.weight, u)  # (B, dt_rank + 2 d_state, T)
         dlt, Bt, Ct = torch.split(x_dbl, [r, n, n], dim=1)
         return u, dlt, Bt, Ct
 
-    def _pre_scan(self, x: Tensor):
+    def pre_scan(self, x: Tensor):
         """Steps 1-4, channel-first: ``(u, z, delta, B, C)`` for the scan (``delta`` without the
         ``dt_proj`` bias, which the scan adds before its softplus)."""
-        u, dlt, Bt, Ct = self._pre_scan_parts(x)
+        u, dlt, Bt, Ct = self.pre_scan_parts(x)
         z = _project(self.in_proj.weight[self.d_inner:], x.transpose(1, 2))
         delta = _project(self.dt_proj.weight, dlt)  # (B, d_inner, T)
         return u, z, delta, Bt, Ct
 
-    def _forward(self, x: Tensor) -> Tensor:
-        u, z, delta, Bt, Ct = self._pre_scan(x)
-        param_dtype = _compute_dtype(self.A_log.dtype)
+    def plain_forward(self, x: Tensor) -> Tensor:
+        """The block on ``x`` (B, T, d_model) with autograd keeping every activation (what
+        ``forward`` runs without ``low_memory``, and what a checkpointed block recomputes)."""
+        u, z, delta, Bt, Ct = self.pre_scan(x)
+        param_dtype = compute_dtype(self.A_log.dtype)
         A = -torch.exp(self.A_log.to(param_dtype))
         y = selective_scan(
             u,
@@ -583,6 +362,11 @@ class Mamba(nn.Module):
             delta_softplus=True,
         )  # (B, d_inner, T), already multiplied by silu(z)
         return torch.matmul(self.out_proj.weight, y.to(x.dtype)).transpose(1, 2)
+
+    # old private names
+    _pre_scan_parts = pre_scan_parts
+    _pre_scan = pre_scan
+    _forward = plain_forward
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,440 @@
+"""Swappable scan backends: the interface, the registry, the selection and the dispatchers.
+
+A :class:`Backend` names a set of implementations of the state-space operations:
+
+* ``selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+  return_last_state=False, initial_state=None)``: the signature and semantics of
+  :func:`fsg.ssm.reference.selective_scan_ref` (the ``mamba_ssm`` layouts);
+* ``causal_conv1d(x, weight, bias, silu)``: :func:`fsg.ssm.reference.causal_conv1d`; it may
+  return None to decline particular inputs;
+* ``mamba_low_memory(block, x)``: ``block(x)`` for a Mamba block, keeping (almost) no activations
+  for the backward pass; may return None to decline;
+* ``selective_scan_step(..., last_out=None)``: the scan continued from ``initial_state`` by a few
+  tokens (streaming), allowed to write the new state into the free float32 buffer ``last_out``
+  (batch, d_inner, d_state) instead of allocating one.
+
+An operation a backend leaves as None (or declines) falls back to the reference for that
+operation: :func:`~fsg.ssm.reference.selective_scan_ref`, ``F.conv1d``
+(:func:`~fsg.ssm.reference.causal_conv1d`), ``torch.utils.checkpoint`` of
+``block.plain_forward`` for the low-memory block (which then runs the backend's own scan and conv
+in the recomputation), and the backend's own ``selective_scan`` for the streaming step (the buffer
+is then unused).
+
+``block`` (for ``mamba_low_memory``) is an :class:`fsg.mamba.Mamba`; backends use only its public
+attributes (``d_model``, ``d_inner``, ``d_state``, ``d_conv``, ``dt_rank``, ``in_proj``,
+``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``) and methods
+(``pre_scan_parts(x)``, ``pre_scan(x)``, ``plain_forward(x)``); this package never imports
+:mod:`fsg.mamba`.
+
+Selection: :func:`set_backend` / :func:`use_backend` choose a registered backend by name, or
+``"auto"`` (the default), which picks for the tensors' device the available backend of highest
+``priority`` among those declaring that device: on CUDA ``mamba_ssm`` (30), then ``triton`` (20);
+on the CPU ``cpu`` (the C kernels, 10). When none is available ``auto`` uses the reference (on
+CUDA with a one-time warning saying what to install). An explicit choice that cannot serve the
+tensors' device, or is not available here, raises a one-line ValueError.
+
+Built-in backends:
+
+* ``"reference"``: plain PyTorch, any device (a Python loop over time; slow for long sequences).
+* ``"cpu"``: the compiled C kernels of :mod:`fsg.ssm.cpu` (scan, conv, low-memory block, streaming
+  step with ``last_out``); available when they build (a C compiler, no ``FSG_NO_COMPILE=1``).
+  float64 inputs go to the reference inside its ops.
+* ``"mamba_ssm"``: ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (CUDA), imported
+  lazily. Its kernel has no initial state and only float32/float16/bfloat16 inputs with a float32
+  ``A``: a scan with ``initial_state`` (streaming) or other dtypes is computed by the reference
+  instead (same semantics). No conv or low-memory op (reference conv, checkpointed block).
+* ``"triton"``: :func:`fsg.ssm.triton_scan.selective_scan_triton` (CUDA), imported lazily; not
+  available (with the import error as reason) while that module or Triton is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Union
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor
+
+from . import cpu as _cpu
+from .reference import causal_conv1d as causal_conv1d_ref
+from .reference import check_conv_shapes, selective_scan_ref
+
+__all__ = [
+    "AUTO",
+    "Backend",
+    "register_backend",
+    "unregister_backend",
+    "get_backend",
+    "list_backends",
+    "set_backend",
+    "use_backend",
+    "current_backend",
+    "select_backend",
+    "selective_scan",
+    "selective_scan_step",
+    "causal_conv1d",
+    "mamba_low_memory",
+]
+
+#: The selection name that picks a backend per device.
+AUTO = "auto"
+
+_OPS = ("selective_scan", "causal_conv1d", "mamba_low_memory", "selective_scan_step")
+
+
+@dataclass(eq=False)
+class Backend:
+    """A named set of state-space operation implementations (see the module docstring).
+
+    ``devices``: the ``torch.device`` types it runs on (e.g. ``{"cpu"}``, ``{"cuda"}``); None: any.
+    ``priority``: rank for ``"auto"`` among the available backends of a device (higher first);
+    None: never picked by ``"auto"``, only by name. ``check_available``: returns None when the
+    backend can run here, else a one-line reason (None: always available).
+    """
+
+    name: str
+    devices: Optional[Iterable[str]] = None
+    selective_scan: Optional[Callable] = None
+    causal_conv1d: Optional[Callable] = None
+    mamba_low_memory: Optional[Callable] = None
+    selective_scan_step: Optional[Callable] = None
+    priority: Optional[int] = None
+    check_available: Optional[Callable[[], Optional[str]]] = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"backend name must be a non-empty string, got {self.name!r}")
+        if self.name == AUTO:
+            raise ValueError(f"{AUTO!r} is reserved for the per-device selection; choose another backend name")
+        if self.devices is not None:
+            if isinstance(self.devices, str):
+                self.devices = (self.devices,)
+            self.devices = frozenset(str(d) for d in self.devices)
+        for op in _OPS + ("check_available",):
+            fn = getattr(self, op)
+            if fn is not None and not callable(fn):
+                raise ValueError(f"backend {self.name!r}: {op} must be callable or None, got {type(fn).__name__}")
+        if self.priority is not None and (isinstance(self.priority, bool) or not isinstance(self.priority, int)):
+            raise ValueError(f"backend {self.name!r}: priority must be an int or None, got {self.priority!r}")
+
+    def supports(self, device: Union[str, torch.device]) -> bool:
+        """Whether it runs on tensors of ``device`` (a type such as ``"cuda"`` or a device)."""
+        return self.devices is None or _device_type(device) in self.devices
+
+    def unavailable_reason(self) -> Optional[str]:
+        """None when the backend can run here, else one line saying why not."""
+        if self.check_available is None:
+            return None
+        try:
+            return self.check_available()
+        except Exception as e:  # noqa: BLE001 - a failing check means "not available"
+            return f"availability check failed: {type(e).__name__}: {e}"
+
+    def available(self) -> bool:
+        """True when the backend can run here (see :meth:`unavailable_reason`)."""
+        return self.unavailable_reason() is None
+
+    def devices_text(self) -> str:
+        return "any device" if self.devices is None else ", ".join(sorted(self.devices))
+
+
+def _device_type(device: Union[str, torch.device]) -> str:
+    if isinstance(device, torch.device):
+        return device.type
+    return torch.device(device).type
+
+
+# ---------------------------------------------------------------------------
+# Registry and selection
+# ---------------------------------------------------------------------------
+
+_REGISTRY: Dict[str, Backend] = {}
+_selected: str = AUTO
+_warned: set = set()  # devices for which "auto" has warned that it falls back to the reference
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add ``backend`` to the registry (replacing one of the same name); returns it."""
+    if not isinstance(backend, Backend):
+        raise ValueError(f"register_backend expects a fsg.ssm.Backend, got {type(backend).__name__}")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    """Remove the backend ``name``; if it was selected, the selection returns to ``"auto"``."""
+    global _selected
+    get_backend(name)  # the unknown-name error
+    del _REGISTRY[name]
+    if _selected == name:
+        _selected = AUTO
+
+
+def _choices() -> str:
+    return ", ".join(repr(n) for n in [AUTO] + list_backends())
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend ``name`` (ValueError listing the choices if there is none)."""
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        if name == AUTO:
+            raise ValueError(f"{AUTO!r} is a selection, not a backend; select_backend(device) gives the one it picks")
+        raise ValueError(f"unknown scan backend {name!r}; choose one of: {_choices()}")
+    return backend
+
+
+def list_backends() -> List[str]:
+    """Names of the registered backends, sorted."""
+    return sorted(_REGISTRY)
+
+
+def set_backend(name: str) -> None:
+    """Select the backend ``name`` (or ``"auto"``) for every scan, conv, low-memory block and stream."""
+    global _selected
+    if name != AUTO:
+        get_backend(name)
+    _selected = name
+
+
+def current_backend() -> str:
+    """The selected name: ``"auto"`` or a registered backend (see :func:`select_backend`)."""
+    return _selected
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager selecting ``name``, restoring the previous selection on exit."""
+    previous = _selected
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous if (previous == AUTO or previous in _REGISTRY) else AUTO)
+
+
+def _reference() -> Backend:
+    return _REGISTRY.get("reference", REFERENCE)
+
+
+def select_backend(device: Union[str, torch.device]) -> Backend:
+    """The backend the current selection uses for tensors on ``device``.
+
+    An explicit selection is returned if it supports ``device`` and is available, else a one-line
+    ValueError says what is wrong and how to fix it. ``"auto"``: the available backend of highest
+    priority among those supporting ``device``, else the reference (warning once on CUDA).
+    """
+    dev = _device_type(device)
+    name = _selected
+    if name != AUTO:
+        backend = _REGISTRY.get(name)
+        if backend is None:  # unregistered behind our back
+            raise ValueError(f"the selected scan backend {name!r} is no longer registered; choose one of: {_choices()}")
+        if not backend.supports(dev):
+            raise ValueError(
+                f"scan backend {name!r} cannot run on {dev} tensors (it supports {backend.devices_text()}); "
+                f"select one that can with fsg.ssm.set_backend(...), e.g. 'auto'")
+        reason = backend.unavailable_reason()
+        if reason is not None:
+            raise ValueError(
+                f"scan backend {name!r} is not available here ({reason}); "
+                f"select another with fsg.ssm.set_backend(...), e.g. 'auto'")
+        return backend
+    candidates = [b for b in _REGISTRY.values() if b.priority is not None and b.supports(dev)]
+    candidates.sort(key=lambda b: -b.priority)  # stable: registration order among equals
+    skipped = []
+    for backend in candidates:
+        reason = backend.unavailable_reason()
+        if reason is None:
+            return backend
+        skipped.append(backend.name)
+    if dev == "cuda" and dev not in _warned:
+        _warned.add(dev)
+        why = f"not available: {', '.join(skipped)}" if skipped else "none registered"
+        warnings.warn(
+            f"fsg.ssm: no fast selective-scan backend for CUDA tensors ({why}); using the slow Python-loop "
+            f"reference scan - pip install mamba-ssm (or triton) for a fast one",
+            RuntimeWarning, stacklevel=3)
+    return _reference()
+
+
+# ---------------------------------------------------------------------------
+# Dispatchers
+# ---------------------------------------------------------------------------
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Optional[Tensor] = None,
+):
+    """Selective scan through the backend selected for ``u``'s device; same signature and
+    semantics as :func:`fsg.ssm.reference.selective_scan_ref`."""
+    fn = select_backend(u.device).selective_scan or selective_scan_ref
+    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+              return_last_state=return_last_state, initial_state=initial_state)
+
+
+def selective_scan_step(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Optional[Tensor] = None,
+    last_out: Optional[Tensor] = None,
+):
+    """:func:`selective_scan` for streaming: the backend's ``selective_scan_step`` may write the
+    new last state into ``last_out`` (a free float32 ``(batch, d_inner, d_state)`` tensor, not
+    referenced by anything still needed); without that op, the backend's scan (buffer unused)."""
+    backend = select_backend(u.device)
+    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                  return_last_state=return_last_state, initial_state=initial_state)
+    if backend.selective_scan_step is not None:
+        return backend.selective_scan_step(u, delta, A, B, C, last_out=last_out, **kwargs)
+    return (backend.selective_scan or selective_scan_ref)(u, delta, A, B, C, **kwargs)
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, silu: bool = False) -> Tensor:
+    """Causal depthwise 1-D convolution over the last axis, then SiLU if ``silu``, through the
+    backend selected for ``x``'s device (see :func:`fsg.ssm.reference.causal_conv1d` for the
+    definition and layouts: ``x`` (batch, channels, L), ``weight`` (channels, d_conv),
+    ``bias`` (channels,) or None)."""
+    check_conv_shapes(x, weight, bias)
+    op = select_backend(x.device).causal_conv1d
+    if op is not None:
+        out = op(x, weight, bias, silu)
+        if out is not None:
+            return out
+    return causal_conv1d_ref(x, weight, bias, silu)
+
+
+def mamba_low_memory(block, x: Tensor) -> Tensor:
+    """``block(x)`` keeping (almost) no activations for the backward: the backend's
+    ``mamba_low_memory`` op, else ``torch.utils.checkpoint`` of ``block.plain_forward``."""
+    op = select_backend(x.device).mamba_low_memory
+    if op is not None:
+        out = op(block, x)
+        if out is not None:
+            return out
+    return torch.utils.checkpoint.checkpoint(block.plain_forward, x, use_reentrant=False)
+
+
+# ---------------------------------------------------------------------------
+# Built-in backends
+# ---------------------------------------------------------------------------
+
+
+def _cpu_unavailable() -> Optional[str]:
+    # looked up on the module at call time (tests monkeypatch fsg.ssm.cpu.available)
+    if _cpu.available():
+        return None
+    return _cpu.build_error() or "the C kernels could not be built"
+
+
+_UNSET = object()
+_lazy: Dict[str, object] = {}  # import name -> the imported function, or the error text
+
+
+def _lazy_import(key: str, importer: Callable[[], Callable]):
+    """``(fn, None)`` or ``(None, reason)``; the import is tried once."""
+    got = _lazy.get(key, _UNSET)
+    if got is _UNSET:
+        try:
+            got = importer()
+        except ModuleNotFoundError as e:
+            got = f"no module named {e.name!r}" if e.name else str(e).splitlines()[0]
+        except Exception as e:  # noqa: BLE001 - e.g. built against another CUDA/torch
+            got = f"{type(e).__name__}: {e}".splitlines()[0]
+        _lazy[key] = got
+    return (None, got) if isinstance(got, str) else (got, None)
+
+
+def _import_mamba_ssm():
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn
+
+
+def _mamba_ssm_unavailable() -> Optional[str]:
+    _, err = _lazy_import("mamba_ssm", _import_mamba_ssm)
+    return None if err is None else f"cannot import mamba_ssm ({err}); pip install mamba-ssm"
+
+
+def _mamba_ssm_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                    return_last_state=False, initial_state=None):
+    """``mamba_ssm``'s CUDA ``selective_scan_fn``; the reference where that kernel does not apply
+    (an ``initial_state``, i.e. streaming; float64; a non-float32 ``A``)."""
+    if (initial_state is None and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and A.dtype == torch.float32):
+        fn, err = _lazy_import("mamba_ssm", _import_mamba_ssm)
+        if fn is None:
+            raise RuntimeError(f"mamba_ssm backend: {err}")
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                              return_last_state=return_last_state, initial_state=initial_state)
+
+
+def _import_triton():
+    from .triton_scan import selective_scan_triton
+
+    return selective_scan_triton
+
+
+def _triton_unavailable() -> Optional[str]:
+    _, err = _lazy_import("triton", _import_triton)
+    if err is None:
+        return None
+    if "'fsg.ssm.triton_scan'" in err:
+        return "fsg.ssm.triton_scan is not part of this installation"
+    return f"cannot import fsg.ssm.triton_scan ({err})" + ("; pip install triton" if "'triton" in err else "")
+
+
+def _triton_scan(*args, **kwargs):
+    fn, err = _lazy_import("triton", _import_triton)
+    if fn is None:
+        raise RuntimeError(f"triton backend: {err}")
+    return fn(*args, **kwargs)
+
+
+REFERENCE = register_backend(Backend(
+    "reference", devices=None, selective_scan=selective_scan_ref, causal_conv1d=causal_conv1d_ref,
+    description="plain PyTorch, any device; a Python loop over time (slow for long sequences)"))
+
+CPU = register_backend(Backend(
+    "cpu", devices={"cpu"}, selective_scan=_cpu.selective_scan_fused, causal_conv1d=_cpu.causal_conv1d_fused,
+    mamba_low_memory=_cpu.mamba_low_memory, selective_scan_step=_cpu.selective_scan_fused, priority=10,
+    check_available=_cpu_unavailable,
+    description="compiled C kernels (fsg.ssm.cpu): fused, memory-bounded scan, conv, low-memory block"))
+
+MAMBA_SSM = register_backend(Backend(
+    "mamba_ssm", devices={"cuda"}, selective_scan=_mamba_ssm_scan, priority=30,
+    check_available=_mamba_ssm_unavailable,
+    description="mamba_ssm's CUDA selective_scan_fn (reference for initial_state / float64)"))
+
+TRITON = register_backend(Backend(
+    "triton", devices={"cuda"}, selective_scan=_triton_scan, priority=20,
+    check_available=_triton_unavailable,
+    # Once fsg.ssm.triton_scan exists, wire its other ops here: selective_scan_step (write the
+    # last state into `last_out`), and mamba_low_memory (like fsg.ssm.cpu._MambaLowMemory, on its
+    # scan_forward / scan_backward with the rank-1 delta / z factors of a d_model = dt_rank = 1
+    # block, keeping only x and the chunk states); until then the reference conv and a
+    # checkpointed block (running this backend's scan) are used.
+    description="Triton selective scan kernels (fsg.ssm.triton_scan)"))
