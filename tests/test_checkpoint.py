@@ -18,7 +18,7 @@ from fsg.run import TrainingInterrupted, train
 
 from conftest import interrupt_at_batch, make_mlp, make_task
 
-TIME_FIELDS = ("epoch_time", "eval_time", "elapsed")
+TIME_FIELDS = ("epoch_time", "eval_time", "elapsed", "train_time")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
