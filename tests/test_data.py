@@ -523,3 +523,94 @@ def test_loader_resume_mid_epoch():
     # afterwards the loader moves on to epoch 2, like the uninterrupted one
     assert resumed.state_dict() == {"epoch": 2, "batch": 0, "seed": 3}
     assert torch.equal(torch.cat([y for _, y in resumed]), torch.cat([y for _, y in full]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Device-resident data (the GPU path, exercised on the CPU with resident=True and on "meta")
+
+
+def slow_reference_epoch(ds, batch_size, seed, epoch, padding=4):
+    """One training epoch by hand, image by image: the documented draws (perm, then per batch
+    offsets and flips) from the epoch generator, zero padding, crop, mirror, normalise."""
+    g = D.epoch_generator(seed, epoch)
+    n = len(ds)
+    perm = torch.randperm(n, generator=g)
+    mean = torch.tensor(ds.mean).view(3, 1, 1)
+    std = torch.tensor(ds.std).view(3, 1, 1)
+    out = []
+    for start in range(0, n, batch_size):
+        idx = perm[start:start + batch_size]
+        offsets = torch.randint(0, 2 * padding + 1, (len(idx), 2), generator=g)
+        flip = torch.rand(len(idx), generator=g) < 0.5
+        xs = []
+        for k, i in enumerate(idx.tolist()):
+            img = F.pad(ds.images[i], (padding,) * 4)
+            _, h, w = ds.images[i].shape
+            dy, dx = int(offsets[k, 0]), int(offsets[k, 1])
+            crop = img[:, dy:dy + h, dx:dx + w]
+            if flip[k]:
+                crop = crop.flip(-1)
+            xs.append((crop.float() / 255 - mean) / std)
+        out.append((torch.stack(xs), ds.labels[idx]))
+    return out
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_loader_batches_equal_a_slow_per_image_reference(resident):
+    ds = toy_dataset(n=21)
+    loader = DataLoader(ds, 8, train=True, seed=5, resident=resident)
+    assert loader.resident is resident
+    for epoch in range(2):
+        got = epoch_batches(loader)
+        ref = slow_reference_epoch(ds, 8, 5, epoch)
+        assert len(got) == len(ref) == 3
+        for (x, y), (rx, ry) in zip(got, ref):
+            assert torch.equal(y, ry)
+            assert torch.equal(x, rx)  # bit for bit: the same float ops in the same order
+
+
+def test_resident_loader_equals_the_host_path_in_every_mode():
+    ds = toy_dataset(n=30)
+    for kw in (dict(train=True), dict(train=True, augment=False), dict(train=False),
+               dict(train=True, drop_last=True), dict(train=True, rank=1, world_size=3)):
+        a = epoch_batches(DataLoader(ds, 7, seed=2, resident=False, **kw))
+        b = epoch_batches(DataLoader(ds, 7, seed=2, resident=True, **kw))
+        assert len(a) == len(b) > 0, kw
+        assert all(torch.equal(u[0], v[0]) and torch.equal(u[1], v[1]) for u, v in zip(a, b)), kw
+    # resumed mid-epoch on the resident path: the remaining batches of the uninterrupted epoch
+    full = epoch_batches(DataLoader(ds, 4, train=True, seed=3, resident=True))
+    run = DataLoader(ds, 4, train=True, seed=3, resident=True)
+    it = iter(run)
+    next(it), next(it)
+    resumed = DataLoader(ds, 4, train=True, seed=0, resident=True)
+    resumed.load_state_dict(run.state_dict())
+    rest = epoch_batches(resumed)
+    assert all(torch.equal(u[0], v[0]) and torch.equal(u[1], v[1]) for u, v in zip(rest, full[2:]))
+
+
+def test_non_cpu_loader_moves_the_dataset_once_and_batches_stay_on_the_device(monkeypatch):
+    ds = toy_dataset(n=20)
+    assert not DataLoader(ds, 8, train=True).resident  # the CPU default: unchanged host path
+    loader = DataLoader(ds, 8, train=True, seed=1, device="meta")  # any non-CPU device
+    assert loader.resident and loader._resident_cache is None  # nothing moved before iterating
+    moves = []
+    original = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        if self.numel() >= ds.images.numel():
+            moves.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    for _ in range(3):  # three epochs
+        for x, y in loader:
+            assert x.device.type == "meta" and y.device.type == "meta"
+            assert x.shape == (len(y), 3, 6, 6) and x.dtype == torch.float32
+    assert moves == [ds.images.shape]  # the images went to the device once, not per step
+    cached = loader._resident_cache[2]
+    next(iter(loader))
+    assert loader._resident_cache[2] is cached
+    # a replaced dataset tensor is moved again
+    ds.images = ds.images.clone()
+    next(iter(loader))
+    assert loader._resident_cache[2] is not cached and len(moves) == 2

@@ -16,7 +16,8 @@ labels, class names and the per-channel mean/std used to normalise them):
 :class:`DataLoader` batches a dataset in torch: per-epoch shuffling from a generator seeded by
 ``(seed, epoch)``, CIFAR augmentation (random crop from the zero-padded image + horizontal flip,
 vectorised over the batch, see :func:`random_crop_flip`) and normalisation (:func:`normalize`),
-with a ``state_dict`` that resumes mid-epoch exactly.
+with a ``state_dict`` that resumes mid-epoch exactly. On a GPU it keeps the whole dataset on the
+device and augments there (``resident``).
 
 Errors about missing or bad data are :class:`DataError` (a ``RuntimeError``) with a one-line
 message; missing data raises :class:`DataNotFoundError` (also a ``FileNotFoundError``), a bad
@@ -682,11 +683,19 @@ class DataLoader:
     one-process batch, image for image. Training: a final global batch smaller than
     ``world_size`` is skipped by every rank (each rank must take part in every step); evaluation:
     a rank whose slice is empty skips that batch.
+
+    Device-resident data (``resident``, default: ``device`` is not the CPU): the whole image and
+    label tensors are moved to ``device`` once, at the first iteration (and again only if the
+    dataset's tensors are replaced), and every batch is gathered, cropped, flipped and normalised
+    there: per step only the batch's indices and its crop/flip numbers (a few hundred bytes) go
+    to the device, not the images. The random numbers are still drawn from the CPU generator
+    exactly as above, so a CUDA run sees the same batches and augmentations as a CPU run. On the
+    CPU (``resident=False``) the batch is gathered from the CPU tensors as before.
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, train: bool, seed: int = 0,
                  drop_last: bool = False, augment: Optional[bool] = None, device="cpu",
-                 padding: int = 4, rank: int = 0, world_size: int = 1):
+                 padding: int = 4, rank: int = 0, world_size: int = 1, resident: Optional[bool] = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -703,8 +712,20 @@ class DataLoader:
         self.device = torch.device(device)
         self.padding = int(padding)
         self.rank, self.world_size = int(rank), int(world_size)
+        self.resident = self.device.type != "cpu" if resident is None else bool(resident)
+        self._resident_cache: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None
         self.epoch = 0
         self.batch = 0
+
+    def _device_tensors(self) -> Tuple[Tensor, Tensor]:
+        """The dataset's images and labels on ``device``: moved once, then cached (moved again
+        only when the dataset's tensors are replaced)."""
+        ds, cache = self.dataset, self._resident_cache
+        if cache is None or cache[0] is not ds.images or cache[1] is not ds.labels:
+            self._resident_cache = None  # free the old copy before making the new one
+            cache = (ds.images, ds.labels, ds.images.to(self.device), ds.labels.to(self.device))
+            self._resident_cache = cache
+        return cache[2], cache[3]
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -745,15 +766,29 @@ class DataLoader:
             if hi == lo or (self.train and sizes[k] < self.world_size):
                 continue
             idx = idx[lo:hi]
-            x = ds.images[idx].to(self.device, non_blocking=True)
-            y = ds.labels[idx].to(self.device, non_blocking=True)
-            if self.augment:
-                x = apply_crop_flip(x, dy[lo:hi], dx[lo:hi], flip[lo:hi], self.padding)
+            if self.resident:  # gather on the device: only indices and crop/flip numbers move
+                images, labels = self._device_tensors()
+                if self.augment:  # one small host-to-device copy for idx, dy, dx, flip
+                    moved = torch.stack([idx, dy[lo:hi], dx[lo:hi], flip[lo:hi].long()]).to(self.device)
+                    i, bdy, bdx, bflip = moved.unbind(0)
+                    bflip = bflip.bool()
+                else:
+                    i = idx.to(self.device)
+                x, y = images[i], labels[i]
+                if self.augment:
+                    x = apply_crop_flip(x, bdy, bdx, bflip, self.padding)
+            else:
+                x = ds.images[idx].to(self.device, non_blocking=True)
+                y = ds.labels[idx].to(self.device, non_blocking=True)
+                if self.augment:
+                    x = apply_crop_flip(x, dy[lo:hi], dx[lo:hi], flip[lo:hi], self.padding)
             x = normalize(x, ds.mean, ds.std)
             yield x, y
         self.epoch, self.batch = self.epoch + 1, 0
 
     def __repr__(self) -> str:
         shard = f", rank={self.rank}, world_size={self.world_size}" if self.world_size > 1 else ""
+        where = f", device={str(self.device)!r}" + (", resident=True" if self.resident else "") if (
+            self.device.type != "cpu" or self.resident) else ""
         return (f"DataLoader({self.dataset!r}, batch_size={self.batch_size}, train={self.train}, "
-                f"augment={self.augment}, seed={self.seed}, epoch={self.epoch}, batch={self.batch}{shard})")
+                f"augment={self.augment}, seed={self.seed}, epoch={self.epoch}, batch={self.batch}{shard}{where})")
