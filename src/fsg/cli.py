@@ -55,7 +55,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .binarize import binarize
-from .config import DATASET_NAMES, MODEL_NAMES, RESUME_CHANGEABLE, TrainConfig
+from .config import AMP_DTYPES, DATASET_NAMES, MODEL_NAMES, RESUME_CHANGEABLE, TrainConfig
 from .estimators import ESTIMATORS
 from .models import SmallCNN
 from .quantizers import QUANTIZERS
@@ -131,6 +131,16 @@ _nonnegative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number")
 _unit_float = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+
+
+def _amp(text: str) -> Optional[str]:
+    """``--amp``: ``bf16`` or ``fp16`` (refused with its reason by the configuration), ``none``."""
+    v = text.strip().lower()
+    if v == "none":
+        return None
+    if v not in AMP_DTYPES:
+        raise argparse.ArgumentTypeError(f"expected bf16 or none, got {text!r}")
+    return v
 
 
 def _read_config_file(path: str) -> dict:
@@ -384,7 +394,10 @@ def _add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = 
     opt_in(g, "log_every", "write a step row to the metrics every N steps", type=_positive_int, metavar="N")
     opt_in(g, "tensorboard", "also log to TensorBoard (<out>/tensorboard; needs tensorboardX)", **bool_kw)
     opt_in(g, "num_threads", "torch CPU threads (default: torch's)", type=_positive_int, metavar="N")
-    opt_in(g, "device", "torch device")
+    opt_in(g, "device", "torch device: cpu, cuda, cuda:1, ... (checked before anything is written)")
+    opt_in(g, "amp", "mixed precision: bf16 runs the network's forward passes and the loss under torch.autocast "
+           "(hypernetworks, captured gradients and optimizers stay float32); none: float32. fp16 is refused "
+           "(it needs loss scaling)", type=_amp, metavar="{bf16,none}")
     if not grid:
         opt_in(g, "seed", "seed of the initialisation and of the data order/augmentation", type=_nonnegative_int)
 

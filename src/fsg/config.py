@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-__all__ = ["TrainConfig", "MODEL_NAMES", "DATASET_NAMES", "RESUME_CHANGEABLE", "estimator_option_names"]
+__all__ = ["TrainConfig", "MODEL_NAMES", "DATASET_NAMES", "RESUME_CHANGEABLE", "AMP_DTYPES", "estimator_option_names",
+           "parse_device", "require_device", "amp_dtype"]
 
 MODEL_NAMES = ("small-cnn", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 DATASET_NAMES = ("cifar10", "cifar100", "imagefolder", "synthetic")
@@ -30,6 +31,64 @@ RESUME_CHANGEABLE = (
     "epochs", "max_steps", "out", "data_dir", "download", "eval_every", "log_every", "tensorboard",
     "num_threads", "eval_batch_size", "device",
 )
+
+
+#: ``TrainConfig.amp`` values (autocast of the main network; ``fp16`` is refused, see :func:`amp_dtype`).
+AMP_DTYPES = ("bf16", "fp16")
+
+
+def parse_device(device) -> "torch.device":
+    """``torch.device(device)``, or ``ValueError`` with one line when the string names no device."""
+    import torch
+
+    try:
+        if isinstance(device, bool) or not isinstance(device, (str, torch.device)):
+            raise TypeError
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+
+
+def require_device(device) -> "torch.device":
+    """The parsed ``device`` if this process can use it, else ``ValueError`` with one line saying
+    why and what to use instead: a CUDA device needs a GPU visible to PyTorch (and an index below
+    ``torch.cuda.device_count()``); other non-CPU devices must accept a tensor."""
+    import torch
+
+    dev = parse_device(device)
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+                   else f"torch {torch.__version__} with CUDA {torch.version.cuda}, but no GPU or driver was found")
+            raise ValueError(f"--device {device}: no CUDA GPU is visible to PyTorch ({why}); use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {device}: PyTorch sees {n} CUDA GPU{'s' if n != 1 else ''} "
+                             f"(cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}); use one of them or --device cpu")
+        return dev
+    try:
+        torch.empty(1, device=dev)
+    except Exception as e:  # noqa: BLE001 - any backend's refusal, as one line
+        msg = " ".join(str(e).split())[:120]
+        raise ValueError(f"--device {device}: not usable here ({type(e).__name__}: {msg}); use --device cpu") from None
+    return dev
+
+
+def amp_dtype(amp: Optional[str]):
+    """The autocast dtype of ``TrainConfig.amp``: ``None`` (no autocast) or ``torch.bfloat16``.
+    ``"fp16"`` raises ``ValueError``: float16 gradients need loss scaling (a GradScaler), which the
+    look-ahead step (∂L/∂Ŵ captured for the hypernetworks, their meta step) does not do."""
+    import torch
+
+    if amp is None:
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        raise ValueError("amp fp16 needs loss scaling, which fsg does not do; use bf16")
+    raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} (or none), got {amp!r}")
 
 
 def estimator_option_names(name: str):
@@ -92,7 +151,11 @@ class TrainConfig:
         out: run directory (config.json, metrics.jsonl, metrics.csv, last.pt, TensorBoard logs).
         eval_every: evaluate on the test split every this many epochs (and after the last);
         log_every: write a step row every this many steps; tensorboard: also write TensorBoard.
-        num_threads: torch CPU threads (``None``: leave torch's setting); device: torch device.
+        num_threads: torch CPU threads (``None``: leave torch's setting); device: torch device
+        (checked when the run starts: :func:`require_device`).
+        amp: ``"bf16"``: the main network's forward passes (plain and look-ahead) and the loss run
+        under ``torch.autocast(device, bfloat16)``; hypernetworks, captured gradients and
+        optimizers stay float32 (``None``: no autocast; ``"fp16"`` is refused, :func:`amp_dtype`).
     """
 
     # model and data
@@ -139,6 +202,7 @@ class TrainConfig:
     tensorboard: bool = False
     num_threads: Optional[int] = None
     device: str = "cpu"
+    amp: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -294,6 +358,8 @@ class TrainConfig:
         boolean("tensorboard")
         integer("num_threads", 1, optional=True)
         string("device")
+        parse_device(self.device)
+        amp_dtype(self.amp)
         if not self.full_precision:
             self._check_estimator_options(ESTIMATORS, get_estimator)
         return self

@@ -54,10 +54,11 @@ from . import distributed as dist
 from .binarize import binarize
 from .checkpoint import (CheckpointError, atomic_write_text, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import RESUME_CHANGEABLE, TrainConfig
+from .config import RESUME_CHANGEABLE, TrainConfig, amp_dtype, require_device
 from .models import SmallCNN, get_model, load_pretrained
 from .optim import make_optimizer
-from .trainer import StepResult, Trainer, _accuracy, average_over_ranks, evaluate as evaluate_model
+from .trainer import (StepResult, Trainer, _accuracy, autocast_context, average_over_ranks, check_autocast_dtype,
+                      evaluate as evaluate_model)
 
 __all__ = [
     "train", "pretrain", "evaluate", "TrainResult", "TrainingInterrupted", "FullPrecisionTrainer",
@@ -108,7 +109,8 @@ class FullPrecisionTrainer:
     ``step_count``, ``state_dict``/``load_state_dict``)."""
 
     def __init__(self, model: nn.Module, optimizer: str = "sgdm", lr: float = 0.1,
-                 weight_decay: Optional[float] = None, loss_fn=None):
+                 weight_decay: Optional[float] = None, loss_fn=None, autocast_dtype: Optional[torch.dtype] = None):
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         self.model = model
         self.optimizer = make_optimizer(optimizer, model.parameters(), lr, weight_decay=weight_decay)
         self.loss_fn = loss_fn or F.cross_entropy
@@ -124,8 +126,10 @@ class FullPrecisionTrainer:
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         self.model.train()
         lr = self.lr
-        out = self.model(x)
-        loss = self.loss_fn(out, y)
+        device = next(self.model.parameters()).device
+        with autocast_context(device, self.autocast_dtype):
+            out = self.model(x)
+            loss = self.loss_fn(out if self.autocast_dtype is None else out.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         loss_value, acc, samples = loss.detach(), _accuracy(out.detach(), y), int(y.shape[0])
@@ -227,9 +231,11 @@ def build_model(cfg: TrainConfig, dataset, *, pretrained: bool = True, log: Call
 def build_trainer(cfg: TrainConfig, model: nn.Module):
     """The :class:`~fsg.trainer.Trainer` (or :class:`FullPrecisionTrainer`) for ``model``."""
     if cfg.full_precision:
-        return FullPrecisionTrainer(model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay)
+        return FullPrecisionTrainer(model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay,
+                                    autocast_dtype=amp_dtype(cfg.amp))
     return Trainer(model, cfg.estimator, optimizer=cfg.optimizer, lr=cfg.lr, update_on_observe=cfg.update_on_observe,
-                   weight_decay=cfg.weight_decay, adam_variant=cfg.adam_variant, **cfg.estimator_options)
+                   weight_decay=cfg.weight_decay, adam_variant=cfg.adam_variant, autocast_dtype=amp_dtype(cfg.amp),
+                   **cfg.estimator_options)
 
 
 def _seed_everything(seed: int) -> None:
@@ -505,10 +511,12 @@ def _train_checked(config: Optional[TrainConfig], resume, progress, log, group: 
         if config is None:
             raise ValueError("train() needs a config (or resume=CHECKPOINT)")
         cfg = config.validate()
+    require_device(cfg.device)  # no usable device: one line, before anything is written
     # under torchrun: join the process group (NCCL for a CUDA device, one GPU per LOCAL_RANK)
     group["joined"], device = dist.init_from_env(cfg.device)
     if device != cfg.device:
         cfg = cfg.replace(device=device)
+        require_device(cfg.device)
     if not dist.is_main_process():  # rank 0 speaks and writes for the group
         log, progress = (lambda msg: None), False
     out = Path(cfg.out)
@@ -797,6 +805,7 @@ def evaluate(checkpoint: PathLike, data_dir: Optional[str] = None, *, batch_size
     if device is not None:
         changes["device"] = device
     cfg = cfg.replace(**changes).validate()
+    require_device(cfg.device)
     ds, loader = build_data(cfg, splits=("test",))["test"]
     model = build_model(cfg, ds, pretrained=False)
     try:

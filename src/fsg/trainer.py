@@ -17,10 +17,18 @@ Step ``t ≥ 1``::
 
 STE (and any estimator with ``lookahead = False``) is plain training: forward at ``W``,
 backward, optional replacement of ``W.grad`` by ``U_l``, optimizer step.
+
+Mixed precision (``autocast_dtype=torch.bfloat16``): only the main network's forward (plain or
+look-ahead, step 2) and the loss run under ``torch.autocast(device_type, bfloat16)``, the logits
+cast to float32 before the loss. The meta-gradient (step 1, the hypernetworks), the look-ahead
+weights ``W − η·D``, the captured ``∂L/∂Ŵ`` (the gradient at the float32 binary weight, upstream
+of autocast's cast), the meta step and the base optimizer stay float32. float16 is refused: it
+would need loss scaling (a GradScaler) of the loss, the hypernetwork gradients and ``∂L/∂Ŵ``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -34,7 +42,8 @@ from .binarize import BinaryLayer, binarized_layers
 from .estimators import Estimator, LayerContext, get_estimator
 from .optim import OPTIMIZERS, make_optimizer, step_with_directions
 
-__all__ = ["Trainer", "StepResult", "make_optimizer", "evaluate", "OPTIMIZERS"]
+__all__ = ["Trainer", "StepResult", "make_optimizer", "evaluate", "OPTIMIZERS", "check_autocast_dtype",
+           "autocast_context"]
 
 @dataclass
 class StepResult:
@@ -73,6 +82,9 @@ class Trainer:
             The model's and the estimator's parameters and buffers are broadcast from rank 0 here.
         adam_variant: with ``optimizer="adam"``: ``"torch"`` (the spec's ``m̂/(√v̂ + ε)``) or
             ``"reference"`` (MetaQuant's arithmetic, ε before the bias correction); :mod:`fsg.optim`.
+        autocast_dtype: ``None`` (float32 throughout) or ``torch.bfloat16``: the model's forward
+            passes and the loss under ``torch.autocast`` (module docstring); ``torch.float16`` is
+            refused (it needs loss scaling).
         estimator_options: keyword arguments for a named estimator.
     """
 
@@ -87,8 +99,10 @@ class Trainer:
         weight_decay: Optional[float] = None,
         distributed: Optional[bool] = None,
         adam_variant: str = "torch",
+        autocast_dtype: Optional[torch.dtype] = None,
         **estimator_options,
     ):
+        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
         self.model = model
         self.layers: List[BinaryLayer] = binarized_layers(model)
         if not self.layers:
@@ -126,6 +140,10 @@ class Trainer:
     def lr(self) -> float:
         """The current base learning rate ``η_t``."""
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def _autocast(self):
+        """``torch.autocast`` on the model's device with :attr:`autocast_dtype` (or nothing)."""
+        return autocast_context(self.layers[0].latent.device, self.autocast_dtype)
 
     def _contexts(self) -> List[LayerContext]:
         """Every layer's :class:`LayerContext` from the most recent recorded forward/backward."""
@@ -194,12 +212,16 @@ class Trainer:
 
         # 1-2. meta-gradient and look-ahead forward (or a plain forward at W)
         if meta:
-            directions = [est.directions(c) for c in self._contexts()]
-            out = functional_call(self.model, self._lookahead_params(directions), (x,))
+            directions = [est.directions(c) for c in self._contexts()]  # float32, outside autocast
+            params = self._lookahead_params(directions)
+            with self._autocast():
+                out = functional_call(self.model, params, (x,))
+                loss = self.loss_fn(out if self.autocast_dtype is None else out.float(), y)
         else:
             directions = None
-            out = self.model(x)
-        loss = self.loss_fn(out, y)
+            with self._autocast():
+                out = self.model(x)
+                loss = self.loss_fn(out if self.autocast_dtype is None else out.float(), y)
 
         # 3. backward: hypernetwork grads, new ∂L/∂Ŵ, natural grads of everything else
         self._zero_grad()
@@ -344,6 +366,23 @@ def average_over_ranks(model: nn.Module, tensors: List[Tensor], loss: Tensor, ac
     total = dist.weighted_average_(everything + [stats], samples)
     loss_g, acc_g = stats.tolist()
     return loss_g, (None if acc is None else acc_g), int(round(total))
+
+
+def check_autocast_dtype(dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """``dtype`` if the trainers can autocast to it (``None`` or ``torch.bfloat16``), else a
+    one-line ``ValueError`` (float16 needs loss scaling, which the trainers do not do)."""
+    if dtype is None or dtype == torch.bfloat16:
+        return dtype
+    if dtype == torch.float16:
+        raise ValueError("autocast to float16 needs loss scaling, which fsg does not do; use torch.bfloat16 (amp bf16)")
+    raise ValueError(f"autocast_dtype must be None or torch.bfloat16, got {dtype!r}")
+
+
+def autocast_context(device: Union[str, torch.device], dtype: Optional[torch.dtype]):
+    """``torch.autocast(device type, dtype)``, or a no-op context when ``dtype`` is ``None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def _to_device(obj, device):
