@@ -28,8 +28,9 @@ def tiny(out, estimator="multifc", **kw):
     """small-cnn width 4 on a tiny synthetic task: 64 train images, batch 16 → 4 steps/epoch."""
     opts = {"fsg": dict(expand=4, fast_hidden=8, d_state=4, d_conv=4), "multifc": dict(hidden=8),
             "fc-grad": dict(hidden=8), "lstmfc": dict(hidden=4),
-            "fsg-stream": dict(expand=4, fast_hidden=8, d_state=4, d_conv=4, layout="stream")}.get(estimator, {})
-    estimator = "fsg" if estimator == "fsg-stream" else estimator
+            "fsg-stream": dict(expand=4, fast_hidden=8, d_state=4, d_conv=4, layout="stream"),
+            "fsg-lstm-fc": dict(slow_net="lstm-fc", fast_hidden=8)}.get(estimator, {})
+    estimator = "fsg" if estimator.startswith("fsg-") else estimator
     base = dict(model="small-cnn", width=4, dataset="synthetic",
                 dataset_options=dict(n_train=64, n_test=16, size=8, num_classes=4),
                 estimator=estimator, estimator_options=opts, optimizer="sgdm", lr=0.05, lr_step=1,
@@ -92,7 +93,7 @@ def metric_rows(out):
 # (a) exact resume, mid-epoch, every estimator
 
 
-@pytest.mark.parametrize("estimator", ["ste", "multifc", "lstmfc", "fsg", "fsg-stream"])
+@pytest.mark.parametrize("estimator", ["ste", "multifc", "lstmfc", "fsg", "fsg-stream", "fsg-lstm-fc"])
 def test_resume_mid_epoch_is_exact(tmp_path, tmp_path_factory, estimator):
     ref, ref_ck, ref_out = reference(tmp_path_factory, estimator)
     assert ref.steps == 8 and len(ref.losses) == 8
@@ -121,6 +122,9 @@ def test_resume_mid_epoch_is_exact(tmp_path, tmp_path_factory, estimator):
         assert all(s is not None for s in est["_extra_state"]["stream"])  # the carried per-weight states
     if estimator == "lstmfc":
         assert all(s is not None for s in est["_extra_state"]["states"])
+    if estimator == "fsg-lstm-fc":  # the slow-net's carried (h, c) per layer
+        states = est["slow._extra_state"]["states"]
+        assert len(states) == 3 and all(s is not None for s in states)
     if estimator != "ste":
         assert ck["trainer"]["meta_optimizers"]
     rec = ck["trainer"]["recorded"]
@@ -384,8 +388,9 @@ x, y = make_task(n=96)
 def build(estimator, optimizer):
     torch.manual_seed(0)
     model = fsg.binarize(make_mlp(0), "dorefa")
-    opts = dict(expand=4, fast_hidden=8) if estimator == "fsg" else {}
-    return fsg.Trainer(model, estimator, optimizer=optimizer, lr=0.05, **opts)
+    opts = {"fsg": dict(expand=4, fast_hidden=8), "fsg-lstm-fc": dict(slow_net="lstm-fc", fast_hidden=8)}
+    return fsg.Trainer(model, "fsg" if estimator.startswith("fsg") else estimator, optimizer=optimizer, lr=0.05,
+                       **opts.get(estimator, {}))
 
 
 def batch(i):
@@ -420,7 +425,7 @@ def run_split(estimator, optimizer, k=3, n=7, drop=()):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sgdm", "adam"])
-@pytest.mark.parametrize("estimator", ["ste", "fc-grad", "multifc", "lstmfc", "fsg"])
+@pytest.mark.parametrize("estimator", ["ste", "fc-grad", "multifc", "lstmfc", "fsg", "fsg-lstm-fc"])
 def test_trainer_state_dict_resumes_exactly(estimator, optimizer):
     ref, got, full, fresh = run_split(estimator, optimizer)
     assert got == ref

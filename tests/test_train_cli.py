@@ -9,7 +9,7 @@ import torch
 
 import fsg
 import fsg.data
-from fsg.checkpoint import load_checkpoint
+from fsg.checkpoint import load_checkpoint, save_checkpoint
 from fsg.cli import ESTIMATOR_FLAGS, main
 from fsg.config import TrainConfig, estimator_option_names
 from fsg.estimators import ESTIMATORS
@@ -139,6 +139,10 @@ def test_tensorboard_and_progress_bar(tmp_path, capsys):
     (["--model", "vgg"], "invalid choice"),
     (["--estimator", "fsg", "-E", "bogus=1"], "does not take option(s) bogus"),
     (["--estimator", "fsg", "--layout", "diagonal"], "invalid choice"),
+    (["--estimator", "fsg", "--slow-net", "lstm"], "invalid choice: 'lstm' (choose from 'mamba', 'lstm-fc')"),
+    (["--estimator", "fsg", "-E", "slow_net=gru"], "slow_net must be one of 'mamba', 'lstm-fc', got 'gru'"),
+    (["--estimator", "fsg", "--slow-net", "lstm-fc", "--history", "3"],
+     "slow_net='lstm-fc' reads W̃, not the gradient history, and has no layer embedding: leave history unset"),
     (["--dataset-option", "colour=3"], "unknown synthetic dataset option(s) colour"),
     (["--model", "resnet20"], "resnet20 takes 3-channel images"),
     (["--lr-gamma", "2"], "lr_gamma must be a number > 0 and <= 1"),
@@ -180,6 +184,30 @@ def test_bad_config_file_and_resume_errors(tmp_path, capsys):
     torch.save({"w": torch.ones(1)}, tmp_path / "sd.pt")
     assert "not an fsg checkpoint" in cli_error(capsys, "eval", str(tmp_path / "sd.pt"))
     assert snapshot_dir(out) == before
+
+
+def test_train_with_the_lstm_fc_slow_net_and_old_lstm_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = fsg_cli(capsys, "train", *TINY, "--estimator", "fsg", "--slow-net", "lstm-fc", "--fast-hidden",
+                              "4", "--max-steps", "3", "--out", str(out), "--json")
+    assert code == 0 and json.loads(stdout)["steps"] == 3
+    assert TrainConfig.load(out / "config.json").estimator_options == {"slow_net": "lstm-fc", "fast_hidden": 4}
+    ck = load_checkpoint(out / "last.pt")
+    est = ck["trainer"]["estimator"]
+    assert est["slow.lstm.weight_ih_l0"].shape == (16, 1) and "slow.fc.bias" in est  # hidden = fast_hidden = 4
+    assert all(s is not None for s in est["slow._extra_state"]["states"])
+    assert sorted(ck["trainer"]["meta_optimizers"]) == ["fast", "slow"]
+    code, stdout, _ = fsg_cli(capsys, "train", "--resume", str(out), "--max-steps", "5", "--json", "--no-progress")
+    assert code == 0 and json.loads(stdout)["steps"] == 5
+
+    # a checkpoint of the removed flat-history LSTM slow-net: one line, not a traceback
+    ck["config"]["estimator_options"] = {"slow_net": "lstm", "lstm_hidden": 4}
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, ck)
+    for cmd in (["train", "--resume", str(old)], ["eval", str(old)]):
+        err = cli_error(capsys, *cmd)
+        assert "slow_net='lstm' (an LSTM scanning the flat gradient history) was removed" in err
+        assert "slow_net='lstm-fc'" in err
 
 
 def test_every_estimator_option_has_a_flag():

@@ -309,31 +309,34 @@ def _choices_or_none(options):
 #: estimators' constructor keywords (``--slow-net`` sets ``slow_net``).
 ESTIMATOR_FLAGS = {
     "beta": (dict(type=_unit_float), "fsg: weight β of the slow gradient (default 0.9)"),
-    "history": (dict(type=_positive_int), "fsg: length L of the gradient history HGS (default 5; 1 = no history)"),
+    "history": (dict(type=_positive_int), "fsg (mamba slow-net): length L of the gradient history HGS "
+                "(default 5; 1 = no history)"),
     "update": (dict(choices=["combined", "fast"]),
                "fsg: weight update, combined = the paper's β·G_slow + (1-β)·c·G_fast, fast = the reference "
                "code's c·G_fast (default combined)"),
-    "lre": (dict(action=argparse.BooleanOptionalAction), "fsg: learned layer embedding (default on)"),
-    "slow_net": (dict(choices=["mamba", "lstm"]), "fsg: slow-net sequence model (default mamba)"),
+    "lre": (dict(action=argparse.BooleanOptionalAction), "fsg (mamba slow-net): learned layer embedding (default on)"),
+    "slow_net": (dict(choices=["mamba", "lstm-fc"]),
+                 "fsg: slow-net, mamba = a Mamba block reading the gradient history (the paper), lstm-fc = "
+                 "MetaQuant's LSTMFC on the pre-quantized weight, no history, no layer embedding (the paper's "
+                 "LSTM ablation; --history, --lre and --layout do not apply) (default mamba)"),
     "layout": (dict(choices=["flat", "temporal", "stream"]),
-               "fsg: slow-net input, flat = one sequence per layer (the paper), temporal = one per weight, "
-               "stream = the temporal layout as a recurrence with per-weight state "
-               "(default flat)"),
+               "fsg (mamba slow-net): slow-net input, flat = one sequence per layer (the paper), temporal = one "
+               "per weight, stream = the temporal layout as a recurrence with per-weight state (default flat)"),
     "fast_hidden": (dict(type=_positive_int), "fsg: fast-net hidden width (default 100)"),
     "fast_nonlinearity": (dict(type=_choices_or_none(["relu", "tanh"]), metavar="{none,relu,tanh}"),
                           "fsg: fast-net nonlinearity (default none)"),
     "d_state": (dict(type=_positive_int), "fsg: Mamba state size (default 16)"),
     "d_conv": (dict(type=_positive_int), "fsg: Mamba causal conv width (default 8)"),
     "expand": (dict(type=_positive_int), "fsg: Mamba channels d_inner = expand (d_model = 1; default 100)"),
-    "lstm_hidden": (dict(type=_positive_int), "fsg: hidden size of the LSTM slow-net (default 100)"),
+    "lstm_hidden": (dict(type=_positive_int), "fsg: hidden size of the lstm-fc slow-net's LSTM "
+                    "(default: --fast-hidden, 100)"),
     "recompute": (dict(action=argparse.BooleanOptionalAction),
                   "fsg: recompute each layer's slow-net activations in the backward pass instead of "
                   "keeping them (bounded memory; default on)"),
     "fast_lr": (dict(type=_positive_float), "fsg: Adam lr of the fast-net (default 1e-2)"),
     "slow_lr": (dict(type=_positive_float), "fsg: Adam lr of the slow-net (default 1e-3)"),
     "lre_lr": (dict(type=_positive_float), "fsg: Adam lr of the layer embedding (default 1e-3)"),
-    "hidden": (dict(type=_positive_int), "fc-grad, multifc, lstmfc: hypernetwork hidden size "
-               "(default 100; lstmfc 20)"),
+    "hidden": (dict(type=_positive_int), "fc-grad, multifc, lstmfc: hypernetwork hidden size (default 100)"),
     "nonlinearity": (dict(type=_choices_or_none(["relu", "tanh"]), metavar="{none,relu,tanh}"),
                      "fc-grad, multifc: hypernetwork nonlinearity (default none)"),
     "meta_lr": (dict(type=_positive_float), "fc-grad, multifc, lstmfc: Adam lr of the hypernetwork (default 1e-3)"),

@@ -19,6 +19,9 @@ name            hypernetwork output ``G`` (gradient w.r.t. W̃)   ``D`` (look-ah
 ``lstmfc``      ``g ⊙ FC(LSTM(W̃))``, LSTM state carried           same                                        ``c⊙G``
 ``fsg``         ``G_fast = g ⊙ F(W̃)``; ``G_slow = S([e_l, HGS])``  ``β·G_slow + (1−β)·c⊙G_fast``                ``D`` (combined) or ``c⊙G_fast`` (fast)
 ==============  ==============================================  ==========================================  ===================
+
+FSG's LSTM ablation, ``slow_net="lstm-fc"``, has ``G_slow = g ⊙ FC(LSTM(W̃))`` (MetaQuant's
+LSTMFC, :class:`LSTMFC`) instead, with no history and no layer embedding.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from dataclasses import dataclass
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .mamba import Mamba
@@ -176,7 +178,7 @@ class ElementwiseMLP(nn.Module):
 
 def _run_lstm(lstm: nn.LSTM, x: Tensor, state=None):
     """``lstm(x, state)``; on the CPU without oneDNN, whose LSTM rebuilds its kernels for every
-    new sequence length (the HGS grows, layers differ) and is then many times slower."""
+    new input shape (the binarized layers differ in size) and is then slower."""
     if x.device.type != "cpu" or not torch.backends.mkldnn.enabled:
         return lstm(x, state)
     torch.backends.mkldnn.enabled = False
@@ -187,41 +189,27 @@ def _run_lstm(lstm: nn.LSTM, x: Tensor, state=None):
 
 
 class SlowNet(nn.Module):
-    """Sequence model ``(B, T, 1) → (B, T, 1)``: one Mamba block, or an LSTM + linear head."""
+    """FSG's slow-net over the gradient history: one Mamba block, ``(B, T, 1) → (B, T, 1)``.
 
-    def __init__(self, kind: str = "mamba", d_state: int = 16, d_conv: int = 8, expand: int = 100,
-                 lstm_hidden: int = 100):
+    (FSG's other slow-net, ``slow_net="lstm-fc"``, reads ``W̃`` instead: it is :class:`LSTMFC`.)
+    """
+
+    kind = "mamba"
+
+    def __init__(self, d_state: int = 16, d_conv: int = 8, expand: int = 100):
         super().__init__()
-        _check_choice("slow_net", kind, ("mamba", "lstm"))
-        self.kind = kind
-        if kind == "mamba":
-            self.mamba = Mamba(d_model=1, d_state=d_state, d_conv=d_conv, expand=expand)
-        else:
-            self.lstm = nn.LSTM(1, _check_int("lstm_hidden", lstm_hidden), batch_first=True)
-            self.head = nn.Linear(lstm_hidden, 1, bias=False)
+        self.mamba = Mamba(d_model=1, d_state=d_state, d_conv=d_conv, expand=expand)
 
     def forward(self, seq: Tensor, low_memory: bool = False) -> Tensor:
         """``low_memory``: keep (almost) no activations for the backward pass, recompute them
-        there (see :meth:`fsg.mamba.Mamba.forward`; the LSTM is checkpointed)."""
-        if self.kind == "mamba":
-            return self.mamba(seq, low_memory=low_memory)
-        if low_memory and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._lstm, seq, use_reentrant=False)
-        return self._lstm(seq)
-
-    def _lstm(self, seq: Tensor) -> Tensor:
-        return self.head(_run_lstm(self.lstm, seq)[0])
+        there (see :meth:`fsg.mamba.Mamba.forward`)."""
+        return self.mamba(seq, low_memory=low_memory)
 
     def stream(self, seq: Tensor, state=None, state_buffer: Optional[Tensor] = None):
         """Continue the recurrence by ``seq`` (B, T_new, 1) from ``state`` (None: start).
         Returns ``(out, new_state)``; the state enters as a constant (no gradient).
         ``state_buffer``: a free tensor the Mamba scan state may be written into."""
-        if self.kind == "mamba":
-            return self.mamba.stream(seq, state, state_buffer=state_buffer)
-        if state is not None:
-            state = tuple(s.detach() for s in state)
-        y, (h, c) = _run_lstm(self.lstm, seq, state)
-        return self.head(y), (h.detach(), c.detach())
+        return self.mamba.stream(seq, state, state_buffer=state_buffer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,11 +275,14 @@ class MultiFC(_MetaQuant):
 class LSTMFC(_MetaQuant):
     """MetaQuant LSTMFC: ``G = g ⊙ FC(LSTM(W̃))``.
 
-    A one-layer LSTM (hidden ``h``) runs element-wise (batch = elements, sequence length 1); its
-    ``(h, c)`` state per binarized layer is carried (detached) from step to step.
+    A one-layer LSTM (hidden ``h``, 100 as in MetaQuant's paper and scripts) runs element-wise
+    (batch = elements, sequence length 1) and a linear head with bias maps its output ``h_t`` to
+    one number per element; the LSTM's ``(h, c)`` per binarized layer is carried (detached) from
+    step to step and is part of the module's state (``get_extra_state``). FSG's
+    ``slow_net="lstm-fc"`` uses this module as its slow-net (G_slow = :meth:`refined`).
     """
 
-    def __init__(self, hidden: int = 20, meta_lr: float = 1e-3):
+    def __init__(self, hidden: int = 100, meta_lr: float = 1e-3):
         super().__init__(meta_lr)
         self.hidden = _check_int("hidden", hidden)
         self.lstm = nn.LSTM(1, hidden)
@@ -314,6 +305,14 @@ class LSTMFC(_MetaQuant):
     def set_extra_state(self, state) -> None:
         self.states = list(state["states"])
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "fc.weight")
+        if saved is not None and saved.shape[-1] != self.hidden:
+            old_default = " (lstmfc's default hidden size was 20 before it became 100)" if self.hidden == 100 else ""
+            raise RuntimeError(f"the saved LSTMFC has hidden size {saved.shape[-1]}, this one {self.hidden}: build "
+                               f"the estimator with the saved run's hidden size{old_default}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 @register_estimator("fsg")
 class FSG(Estimator):
@@ -322,21 +321,32 @@ class FSG(Estimator):
     * fast-net ``F`` (element-wise MLP ``1→h→h→1`` on ``W̃``): ``G_fast = g ⊙ F(W̃)``.
     * HGS: per layer a FIFO of the last ``history`` gradients ``g``, pushed every step.
     * LRE: a learned embedding per binarized layer, prepended as the first slow-net token.
-    * slow-net ``S`` (Mamba, d_model = 1, or LSTM) reading the history:
+    * slow-net ``S``, ``slow_net="mamba"`` (the paper): one Mamba block (d_model = 1) reading the
+      history:
       ``layout="flat"``: one sequence per layer ``[e_l, vec g⁽ᵗ⁻ᴸ⁾, …, vec g⁽ᵗ⁻¹⁾]``, ``G_slow``
       = outputs at the last ``n_l`` positions; ``layout="temporal"``: one sequence per element
       ``[e_l, g_i⁽ᵗ⁻ᴸ⁾, …, g_i⁽ᵗ⁻¹⁾]``, ``G_slow`` = output at the last position;
       ``layout="stream"``: the temporal layout as an unbounded recurrence — each element's
       sequence ``[e_l, g_i⁽⁰⁾, g_i⁽¹⁾, …]`` is never re-scanned: the slow-net keeps its state
       per element (Mamba: the scan state, ``d_inner × d_state`` floats, and the last
-      ``d_conv − 1`` inputs; LSTM: ``(h, c)``) and consumes one new gradient per step;
+      ``d_conv − 1`` inputs) and consumes one new gradient per step;
       ``G_slow`` = its output for ``g_i⁽ᵗ⁻¹⁾``. ``history`` is then unused (the memory is
       the state). Gradient truncation: the state carried from earlier steps is a constant, so
       the hypernetwork's gradient at step ``t`` flows only through the processing of the token
       ``g⁽ᵗ⁻¹⁾`` (truncated back-propagation through time with window 1); the LRE token, first
       in every element's sequence, is trained only in the first meta step.
+    * ``slow_net="lstm-fc"`` (the paper's LSTM ablation, the reference code's
+      ``MetaFastAndLSTM``): the slow-net is MetaQuant's LSTMFC (:class:`LSTMFC`) on ``W̃``,
+      ``G_slow = g ⊙ FC(LSTM(W̃))``: a one-layer LSTM (hidden ``lstm_hidden``, default the
+      fast-net's ``fast_hidden``, 100) run element-wise (batch = elements, sequence length 1),
+      its ``(h, c)`` per layer carried (detached) from step to step, and a linear head with
+      bias. No HGS and no LRE: ``history``, ``lre`` and ``layout`` must be left unset (one-line
+      error otherwise); the Mamba options (``d_state``, ``d_conv``, ``expand``, ``recompute``)
+      are ignored. Its parameters (LSTM and head) are the ``slow`` Adam group (``slow_lr``), as
+      in the reference (one Adam over the slow-net, lr 1e-3).
     * ``D = β·G_slow + (1−β)·c⊙G_fast``; ``U = D`` (``update="combined"``, the paper) or
-      ``U = c⊙G_fast`` (``update="fast"``, the reference code).
+      ``U = c⊙G_fast`` (``update="fast"``, the reference code). With either slow-net ``G_slow``
+      is not multiplied by the calibration ``c`` (the reference: ``0.9·slow + 0.1·c⊙fast``).
     * ``recompute=True``: each layer's slow-net forward is recomputed during the backward pass
       (activation checkpointing), so only its input sequence is kept meanwhile; this bounds
       the memory of a step by one layer's activations instead of all layers'.
@@ -345,17 +355,17 @@ class FSG(Estimator):
     def __init__(
         self,
         beta: float = 0.9,
-        history: int = 5,
+        history: Optional[int] = None,
         update: str = "combined",
-        lre: bool = True,
+        lre: Optional[bool] = None,
         slow_net: str = "mamba",
-        layout: str = "flat",
+        layout: Optional[str] = None,
         fast_hidden: int = 100,
         fast_nonlinearity: Optional[str] = None,
         d_state: int = 16,
         d_conv: int = 8,
         expand: int = 100,
-        lstm_hidden: int = 100,
+        lstm_hidden: Optional[int] = None,
         recompute: bool = True,
         fast_lr: float = 1e-2,
         slow_lr: float = 1e-3,
@@ -365,13 +375,30 @@ class FSG(Estimator):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
         self.beta = float(beta)
-        self.history_len = _check_int("history (L)", history)
+        if slow_net == "lstm":
+            raise ValueError("slow_net='lstm' (an LSTM scanning the flat gradient history) was removed; the "
+                             "paper's LSTM ablation is slow_net='lstm-fc' (MetaQuant's LSTMFC on W̃)")
+        _check_choice("slow_net", slow_net, ("mamba", "lstm-fc"))
+        self.slow_net = slow_net
         _check_choice("update", update, ("combined", "fast"))
-        _check_choice("layout", layout, ("flat", "temporal", "stream"))
-        self.update, self.layout, self.use_lre = update, layout, bool(lre)
+        self.update = update
         self.recompute = bool(recompute)
         self.fast = ElementwiseMLP(fast_hidden, depth=3, nonlinearity=fast_nonlinearity)
-        self.slow = SlowNet(slow_net, d_state=d_state, d_conv=d_conv, expand=expand, lstm_hidden=lstm_hidden)
+        if slow_net == "lstm-fc":
+            given = [k for k, v in (("history", history), ("lre", lre), ("layout", layout)) if v is not None]
+            if given:
+                raise ValueError(f"slow_net='lstm-fc' reads W̃, not the gradient history, and has no layer "
+                                 f"embedding: leave {', '.join(given)} unset")
+            # no HGS (a FIFO of length 0 keeps nothing), no LRE
+            self.history_len, self.layout, self.use_lre = 0, None, False
+            # MetaQuant's LSTMFC module, G_slow = its refined(ctx); its own meta_lr is unused here
+            self.slow = LSTMFC(hidden=_check_int("lstm_hidden", fast_hidden if lstm_hidden is None else lstm_hidden))
+        else:
+            self.history_len = _check_int("history (L)", 5 if history is None else history)
+            self.layout = "flat" if layout is None else layout
+            _check_choice("layout", self.layout, ("flat", "temporal", "stream"))
+            self.use_lre = True if lre is None else bool(lre)
+            self.slow = SlowNet(d_state=d_state, d_conv=d_conv, expand=expand)
         self.fast_lr = _check_lr("fast_lr", fast_lr)
         self.slow_lr = _check_lr("slow_lr", slow_lr)
         self.lre_lr = _check_lr("lre_lr", lre_lr)
@@ -385,6 +412,8 @@ class FSG(Estimator):
             p = next(self.fast.parameters())
             self.lre = nn.Embedding(n, 1).to(device=p.device, dtype=p.dtype)
         self.hgs = [deque(maxlen=self.history_len) for _ in range(n)]
+        if self.slow_net == "lstm-fc":
+            self.slow.setup(layer_names, layer_shapes)  # one carried (h, c) per layer
         self.stream_states: List[Optional[tuple]] = [None] * n
         # per layer, the scan-state tensor of two steps ago: free once the previous step's
         # backward is done, so the next state is written into it (no 1.7 GB allocation per step)
@@ -428,7 +457,9 @@ class FSG(Estimator):
         g_fast = ctx.grad * self.fast(ctx.w_tilde)
         cg_fast = ctx.calibration * g_fast
         if self.beta > 0:
-            d = self.beta * self.slow_gradient(ctx.index) + (1 - self.beta) * cg_fast
+            # G_slow enters without the calibration c, for either slow-net (as in the reference)
+            g_slow = self.slow.refined(ctx) if self.slow_net == "lstm-fc" else self.slow_gradient(ctx.index)
+            d = self.beta * g_slow + (1 - self.beta) * cg_fast
         else:
             d = cg_fast
         u = d.detach() if self.update == "combined" else cg_fast.detach()
