@@ -28,7 +28,7 @@ CONFIGS = [
     ("fsg", {}),
     ("fsg", {"update": "fast"}),
     ("fsg", {"layout": "temporal"}),
-    ("fsg", {"slow_net": "lstm"}),
+    ("fsg", {"slow_net": "lstm-fc"}),
 ]
 
 
