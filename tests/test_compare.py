@@ -76,4 +76,4 @@ def test_unknown_group_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         compare.main(["--groups", "ste-sgd,nope", "--report-only"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert e.value.code == 2 and "unknown group(s) nope: choose from fsg-flat-sgd, ste-sgd" in err
+    assert e.value.code == 2 and "unknown group(s) nope: choose from ste-sgd, multifc-sgd" in err
