@@ -74,6 +74,14 @@ def test_cli_bad_device_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, 
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("device, fragment", [("foo", "device 'foo' is not a torch device")]
+                         + ([] if CUDA else [("cuda", "--device cuda: no CUDA GPU is visible to PyTorch")]))
+def test_grid_bad_device_is_one_line_and_writes_nothing(tmp_path, capsys, device, fragment):
+    out = tmp_path / "grid"
+    err = cli_error(capsys, "grid", *TINY, "--estimators", "ste", "--device", device, "--out", str(out))
+    assert fragment in err and not out.exists()
+
+
 def test_eval_and_resume_need_a_usable_device(tmp_path, capsys):
     out = tmp_path / "run"
     train(TrainConfig(model="small-cnn", width=4, dataset="synthetic", estimator="ste",

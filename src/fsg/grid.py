@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from . import run as _run
 from .checkpoint import _atomic_write, atomic_write_text, load_checkpoint
-from .config import RESUME_CHANGEABLE, TrainConfig, _takes_any_option, estimator_option_names
+from .config import RESUME_CHANGEABLE, TrainConfig, _takes_any_option, estimator_option_names, require_device
 
 __all__ = ["run_grid", "write_report", "collect_runs", "run_name", "parse_list", "parse_seeds",
            "GRID_AXES", "DEFAULT_LAST_K"]
@@ -234,6 +234,7 @@ def run_grid(out: PathLike, estimators: Union[str, Sequence[str], None] = None,
     seeds = parse_seeds(base_cfg.seed if seeds is None else seeds)
     base_cfg.replace(estimator=estimators[0], quantizer=quantizers[0], optimizer=optimizers[0], seed=seeds[0],
                      estimator_options={}).validate()  # errors of the shared settings, without a run name
+    require_device(base_cfg.device)  # an unusable device: one line, before anything is written
     if base_cfg.pretrained and not Path(base_cfg.pretrained).is_file():
         raise ValueError(f"pre-trained weights not found: {base_cfg.pretrained!r}")
     out = Path(out)
