@@ -62,7 +62,7 @@ from .quantizers import QUANTIZERS
 from .run import TrainingInterrupted
 from .synthetic import batches, make_synthetic
 from .optim import ADAM_VARIANTS, OPTIMIZERS
-from .trainer import Trainer, evaluate
+from .trainer import NonFiniteError, Trainer, evaluate
 
 __all__ = ["main", "build_parser", "run_demo", "DEMO_DEFAULTS", "DEMO_TASK", "ESTIMATOR_FLAGS", "PRETRAIN_DEFAULTS",
            "config_from_args"]
@@ -404,6 +404,11 @@ def _add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = 
     if not grid:
         opt_in(g, "seed", "seed of the initialisation and of the data order/augmentation", type=_nonnegative_int)
 
+    opt_in(g, "nonfinite", "a step whose loss or gradients are NaN or infinite: raise = stop the run (exit 2; "
+           "nothing is updated and the last checkpoint stays), skip = drop the step (the trainer stays as it was) "
+           "and go on", choices=["raise", "skip"])
+    opt_in(g, "max_skips", "with --nonfinite skip: stop when more than N steps in a row were skipped",
+           type=_nonnegative_int, metavar="N")
     g = p.add_argument_group("model and data")
     opt_in(g, "model", "network", choices=list(MODEL_NAMES))
     opt_in(g, "width", "small-cnn: channels of the first conv", type=_positive_int)
@@ -929,6 +934,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("fsg: interrupted", file=sys.stderr)
         return 130
+    except NonFiniteError as e:  # a NaN/Inf step under --nonfinite raise: nothing updated or saved
+        print(f"fsg: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # e.g. `fsg demo | head -3`: stop quietly
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -29,7 +29,7 @@ DATASET_NAMES = ("cifar10", "cifar100", "imagefolder", "synthetic")
 #: (they change neither the model, the data order nor the optimisation up to the resume point).
 RESUME_CHANGEABLE = (
     "epochs", "max_steps", "out", "data_dir", "download", "eval_every", "log_every", "tensorboard",
-    "num_threads", "eval_batch_size", "device",
+    "num_threads", "eval_batch_size", "device", "nonfinite", "max_skips",
 )
 
 
@@ -156,6 +156,11 @@ class TrainConfig:
         amp: ``"bf16"``: the main network's forward passes (plain and look-ahead) and the loss run
         under ``torch.autocast(device, bfloat16)``; hypernetworks, captured gradients and
         optimizers stay float32 (``None``: no autocast; ``"fp16"`` is refused, :func:`amp_dtype`).
+    Reliability:
+        nonfinite: a step whose loss or gradients hold a NaN or an infinity: ``"raise"`` stops the
+        run (nothing updated, no checkpoint written), ``"skip"`` drops the step and goes on;
+        max_skips: with ``"skip"``, stop when more than this many steps in a row were skipped
+        (:class:`fsg.trainer.Trainer`).
     """
 
     # model and data
@@ -203,6 +208,9 @@ class TrainConfig:
     num_threads: Optional[int] = None
     device: str = "cpu"
     amp: Optional[str] = None
+    # reliability
+    nonfinite: str = "raise"
+    max_skips: int = 10
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -273,6 +281,7 @@ class TrainConfig:
         from .models import ACTIVATIONS
         from .quantizers import QUANTIZERS
         from .optim import ADAM_VARIANTS, OPTIMIZERS
+        from .trainer import NONFINITE_POLICIES
 
         def choice(name, options):
             v = getattr(self, name)
@@ -360,6 +369,8 @@ class TrainConfig:
         string("device")
         parse_device(self.device)
         amp_dtype(self.amp)
+        choice("nonfinite", NONFINITE_POLICIES)
+        integer("max_skips", 0)
         if not self.full_precision:
             self._check_estimator_options(ESTIMATORS, get_estimator)
         return self

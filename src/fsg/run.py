@@ -57,8 +57,9 @@ from .checkpoint import (CheckpointError, atomic_write_text, load_checkpoint, rn
 from .config import RESUME_CHANGEABLE, TrainConfig, amp_dtype, require_device
 from .models import SmallCNN, get_model, load_pretrained
 from .optim import make_optimizer
-from .trainer import (StepResult, Trainer, _accuracy, autocast_context, average_over_ranks, check_autocast_dtype,
-                      evaluate as evaluate_model)
+from .trainer import (NonFiniteError, StepResult, Trainer, _accuracy, _StepSnapshot, all_finite, autocast_context,
+                      average_over_ranks, check_autocast_dtype, check_nonfinite_policy, evaluate as evaluate_model,
+                      nonfinite_names, reject_step)
 
 __all__ = [
     "train", "pretrain", "evaluate", "TrainResult", "TrainingInterrupted", "FullPrecisionTrainer",
@@ -109,8 +110,11 @@ class FullPrecisionTrainer:
     ``step_count``, ``state_dict``/``load_state_dict``)."""
 
     def __init__(self, model: nn.Module, optimizer: str = "sgdm", lr: float = 0.1,
-                 weight_decay: Optional[float] = None, loss_fn=None, autocast_dtype: Optional[torch.dtype] = None):
+                 weight_decay: Optional[float] = None, loss_fn=None, autocast_dtype: Optional[torch.dtype] = None,
+                 nonfinite: str = "raise", max_skips: int = 10):
         self.autocast_dtype = check_autocast_dtype(autocast_dtype)
+        self.nonfinite, self.max_skips = check_nonfinite_policy(nonfinite, max_skips)
+        self.skipped = self.skipped_in_a_row = 0
         self.model = model
         self.optimizer = make_optimizer(optimizer, model.parameters(), lr, weight_decay=weight_decay)
         self.loss_fn = loss_fn or F.cross_entropy
@@ -126,6 +130,7 @@ class FullPrecisionTrainer:
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         self.model.train()
         lr = self.lr
+        before = _StepSnapshot(list(self.model.parameters()), [], list(self.model.buffers()), None, False)
         device = next(self.model.parameters()).device
         with autocast_context(device, self.autocast_dtype):
             out = self.model(x)
@@ -135,13 +140,22 @@ class FullPrecisionTrainer:
         loss_value, acc, samples = loss.detach(), _accuracy(out.detach(), y), int(y.shape[0])
         if self.distributed:
             loss_value, acc, samples = average_over_ranks(self.model, [], loss_value, acc, samples)
+        # the non-finite check before the update (as fsg.trainer.Trainer.step)
+        checked = [(f"gradient of {n}", p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        checked += [(f"buffer {n}", b) for n, b in self.model.named_buffers() if b.is_floating_point()]
+        if not Trainer._finite(loss_value, checked):
+            culprits = nonfinite_names(checked)
+            before.restore()
+            return reject_step(self, loss_value, culprits, lr, acc, samples)
+        self.skipped_in_a_row = 0
         self.optimizer.step()
         self.step_count += 1
         return StepResult(float(loss_value), acc, lr, self.step_count - 1, samples)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step_count": self.step_count, "estimator_name": None}
+                "step_count": self.step_count, "estimator_name": None,
+                "skipped": {"total": self.skipped, "in_a_row": self.skipped_in_a_row}}
 
     def load_state_dict(self, state: dict) -> None:
         missing = [k for k in ("model", "optimizer", "step_count") if k not in state]
@@ -153,6 +167,8 @@ class FullPrecisionTrainer:
             raise ValueError(" ".join(str(e).split())) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = int(state["step_count"])
+        skipped = state.get("skipped") or {}
+        self.skipped, self.skipped_in_a_row = int(skipped.get("total", 0)), int(skipped.get("in_a_row", 0))
 
 
 def _subset(ds, n: Optional[int]):
@@ -232,10 +248,11 @@ def build_trainer(cfg: TrainConfig, model: nn.Module):
     """The :class:`~fsg.trainer.Trainer` (or :class:`FullPrecisionTrainer`) for ``model``."""
     if cfg.full_precision:
         return FullPrecisionTrainer(model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay,
-                                    autocast_dtype=amp_dtype(cfg.amp))
+                                    autocast_dtype=amp_dtype(cfg.amp), nonfinite=cfg.nonfinite,
+                                    max_skips=cfg.max_skips)
     return Trainer(model, cfg.estimator, optimizer=cfg.optimizer, lr=cfg.lr, update_on_observe=cfg.update_on_observe,
                    weight_decay=cfg.weight_decay, adam_variant=cfg.adam_variant, autocast_dtype=amp_dtype(cfg.amp),
-                   **cfg.estimator_options)
+                   nonfinite=cfg.nonfinite, max_skips=cfg.max_skips, **cfg.estimator_options)
 
 
 def _seed_everything(seed: int) -> None:
@@ -591,6 +608,9 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
     def save(epoch_, batch_, loader_state, running_) -> Path:
         if not main:
             return last
+        bad = _nonfinite_state(trainer)
+        if bad:
+            raise NonFiniteError(f"refusing to write a checkpoint holding non-finite values ({', '.join(bad)})")
         return save_checkpoint(last, _payload(cfg, trainer, loader_state, scheduler, epoch_, batch_, running_, history,
                                               time.perf_counter() - t_start))
 
@@ -631,20 +651,24 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
                         with guard.critical():
                             r = trainer.step(x, y)
                             now = time.perf_counter()
-                            bs = r.samples or int(y.shape[0])  # the global batch
-                            acc = r.accuracy if r.accuracy is not None else float("nan")
-                            running["loss_sum"] += r.loss * bs
-                            running["acc_sum"] += acc * bs
-                            running["n"] += bs
-                            running["batches"] += 1
-                            running["win_loss"] += r.loss
-                            running["win_acc"] += acc
-                            running["win_steps"] += 1
                             running["train_time"] += now - t_last
-                            batch += 1
-                            losses.append(r.loss)
+                            batch += 1  # the batch is consumed, even by a skipped step
                             step = trainer.step_count
-                            if step % cfg.log_every == 0:
+                            if r.skipped:  # non-finite, nonfinite="skip": nothing was updated
+                                running["skipped"] = running.get("skipped", 0) + 1
+                                log(f"fsg: {r.nonfinite}")
+                            else:
+                                bs = r.samples or int(y.shape[0])  # the global batch
+                                acc = r.accuracy if r.accuracy is not None else float("nan")
+                                running["loss_sum"] += r.loss * bs
+                                running["acc_sum"] += acc * bs
+                                running["n"] += bs
+                                running["batches"] += 1
+                                running["win_loss"] += r.loss
+                                running["win_acc"] += acc
+                                running["win_steps"] += 1
+                                losses.append(r.loss)
+                            if not r.skipped and step % cfg.log_every == 0:
                                 w = running["win_steps"]
                                 metrics.write({"kind": "step", "epoch": epoch + 1, "step": step,
                                                "loss": running["win_loss"] / w, "accuracy": running["win_acc"] / w,
@@ -672,7 +696,7 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
                         row = {"kind": "final", "epoch": epoch + 1, "step": trainer.step_count, "lr": running["lr"],
                                "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": tl,
                                "test_accuracy": ta, "epoch_time": running["train_time"], "eval_time": te,
-                               "elapsed": time.perf_counter() - t_start, **val_metrics}
+                               "elapsed": time.perf_counter() - t_start, **val_metrics, **_skips(running)}
                         metrics.write(row)
                         history.append(row)
                         final = {"test_loss": tl, "test_accuracy": ta}
@@ -691,7 +715,8 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
                     row = {"kind": "epoch", "epoch": epoch + 1, "step": trainer.step_count, "lr": running["lr"],
                            "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": tl,
                            "test_accuracy": ta, "epoch_time": running["train_time"], "eval_time": te,
-                           "elapsed": time.perf_counter() - t_start, **(val_metrics if do_eval else {})}
+                           "elapsed": time.perf_counter() - t_start, **(val_metrics if do_eval else {}),
+                           **_skips(running)}
                     metrics.write(row)
                     history.append(row)
                     if do_eval:
@@ -720,10 +745,18 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
                 + (f"; resume with: fsg {_cmd(cfg)} --resume {last}" if last.exists() else ""),
                 last if last.exists() else None, step) from None
         with guard.saving():
-            path = save(safe["epoch"], safe["batch"], safe["loader"], safe["running"])
+            try:
+                path = save(safe["epoch"], safe["batch"], safe["loader"], safe["running"])
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{e}; {_kept(last)}", e.step) from None
         raise TrainingInterrupted(
             f"fsg: interrupted at epoch {safe['epoch'] + 1}, step {step}; checkpoint saved to {path}; "
             f"resume with: fsg {_cmd(cfg)} --resume {path}", path, step) from None
+    except NonFiniteError as e:  # nothing was updated, nothing is saved: the last checkpoint stays
+        hint = ""
+        if e.step is not None and cfg.nonfinite == "raise" and last.exists():
+            hint = f"; to skip such steps: fsg {_cmd(cfg)} --resume {last} --nonfinite skip"
+        raise NonFiniteError(f"{e}; {_kept(last)}{hint}", e.step) from None
     finally:
         if bar is not None:
             bar.close()
@@ -752,6 +785,35 @@ def _epoch_line(row: Dict[str, Any], epochs: int) -> str:
     return (f"fsg: epoch {row['epoch']}/{epochs} (step {row['step']}, lr {row['lr']:.3g}): train loss "
             f"{f(row['train_loss'], '.4f')} acc {f(None if row['train_accuracy'] is None else row['train_accuracy'] * 100, '.2f')}%"
             f"{test}, {row['epoch_time']:.1f} s")
+
+
+def _skips(running: Dict[str, Any]) -> Dict[str, int]:
+    """``{"skipped": n}`` for a metrics row when steps of the epoch were skipped as non-finite."""
+    n = int(running.get("skipped") or 0)
+    return {"skipped": n} if n else {}
+
+
+def _nonfinite_state(trainer) -> List[str]:
+    """What of the trainer's weights, buffers, hypernetworks and optimizer states is not finite
+    (empty when everything is: one fused check)."""
+    named = [(f"model {n}", t) for n, t in trainer.model.state_dict().items() if isinstance(t, Tensor)]
+    est = getattr(trainer, "estimator", None)
+    if est is not None:
+        named += [(f"hypernetwork {n}", p) for n, p in est.named_parameters()]
+    opts = [("optimizer", trainer.optimizer)] + list(getattr(trainer, "meta_optimizers", {}).items())
+    for name, opt in opts:
+        for i, st in enumerate(opt.state.values()):
+            named += [(f"{name} state {k} ({i})", v) for k, v in st.items() if isinstance(v, Tensor)]
+    if all_finite(t.detach() for _, t in named):
+        return []
+    return nonfinite_names(named)
+
+
+def _kept(last: Path) -> str:
+    """Where the run stands on disk after a failure: the last checkpoint kept, or none."""
+    if last.exists():
+        return f"the last checkpoint {last} (step {_ckpt_step(last)}) is kept"
+    return "no checkpoint was written"
 
 
 def _cmd(cfg: TrainConfig) -> str:

@@ -18,6 +18,19 @@ Step ``t ≥ 1``::
 STE (and any estimator with ``lookahead = False``) is plain training: forward at ``W``,
 backward, optional replacement of ``W.grad`` by ``U_l``, optimizer step.
 
+Non-finite values (``nonfinite="raise"|"skip"``): between the backward (3, after the averaging
+over the ranks, so every rank decides alike) and the meta step (4), one fused check that the
+loss, every ``.grad`` of the model and the hypernetworks, every captured ``∂L/∂Ŵ``, every update
+direction ``U_l`` and the model's float buffers (BatchNorm statistics) are finite. Steps 4-5 (meta
+step, observation, weight update) change the state only after that check and every other check
+has passed: all or nothing. A failed check restores what the forward/backward already changed
+(the ``.grad`` of every parameter, the recorded ``∂L/∂Ŵ`` and ``W̃``, the BatchNorm statistics,
+the hypernetworks' carried state such as LSTMFC's ``(h, c)`` and FSG's stream states), so the
+trainer is exactly as before the step; then ``"raise"`` raises :class:`NonFiniteError` and
+``"skip"`` returns a ``StepResult`` with ``skipped=True`` (``step_count`` unchanged: the next
+meta-gradient uses the last good observation), unless more than ``max_skips`` steps in a row
+were skipped, which raises :class:`NonFiniteError` as well.
+
 Mixed precision (``autocast_dtype=torch.bfloat16``): only the main network's forward (plain or
 look-ahead, step 2) and the loss run under ``torch.autocast(device_type, bfloat16)``, the logits
 cast to float32 before the loss. The meta-gradient (step 1, the hypernetworks), the look-ahead
@@ -29,6 +42,8 @@ would need loss scaling (a GradScaler) of the loss, the hypernetwork gradients a
 from __future__ import annotations
 
 import contextlib
+import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -43,7 +58,21 @@ from .estimators import Estimator, LayerContext, get_estimator
 from .optim import OPTIMIZERS, make_optimizer, step_with_directions
 
 __all__ = ["Trainer", "StepResult", "make_optimizer", "evaluate", "OPTIMIZERS", "check_autocast_dtype",
-           "autocast_context"]
+           "autocast_context", "NonFiniteError", "NONFINITE_POLICIES"]
+
+#: What a trainer does with a step whose loss or gradients are not finite (``Trainer(nonfinite=...)``).
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """A training step produced a NaN or infinite loss, gradient or update (under
+    ``nonfinite="raise"``, or more than ``max_skips`` in a row under ``"skip"``), or a checkpoint
+    would have held non-finite values. The message is one line naming the step and what was not
+    finite; the trainer's state is that before the step (nothing was updated)."""
+
+    def __init__(self, message: str, step: Optional[int] = None):
+        super().__init__(message)
+        self.step = step
 
 @dataclass
 class StepResult:
@@ -55,6 +84,84 @@ class StepResult:
     lr: float
     step: int
     samples: int = 0  #: samples in the (global) batch
+    #: ``nonfinite="skip"``: the step's loss or gradients were not finite; nothing was updated
+    skipped: bool = False
+    nonfinite: Optional[str] = None  #: what was not finite (one line), for a skipped step
+
+
+def check_nonfinite_policy(nonfinite: str, max_skips: int) -> Tuple[str, int]:
+    """``(nonfinite, max_skips)`` validated (one-line ``ValueError``)."""
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite!r}")
+    if isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 0:
+        raise ValueError(f"max_skips must be an integer >= 0, got {max_skips!r}")
+    return nonfinite, max_skips
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every element of every tensor is finite: one fused reduction, one synchronisation."""
+    flags = [t.isfinite().all() for t in tensors if t.is_floating_point() or t.is_complex()]
+    return True if not flags else bool(torch.stack(flags).all())
+
+
+def nonfinite_names(named: Iterable[Tuple[str, Tensor]], limit: int = 4) -> List[str]:
+    """The names of the tensors holding a NaN or an infinity (at most ``limit``, then ``+N more``)."""
+    bad = [n for n, t in named if (t.is_floating_point() or t.is_complex()) and not bool(t.isfinite().all())]
+    return bad[:limit] + ([f"+{len(bad) - limit} more"] if len(bad) > limit else [])
+
+
+class _StepSnapshot:
+    """What a step's forward and backward change before the non-finite check, kept so that a
+    rejected step leaves the trainer exactly as it was: references to every parameter's
+    ``.grad`` and to the recorded ``∂L/∂Ŵ``/``W̃`` (the step replaces them, never writes into
+    them), copies of the model's buffers (BatchNorm statistics are updated in place), and the
+    hypernetworks' carried state (list/deque/dict attributes of their modules, such as LSTMFC's
+    ``states`` and FSG's ``stream_states``, restored in place; the carried tensors themselves are
+    replaced by a step, except FSG's 16-bit stream state, which the backward pass overwrites in
+    place and which is therefore copied when ``copy_in_place_state``)."""
+
+    _MODULE_ATTRS = frozenset(vars(nn.Module()))
+
+    def __init__(self, params: List[Tensor], recorders: List[nn.Module], buffers: List[Tensor],
+                 stateful: Optional[nn.Module], copy_in_place_state: bool):
+        self.grads = [(p, p.grad) for p in params]
+        self.recorded = [(r, r.grad, r.w_tilde) for r in recorders]
+        self.buffers = [(b, b.clone()) for b in buffers]
+        self.containers = []
+        self.tensors = []
+        for m in ([] if stateful is None else stateful.modules()):
+            for k, v in vars(m).items():
+                if k in self._MODULE_ATTRS:
+                    continue
+                if isinstance(v, (list, deque)):
+                    self.containers.append((v, list(v)))
+                elif isinstance(v, dict) and not isinstance(v, nn.Module):
+                    self.containers.append((v, dict(v)))
+            if copy_in_place_state and getattr(m, "state_dtype", "float32") not in (None, "float32"):
+                for st in getattr(m, "stream_states", None) or []:
+                    for t in st or ():
+                        if isinstance(t, Tensor):
+                            self.tensors.append((t, t.clone()))
+
+    def restore(self) -> None:
+        for p, g in self.grads:
+            p.grad = g
+        for r, g, wt in self.recorded:
+            r.grad, r.w_tilde = g, wt
+        with torch.no_grad():
+            for b, v in self.buffers:
+                b.copy_(v)
+            for t, v in self.tensors:
+                t.copy_(v)
+        for c, v in self.containers:
+            if isinstance(c, dict):
+                c.clear()
+                c.update(v)
+            elif isinstance(c, deque):
+                c.clear()
+                c.extend(v)
+            else:
+                c[:] = v
 
 
 def _accuracy(out: Tensor, y: Tensor) -> Optional[float]:
@@ -85,7 +192,20 @@ class Trainer:
         autocast_dtype: ``None`` (float32 throughout) or ``torch.bfloat16``: the model's forward
             passes and the loss under ``torch.autocast`` (module docstring); ``torch.float16`` is
             refused (it needs loss scaling).
+        nonfinite: what a step whose loss, gradients or updates hold a NaN or an infinity does
+            (module docstring): ``"raise"`` (default) raises :class:`NonFiniteError` before
+            anything is updated; ``"skip"`` discards the step (the trainer stays as it was, the
+            batch is lost), counts it in :attr:`skipped` and returns ``StepResult(skipped=True)``.
+            With FSG's 16-bit stream state (``state_dtype``), which the backward pass overwrites in
+            place, ``"skip"`` keeps a copy of that state during every step (its memory once more)
+            and ``"raise"`` does not restore it (the run is meant to stop).
+        max_skips: under ``"skip"``, raise :class:`NonFiniteError` when more than this many
+            consecutive steps were skipped (a clean step resets the count): a few bad batches are
+            survived, a run whose weights or hypernetworks diverged is stopped.
         estimator_options: keyword arguments for a named estimator.
+
+    Attributes ``skipped`` (steps skipped in all) and ``skipped_in_a_row`` count the skips; both
+    are part of :meth:`state_dict`.
     """
 
     def __init__(
@@ -100,9 +220,14 @@ class Trainer:
         distributed: Optional[bool] = None,
         adam_variant: str = "torch",
         autocast_dtype: Optional[torch.dtype] = None,
+        nonfinite: str = "raise",
+        max_skips: int = 10,
         **estimator_options,
     ):
         self.autocast_dtype = check_autocast_dtype(autocast_dtype)
+        self.nonfinite, self.max_skips = check_nonfinite_policy(nonfinite, max_skips)
+        self.skipped = 0
+        self.skipped_in_a_row = 0
         self.model = model
         self.layers: List[BinaryLayer] = binarized_layers(model)
         if not self.layers:
@@ -209,6 +334,7 @@ class Trainer:
         est = self.estimator
         meta = est.lookahead and self.step_count > 0
         lr = self.lr
+        before = self._snapshot()  # what steps 1-3 change, for a step rejected by the check below
 
         # 1-2. meta-gradient and look-ahead forward (or a plain forward at W)
         if meta:
@@ -231,6 +357,27 @@ class Trainer:
         if self.distributed:  # the same gradients, ∂L/∂Ŵ and statistics on every rank
             loss_value, acc, samples = self._average_over_ranks(loss_value, acc, samples)
 
+        # checks before the first change of state (4-5 are all or nothing): every layer has its
+        # new observation (g⁽ᵗ⁾, W̃⁽ᵗ⁾), and the loss, gradients and updates are finite
+        for layer in self.layers:
+            if layer.parametrization.grad is None:
+                before.restore()
+                raise RuntimeError(
+                    f"binarized layer {layer.name!r} received no gradient: is it used in forward()?"
+                )
+        if meta:
+            updates = [u for _, u in directions]
+        elif not est.lookahead and not est.natural_gradient:
+            updates = [est.directions(ctx)[1] for ctx in self._contexts()]
+        else:
+            updates = []
+        checked = self._checked_tensors(updates)
+        if not self._finite(loss_value, checked):
+            culprits = nonfinite_names(checked)
+            before.restore()
+            return self._reject(loss_value, culprits, lr, acc, samples)
+        self.skipped_in_a_row = 0
+
         # 4. meta step
         if meta:
             for opt in self.meta_optimizers.values():
@@ -239,28 +386,47 @@ class Trainer:
         # the new observation (g⁽ᵗ⁾, W̃⁽ᵗ⁾) for the next step's meta-gradient and the HGS
         for i, layer in enumerate(self.layers):
             p = layer.parametrization
-            if p.grad is None:
-                raise RuntimeError(
-                    f"binarized layer {layer.name!r} received no gradient: is it used in forward()?"
-                )
             est.observe(i, p.grad, p.w_tilde)
 
         # 5. weight update
-        if meta:
-            for layer, (_, u) in zip(self.layers, directions):
-                layer.latent.grad = u.detach().to(layer.latent.dtype)
+        if meta or not est.lookahead:
+            if updates:  # U_l (a look-ahead estimator, or a fixed one that replaces the STE gradient)
+                for layer, u in zip(self.layers, updates):
+                    layer.latent.grad = u.detach().to(layer.latent.dtype)
             self._optimizer_step()
-        elif est.lookahead:  # observe step 0
-            if self.update_on_observe:
-                self._optimizer_step()
-        else:
-            if not est.natural_gradient:
-                for ctx, layer in zip(self._contexts(), self.layers):
-                    layer.latent.grad = est.directions(ctx)[1].detach()
+        elif self.update_on_observe:  # observe step 0
             self._optimizer_step()
 
         self.step_count += 1
         return StepResult(float(loss_value), acc, lr, self.step_count - 1, samples)
+
+    # ------------------------------------------------------------------------------------------
+    # non-finite steps
+
+    def _snapshot(self) -> _StepSnapshot:
+        params = list(self.model.parameters()) + list(self.estimator.parameters())
+        return _StepSnapshot(params, [l.parametrization for l in self.layers], list(self.model.buffers()),
+                             self.estimator, copy_in_place_state=self.nonfinite == "skip")
+
+    def _checked_tensors(self, updates: List[Tensor]) -> List[Tuple[str, Tensor]]:
+        """``(what, tensor)`` of everything the non-finite check covers (the loss aside)."""
+        named = [(f"gradient of {n}", p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        named += [(f"hypernetwork gradient of {n}", p.grad) for n, p in self.estimator.named_parameters()
+                  if p.grad is not None]
+        named += [(f"∂L/∂Ŵ of {l.name}", l.parametrization.grad) for l in self.layers]
+        named += [(f"update of {l.name}", u) for l, u in zip(self.layers, updates)]
+        named += [(f"buffer {n}", b) for n, b in self.model.named_buffers() if b.is_floating_point()]
+        return named
+
+    @staticmethod
+    def _finite(loss, checked: List[Tuple[str, Tensor]]) -> bool:
+        tensors = [t for _, t in checked]
+        if isinstance(loss, Tensor):
+            return all_finite([loss.float().reshape(1)] + tensors)
+        return math.isfinite(loss) and all_finite(tensors)
+
+    def _reject(self, loss, culprits: List[str], lr: float, acc: Optional[float], samples: int) -> StepResult:
+        return reject_step(self, loss, culprits, lr, acc, samples)
 
     def _average_over_ranks(self, loss: Tensor, acc: Optional[float], samples: int):
         """Replace, on every rank, each ``.grad`` of the model and the hypernetworks, each captured
@@ -280,8 +446,9 @@ class Trainer:
         ``.grad`` left on every model and estimator parameter; ``applied``: the direction ``d`` of
         each model parameter's last update ``p ← p − η·d`` (MetaQuant's look-ahead
         ``W − η·d_prev``, the bias look-ahead ``b − η·d_prev(b)``; absent from checkpoints of
-        fsg < 0.2, where the gradients stand in). Tensors are references, not copies: save or
-        clone them before the next step.
+        fsg < 0.2, where the gradients stand in); ``skipped``: ``{"total", "in_a_row"}``, the
+        steps skipped as non-finite (absent from older checkpoints: 0). Tensors are references,
+        not copies: save or clone them before the next step.
         """
         return {
             "model": self.model.state_dict(),
@@ -299,6 +466,7 @@ class Trainer:
                 "estimator": {n: p.grad for n, p in self.estimator.named_parameters() if p.grad is not None},
             },
             "applied": {n: self.applied[p] for n, p in self.model.named_parameters() if p in self.applied},
+            "skipped": {"total": self.skipped, "in_a_row": self.skipped_in_a_row},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -352,6 +520,29 @@ class Trainer:
                 p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
         self.applied = {model_params[n]: d.to(device=model_params[n].device, dtype=model_params[n].dtype).clone()
                         for n, d in applied.items()}
+        skipped = state.get("skipped") or {}
+        self.skipped, self.skipped_in_a_row = int(skipped.get("total", 0)), int(skipped.get("in_a_row", 0))
+
+
+def reject_step(self, loss, culprits: List[str], lr: float, acc: Optional[float], samples: int) -> StepResult:
+    """After a failed non-finite check of a step of ``self`` (a :class:`Trainer` or a trainer with its
+    ``nonfinite``, ``max_skips``, ``skipped``, ``skipped_in_a_row`` and ``step_count``; the state
+    already restored): raise :class:`NonFiniteError` or return the skipped step's result."""
+    loss = float(loss)
+    what = ([f"loss {loss}"] if not math.isfinite(loss) else []) + culprits
+    detail = "non-finite " + ", ".join(what)
+    step = self.step_count + 1
+    if self.nonfinite == "raise":
+        raise NonFiniteError(f"step {step}: {detail}; nothing was updated", step)
+    self.skipped += 1
+    self.skipped_in_a_row += 1
+    if self.skipped_in_a_row > self.max_skips:
+        raise NonFiniteError(f"step {step}: {detail}; {self.skipped_in_a_row} steps in a row skipped, more "
+                             f"than max_skips={self.max_skips}: the run has diverged", step)
+    return StepResult(loss, acc, lr, self.step_count, samples, skipped=True,
+                      nonfinite=f"step {step}: {detail}; skipped ({self.skipped_in_a_row} in a row, "
+                                f"{self.skipped} in all)")
+
 
 
 def average_over_ranks(model: nn.Module, tensors: List[Tensor], loss: Tensor, acc: Optional[float], samples: int
