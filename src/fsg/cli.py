@@ -14,8 +14,8 @@
     Train a binarized network (every option of :class:`fsg.config.TrainConfig` is a flag, the
     estimator's options included; ``--config FILE`` reads a JSON configuration, flags override
     it). Writes ``<out>/config.json``, ``metrics.jsonl``, ``metrics.csv`` and ``last.pt`` (every
-    epoch and on Ctrl-C, which exits with status 130 after saving); ``--resume [CHECKPOINT]``
-    continues a run exactly. See :mod:`fsg.run`.
+    epoch, every ``--save-every`` steps, and on Ctrl-C or SIGTERM, which exit with status 130 or
+    143 after saving); ``--resume [CHECKPOINT]`` continues a run exactly. See :mod:`fsg.run`.
 
 ``fsg pretrain``
     The same loop without binarization (plain autograd; SGD with momentum, lr 0.1 by default):
@@ -221,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser(
         "train", help="train a binarized network (CIFAR ResNets, small CNN) with a gradient estimator",
         description="Train a binarized network with a gradient estimator (METHOD.md §3, §6). Writes "
-        "<out>/config.json, metrics.jsonl, metrics.csv and last.pt (a checkpoint after every epoch and "
-        "on Ctrl-C, which exits with status 130); --resume continues a run exactly. Options not given "
+        "<out>/config.json, metrics.jsonl, metrics.csv and last.pt (a checkpoint after every epoch, with "
+        "--save-every also mid-epoch, and on Ctrl-C or SIGTERM, which exit with status 130 or 143); --resume "
+        "continues a run exactly. Options not given "
         "come from --config FILE, else from the defaults shown.",
     )
     _add_train_options(tr, pretrain=False)
@@ -401,14 +402,18 @@ def _add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = 
     opt_in(g, "amp", "mixed precision: bf16 runs the network's forward passes and the loss under torch.autocast "
            "(hypernetworks, captured gradients and optimizers stay float32); none: float32. fp16 is refused "
            "(it needs loss scaling)", type=_amp, metavar="{bf16,none}")
-    if not grid:
-        opt_in(g, "seed", "seed of the initialisation and of the data order/augmentation", type=_nonnegative_int)
-
     opt_in(g, "nonfinite", "a step whose loss or gradients are NaN or infinite: raise = stop the run (exit 2; "
            "nothing is updated and the last checkpoint stays), skip = drop the step (the trainer stays as it was) "
            "and go on", choices=["raise", "skip"])
     opt_in(g, "max_skips", "with --nonfinite skip: stop when more than N steps in a row were skipped",
            type=_nonnegative_int, metavar="N")
+    opt_in(g, "save_every", "also write last.pt mid-epoch every N steps (default: at the end of every epoch, "
+           "at --max-steps and on Ctrl-C/SIGTERM only)", type=_positive_int, metavar="N")
+    opt_in(g, "save_every_seconds", "also write last.pt mid-epoch when S seconds passed since the last checkpoint "
+           "(default: none)", type=_positive_float, metavar="S")
+    if not grid:
+        opt_in(g, "seed", "seed of the initialisation and of the data order/augmentation", type=_nonnegative_int)
+
     g = p.add_argument_group("model and data")
     opt_in(g, "model", "network", choices=list(MODEL_NAMES))
     opt_in(g, "width", "small-cnn: channels of the first conv", type=_positive_int)
@@ -930,13 +935,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sub.error(str(e))
     except TrainingInterrupted as e:  # a checkpoint was saved: say where and how to resume
         print(e.message, file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("fsg: interrupted", file=sys.stderr)
-        return 130
+        return 128 + e.signum  # 130 after Ctrl-C, 143 after SIGTERM
     except NonFiniteError as e:  # a NaN/Inf step under --nonfinite raise: nothing updated or saved
         print(f"fsg: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fsg: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # e.g. `fsg demo | head -3`: stop quietly
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

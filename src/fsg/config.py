@@ -29,7 +29,7 @@ DATASET_NAMES = ("cifar10", "cifar100", "imagefolder", "synthetic")
 #: (they change neither the model, the data order nor the optimisation up to the resume point).
 RESUME_CHANGEABLE = (
     "epochs", "max_steps", "out", "data_dir", "download", "eval_every", "log_every", "tensorboard",
-    "num_threads", "eval_batch_size", "device", "nonfinite", "max_skips",
+    "num_threads", "eval_batch_size", "device", "nonfinite", "max_skips", "save_every", "save_every_seconds",
 )
 
 
@@ -161,6 +161,9 @@ class TrainConfig:
         run (nothing updated, no checkpoint written), ``"skip"`` drops the step and goes on;
         max_skips: with ``"skip"``, stop when more than this many steps in a row were skipped
         (:class:`fsg.trainer.Trainer`).
+        save_every: also write ``last.pt`` mid-epoch every this many steps; save_every_seconds:
+        ... and whenever this many seconds passed since the last checkpoint (``None``: only at
+        the end of every epoch, when ``max_steps`` stops the run and on Ctrl-C/SIGTERM).
     """
 
     # model and data
@@ -211,6 +214,8 @@ class TrainConfig:
     # reliability
     nonfinite: str = "raise"
     max_skips: int = 10
+    save_every: Optional[int] = None
+    save_every_seconds: Optional[float] = None
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -371,6 +376,8 @@ class TrainConfig:
         amp_dtype(self.amp)
         choice("nonfinite", NONFINITE_POLICIES)
         integer("max_skips", 0)
+        integer("save_every", 1, optional=True)
+        number("save_every_seconds", 0, low_open=True, optional=True)
         if not self.full_precision:
             self._check_estimator_options(ESTIMATORS, get_estimator)
         return self

@@ -262,7 +262,7 @@ def run_grid(out: PathLike, estimators: Union[str, Sequence[str], None] = None,
                        progress=progress, log=log)
         except _run.TrainingInterrupted as e:
             raise _run.TrainingInterrupted(e.message + "; running the same grid again resumes every unfinished run",
-                                           e.checkpoint, e.step) from None
+                                           e.checkpoint, e.step, e.signum) from None
     return write_report(out, last_k=last_k, x_axis=x_axis, order=[run_name(*a) for a in _axes_product(axes)],
                         log=log)
 

@@ -11,9 +11,11 @@ checkpoints, exact resume.
               "step" rows every log_every steps (means over the window), "epoch" rows (train
               loss/accuracy, test loss/accuracy, lr, times), a "final" row when max_steps stops a
               run mid-epoch; optional TensorBoard (tensorboardX) under <out>/tensorboard
-    checkpoint <out>/last.pt after every epoch, when max_steps stops the run, and on Ctrl-C
-              (see :mod:`fsg.checkpoint` for its content); <out>/config.json; for full-precision
-              runs also <out>/model.pt, a plain state_dict for :func:`fsg.models.load_pretrained`
+    checkpoint <out>/last.pt after every epoch, when max_steps stops the run, on Ctrl-C and SIGTERM,
+              and mid-epoch every save_every steps / save_every_seconds seconds (see
+              :mod:`fsg.checkpoint` for its content); never of non-finite values; <out>/config.json;
+              for full-precision runs also <out>/model.pt, a plain state_dict for
+              :func:`fsg.models.load_pretrained`
 
 **Resume** (``train(config, resume=path)``) rebuilds everything from the checkpoint — trainer
 (model, hypernetworks, HGS and LSTM states, optimizers, the recorded ∂L/∂Ŵ and W̃, every
@@ -21,11 +23,15 @@ parameter's ``.grad``), data position, schedule, metrics history, random number 
 the continued run is step for step identical to an uninterrupted one (same losses, same
 weights). Metric rows written after the checkpoint by the interrupted process are dropped.
 
-**Ctrl-C** while a training step or the end-of-epoch bookkeeping runs is deferred until it is
-complete (a second Ctrl-C aborts at once, without saving); elsewhere (data loading, evaluation)
-it acts at once. The checkpoint then holds the state after the last completed step and
-:class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is raised with a one-line message saying
-where it is and how to resume; the ``fsg`` command prints it and exits with status 130.
+**Ctrl-C or SIGTERM** (``kill``, a container stop) while a training step or the end-of-epoch
+bookkeeping runs is deferred until it is complete (a second one aborts at once, without saving);
+elsewhere (data loading, evaluation) it acts at once. The checkpoint then holds the state after
+the last completed step and :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is raised with
+a one-line message saying where it is and how to resume; the ``fsg`` command prints it and exits
+with status 130 after Ctrl-C, 143 after SIGTERM (128 + the signal number, the shell convention).
+
+**Non-finite steps** (:class:`fsg.trainer.NonFiniteError`, ``nonfinite="raise"``) stop the run
+before anything is updated or saved: ``last.pt`` keeps the last good state.
 """
 
 from __future__ import annotations
@@ -76,13 +82,15 @@ METRIC_COLUMNS = (
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Raised by :func:`train` after Ctrl-C; ``checkpoint`` is the path written (``None`` when
-    the interrupt came inside a step and no consistent state could be saved), ``message`` one line
-    saying where the run stopped and how to resume it."""
+    """Raised by :func:`train` after Ctrl-C or SIGTERM; ``checkpoint`` is the path written
+    (``None`` when the interrupt came inside a step and no consistent state could be saved),
+    ``message`` one line saying where the run stopped and how to resume it, ``signum`` the signal
+    (``signal.SIGINT`` for Ctrl-C and for a ``KeyboardInterrupt`` from elsewhere, or
+    ``signal.SIGTERM``): the ``fsg`` command exits with ``128 + signum``, 130 or 143."""
 
-    def __init__(self, message: str, checkpoint: Optional[Path], step: int):
+    def __init__(self, message: str, checkpoint: Optional[Path], step: int, signum: int = signal.SIGINT):
         super().__init__(message)
-        self.message, self.checkpoint, self.step = message, checkpoint, step
+        self.message, self.checkpoint, self.step, self.signum = message, checkpoint, step, int(signum)
 
 
 @dataclass
@@ -364,60 +372,71 @@ class _NoLog:
 
 
 # ----------------------------------------------------------------------------------------------
-# Ctrl-C
+# Ctrl-C and SIGTERM
+
+#: The signals a run stops on, finishing its step and saving first: Ctrl-C and ``kill``/container stop.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class _InterruptGuard:
-    """SIGINT handling for the loop: inside :meth:`critical` a Ctrl-C is deferred to the end of
-    the block (a second one raises at once); elsewhere it raises ``KeyboardInterrupt`` at once.
-    ``torn`` is set when a ``KeyboardInterrupt`` escaped from inside a critical block."""
+    """SIGINT and SIGTERM handling for the loop: inside :meth:`critical` such a signal is deferred
+    to the end of the block (a second one raises at once); elsewhere it raises
+    ``KeyboardInterrupt`` at once. ``torn`` is set when a ``KeyboardInterrupt`` escaped from
+    inside a critical block; ``signum`` is the last signal received (``None``: none, e.g. a
+    ``KeyboardInterrupt`` raised by other code)."""
 
     def __init__(self):
         self.deferring = False
         self.requested = False
         self.torn = False
-        self._previous = None
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
 
     def _handler(self, signum, frame):
+        self.signum = signum
         if self.deferring and not self.requested:
             self.requested = True
-            print("\nfsg: interrupt received: finishing the current step, then saving a checkpoint "
+            what = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\nfsg: {what} received: finishing the current step, then saving a checkpoint "
                   "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
             return
         raise KeyboardInterrupt
 
-    def __enter__(self):
+    def _install(self, handler) -> Dict[int, Any]:
+        previous = {}
         if threading.current_thread() is threading.main_thread():
-            try:
-                self._previous = signal.signal(signal.SIGINT, self._handler)
-            except (ValueError, OSError):  # pragma: no cover
-                self._previous = None
+            for sig in STOP_SIGNALS:
+                try:
+                    previous[sig] = signal.signal(sig, handler)
+                except (ValueError, OSError):  # pragma: no cover
+                    pass
+        return previous
+
+    @staticmethod
+    def _uninstall(previous: Dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def __enter__(self):
+        self._previous = self._install(self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        self._uninstall(self._previous)
+        self._previous = {}
         return False
 
     @contextlib.contextmanager
     def saving(self):
-        """Ctrl-C is ignored (with a note) while the interrupt checkpoint is written."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
+        """Ctrl-C and SIGTERM are ignored (with a note) while the interrupt checkpoint is written."""
         def note(signum, frame):
             print("\nfsg: saving the checkpoint, please wait", file=sys.stderr, flush=True)
 
-        try:
-            previous = signal.signal(signal.SIGINT, note)
-        except (ValueError, OSError):  # pragma: no cover
-            yield
-            return
+        previous = self._install(note)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            self._uninstall(previous)
 
     @contextlib.contextmanager
     def critical(self):
@@ -605,14 +624,19 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
     bar = None
     safe = {"loader": loader.state_dict(), "epoch": epoch, "batch": batch, "running": dict(running)}
 
+    last_save = time.monotonic()
+
     def save(epoch_, batch_, loader_state, running_) -> Path:
+        nonlocal last_save
         if not main:
             return last
         bad = _nonfinite_state(trainer)
         if bad:
             raise NonFiniteError(f"refusing to write a checkpoint holding non-finite values ({', '.join(bad)})")
-        return save_checkpoint(last, _payload(cfg, trainer, loader_state, scheduler, epoch_, batch_, running_, history,
+        path = save_checkpoint(last, _payload(cfg, trainer, loader_state, scheduler, epoch_, batch_, running_, history,
                                               time.perf_counter() - t_start))
+        last_save = time.monotonic()
+        return path
 
     def run_eval() -> Tuple[float, float, float]:
         t0 = time.perf_counter()
@@ -678,6 +702,13 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
                             safe = {"loader": loader.state_dict(), "epoch": epoch, "batch": batch,
                                     "running": dict(running)}
                             hit_max = cfg.max_steps is not None and step >= cfg.max_steps
+                            # --save-every / --save-every-seconds: last.pt mid-epoch (an epoch's last
+                            # step and max_steps are saved right after anyway)
+                            if not hit_max and batch < n_batches and (
+                                    (cfg.save_every is not None and not r.skipped and step % cfg.save_every == 0)
+                                    or (cfg.save_every_seconds is not None
+                                        and time.monotonic() - last_save >= cfg.save_every_seconds)):
+                                save(epoch, batch, safe["loader"], safe["running"])
                         if bar is not None:
                             bar.set_postfix(loss=f"{running['loss_sum'] / running['n']:.4f}",
                                             acc=f"{running['acc_sum'] / running['n']:.3f}", refresh=False)
@@ -737,21 +768,21 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
         if bar is not None:
             bar.close()
         step = trainer.step_count
+        signum = guard.signum or signal.SIGINT
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         if guard.torn:
-            where = (f"the last checkpoint {last} (step {_ckpt_step(last)}) is kept" if last.exists()
-                     else "no checkpoint was written")
             raise TrainingInterrupted(
-                f"fsg: interrupted inside a training step (state not saved); {where}"
+                f"fsg: {how} inside a training step (state not saved); {_kept(last)}"
                 + (f"; resume with: fsg {_cmd(cfg)} --resume {last}" if last.exists() else ""),
-                last if last.exists() else None, step) from None
+                last if last.exists() else None, step, signum) from None
         with guard.saving():
             try:
                 path = save(safe["epoch"], safe["batch"], safe["loader"], safe["running"])
             except NonFiniteError as e:
                 raise NonFiniteError(f"{e}; {_kept(last)}", e.step) from None
         raise TrainingInterrupted(
-            f"fsg: interrupted at epoch {safe['epoch'] + 1}, step {step}; checkpoint saved to {path}; "
-            f"resume with: fsg {_cmd(cfg)} --resume {path}", path, step) from None
+            f"fsg: {how} at epoch {safe['epoch'] + 1}, step {step}; checkpoint saved to {path}; "
+            f"resume with: fsg {_cmd(cfg)} --resume {path}", path, step, signum) from None
     except NonFiniteError as e:  # nothing was updated, nothing is saved: the last checkpoint stays
         hint = ""
         if e.step is not None and cfg.nonfinite == "raise" and last.exists():

@@ -1,0 +1,153 @@
+"""What a stop costs: SIGTERM saves like Ctrl-C, --save-every / --save-every-seconds write last.pt
+mid-epoch, and a run stopped either way (even by SIGKILL) resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import fsg.run
+from fsg.checkpoint import load_checkpoint
+from fsg.run import train
+
+from conftest import fsg_cli
+from test_checkpoint import assert_same_run, metric_rows, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 480 training images, batch 16: 30 steps in the one epoch
+RUN = ["--dataset", "synthetic", "--dataset-option", "n_train=480", "--dataset-option", "n_test=16",
+       "--dataset-option", "size=8", "--dataset-option", "num_classes=4", "--model", "small-cnn", "--width", "4",
+       "--batch-size", "16", "--num-threads", "1", "--no-progress", "--log-every", "1", "--epochs", "1",
+       "--estimator", "multifc", "--hidden", "8", "--optimizer", "sgdm", "--lr", "0.05"]
+
+# `fsg ARGS` in a subprocess whose steps take 0.1 s longer (time to signal it mid-epoch)
+SLOW_FSG = """
+import sys, time
+import fsg
+step = fsg.Trainer.step
+def slow(self, x, y):
+    time.sleep(0.1)
+    return step(self, x, y)
+fsg.Trainer.step = slow
+from fsg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def spawn(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-c", SLOW_FSG, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(proc, out, n, timeout=120):
+    """Wait until the run in ``out`` has logged ``n`` step rows."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        rows = fsg.run.MetricsLog.read(out / "metrics.jsonl")
+        if sum(r.get("kind") == "step" for r in rows) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.returncode} {proc.stderr.read()}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("the run did not get going")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run of RUN (in this process), its metric rows and checkpoint."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    from fsg.cli import main
+
+    assert main(["train", *RUN, "--out", str(out)]) == 0
+    return metric_rows(out), load_checkpoint(out / "last.pt")
+
+
+def test_sigterm_mid_epoch_saves_exits_143_and_resumes_exactly(tmp_path, reference, capsys):
+    out = tmp_path / "run"
+    proc = spawn("train", *RUN, "--out", str(out))
+    wait_for_steps(proc, out, 8)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("fsg: stopped by SIGTERM at epoch 1, step ") and "checkpoint saved to" in last_line
+    assert f"resume with: fsg train --resume {out / 'last.pt'}" in last_line
+    ck = load_checkpoint(out / "last.pt")
+    assert 8 <= ck["step"] < 30 and ck["batch"] == ck["step"] and ck["epoch"] == 0  # mid-epoch
+
+    code, _, err = fsg_cli(capsys, "train", "--resume", str(out), "--no-progress")
+    assert code == 0, err
+    rows, ref_ck = reference
+    assert metric_rows(out) == rows  # every step's loss, the epoch row: bit for bit
+    assert_same_run(ref_ck, load_checkpoint(out / "last.pt"))
+
+
+def test_sigkill_after_a_periodic_save_loses_at_most_save_every_steps(tmp_path, reference, capsys):
+    out = tmp_path / "run"
+    proc = spawn("train", *RUN, "--out", str(out), "--save-every", "4")
+    wait_for_steps(proc, out, 10)
+    proc.kill()  # SIGKILL: nothing runs after this
+    proc.communicate(timeout=60)
+    ck = load_checkpoint(out / "last.pt")
+    logged = sum(r.get("kind") == "step" for r in fsg.run.MetricsLog.read(out / "metrics.jsonl"))
+    assert ck["step"] >= 8 and ck["step"] % 4 == 0 and logged - ck["step"] < 4 + 1 and ck["batch"] == ck["step"]
+
+    code, _, err = fsg_cli(capsys, "train", "--resume", str(out), "--no-progress")
+    assert code == 0, err
+    rows, ref_ck = reference
+    assert metric_rows(out) == rows
+    assert_same_run(ref_ck, load_checkpoint(out / "last.pt"))
+
+
+def saves(monkeypatch):
+    """Record (step, epoch, batch) of every checkpoint the loop writes."""
+    written = []
+    real = fsg.run.save_checkpoint
+
+    def record(path, payload):
+        written.append((payload["step"], payload["epoch"], payload["batch"]))
+        return real(path, payload)
+
+    monkeypatch.setattr(fsg.run, "save_checkpoint", record)
+    return written
+
+
+@pytest.mark.parametrize("every, expected", [
+    (None, [(4, 1, 0), (8, 2, 0)]),                        # the end of every epoch only
+    (3, [(3, 0, 3), (4, 1, 0), (6, 1, 2), (8, 2, 0)]),     # + mid-epoch every 3 steps
+    (2, [(2, 0, 2), (4, 1, 0), (6, 1, 2), (8, 2, 0)]),     # an epoch's end is written once
+])
+def test_save_every_writes_at_the_expected_steps(tmp_path, monkeypatch, every, expected):
+    written = saves(monkeypatch)
+    train(tiny(tmp_path / "run", "multifc", save_every=every), progress=False)
+    assert written == expected
+
+
+def test_save_every_seconds(tmp_path, monkeypatch):
+    written = saves(monkeypatch)
+    train(tiny(tmp_path / "run", "ste", save_every_seconds=1e-9), progress=False)  # due after every step
+    assert [w[0] for w in written] == [1, 2, 3, 4, 5, 6, 7, 8]
+    written.clear()
+    train(tiny(tmp_path / "run2", "ste", save_every_seconds=3600), progress=False)
+    assert [w[0] for w in written] == [4, 8]
+
+
+def test_save_every_may_change_on_resume(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train(tiny(out, "ste", epochs=1), progress=False)
+    code, stdout, err = fsg_cli(capsys, "train", "--resume", str(out), "--epochs", "2", "--save-every", "1",
+                                "--save-every-seconds", "60", "--json", "--no-progress")
+    assert code == 0, err
+    assert json.loads(stdout)["steps"] == 8
+    cfg = load_checkpoint(out / "last.pt")["config"]
+    assert cfg["save_every"] == 1 and cfg["save_every_seconds"] == 60
