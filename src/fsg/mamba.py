@@ -163,6 +163,19 @@ def _project(weight: Tensor, x: Tensor) -> Tensor:
     return torch.matmul(weight, x)
 
 
+class _CopyLater:
+    """``finish`` of an in-place :meth:`Mamba.stream` computed out of place: copies the new state
+    over the old one (once; later calls do nothing)."""
+
+    def __init__(self, h: Tensor, h_new: Tensor):
+        self.h, self.h_new = h, h_new
+
+    def __call__(self) -> None:
+        if self.h_new is not None:
+            self.h.copy_(self.h_new)
+            self.h_new = None
+
+
 def _check_pos_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -273,7 +286,8 @@ class Mamba(nn.Module):
             return _ssm.mamba_low_memory(self, x)
         return self.plain_forward(x)
 
-    def stream(self, x: Tensor, state: Optional[tuple] = None, state_buffer: Optional[Tensor] = None):
+    def stream(self, x: Tensor, state: Optional[tuple] = None, state_buffer: Optional[Tensor] = None,
+               state_dtype: Optional[torch.dtype] = None, low_memory: bool = False, in_place: bool = False):
         """Continue the block's recurrence by the tokens ``x`` (B, T_new, d_model).
 
         ``state`` = ``(x_hist, h)`` from the previous call (None to start): ``x_hist`` the last
@@ -282,46 +296,109 @@ class Mamba(nn.Module):
         the last ``T_new`` outputs of ``forward`` on the whole sequence seen so far. The causal
         convolution is evaluated on the window ``[x_hist, x]``; only the new positions enter the
         projections and the scan (from ``h``). Gradients flow into the new tokens' computation;
-        ``state`` enters as a constant. ``state_buffer``: a free (B, d_inner, d_state) float32
-        tensor the backend may write the new scan state into (see ``last_out`` of
+        ``state`` enters as a constant. ``state_buffer``: a free (B, d_inner, d_state) tensor of
+        the state's dtype the backend may write the new scan state into (see ``last_out`` of
         :func:`fsg.ssm.selective_scan_step`).
+
+        ``state_dtype`` (None: the given state's dtype, else float32 — the compute dtype): the
+        dtype ``h`` is stored in, ``torch.bfloat16`` or ``torch.float16`` to halve it. The
+        arithmetic stays float32: the old state is read as stored (a state of another dtype is
+        first converted), ``y`` comes from the unrounded new state, and the new state is rounded
+        to nearest even once per call (see :func:`fsg.ssm.selective_scan_step`).
+
+        ``low_memory``: keep nothing of the step's activations for the backward pass but the
+        window (the cheap projections are recomputed there; with the ``"cpu"`` backend, through
+        :func:`fsg.ssm.mamba_stream`; other backends keep the activations).
+
+        ``in_place``: keep a single copy of the scan state: the new state is written over the old
+        ``h`` (``new_state[1]`` shares its memory) once the backward pass through this call no
+        longer needs the old one — the ``"cpu"`` backend's low-memory step writes it from its backward kernel;
+        elsewhere it is copied in later. Returns ``(y, new_state, finish)``: ``finish()`` (None
+        when nothing is pending, e.g. the first call) completes the update if the backward pass
+        has not (idempotent); call it after the backward pass and before the state is used again.
+        Finishing before the backward pass makes that backward pass fail.
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
-        batch, t_new, _ = x.shape
         k = self.d_conv - 1
         if state is None:
-            x_hist = x.new_zeros(batch, k, self.d_model)
+            x_hist = x.new_zeros(x.shape[0], k, self.d_model)
             h = None
         else:
             x_hist, h = (s.detach() for s in state)
         window = torch.cat([x_hist, x], dim=1)  # zeros before the stream start = the causal padding
+        new_hist = window[:, window.shape[1] - k:].detach()
+        param_dtype = compute_dtype(self.A_log.dtype)
+        if (state_dtype is None and not low_memory and not in_place
+                and (h is None or h.dtype not in (torch.bfloat16, torch.float16))):
+            u, z, delta, Bt, Ct = self.stream_pre_scan(window)
+            y, h_new = selective_scan_step(
+                u, delta, -torch.exp(self.A_log.to(param_dtype)), Bt, Ct, D=self.D.to(param_dtype), z=z,
+                delta_bias=self.dt_proj.bias.to(param_dtype), delta_softplus=True, return_last_state=True,
+                initial_state=h, last_out=state_buffer,
+            )
+            out = torch.matmul(y.to(x.dtype).transpose(1, 2), self.out_proj.weight.t())  # (B, T_new, d_model)
+            return out, (new_hist, h_new.detach())
+        if state_dtype is None:
+            state_dtype = h.dtype if h is not None else param_dtype
+        if state_dtype not in (torch.float32, torch.bfloat16, torch.float16, param_dtype):
+            raise ValueError(f"state_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {state_dtype}")
+        if h is not None and h.dtype != state_dtype:
+            h = h.to(state_dtype)  # e.g. a float32 checkpoint continued in 16 bits: converted once
+        finish = None
+        res = _ssm.mamba_stream(self, window, h, state_dtype, in_place=in_place, state_buffer=state_buffer) \
+            if low_memory else None
+        if res is not None:
+            out, h_new, finish = res
+        else:
+            u, z, delta, Bt, Ct = self.stream_pre_scan(window)
+            y, h_new = selective_scan_step(
+                u, delta, -torch.exp(self.A_log.to(param_dtype)), Bt, Ct, D=self.D.to(param_dtype), z=z,
+                delta_bias=self.dt_proj.bias.to(param_dtype), delta_softplus=True, return_last_state=True,
+                initial_state=h, last_out=None if in_place else state_buffer, state_dtype=state_dtype,
+            )
+            out = torch.matmul(y.to(x.dtype).transpose(1, 2), self.out_proj.weight.t())
+            h_new = h_new.detach()
+            if in_place and h is not None:  # copied over the old state once the backward pass is done
+                finish, h_new = _CopyLater(h, h_new), h
+        new_state = (new_hist, h_new)
+        return (out, new_state, finish) if in_place else (out, new_state)
+
+    def stream_pre_scan(self, window: Tensor, weights: Optional[tuple] = None, factored: bool = False):
+        """Steps 1-4 of :meth:`stream` for the new positions of ``window`` = ``[x_hist, x]``
+        (B, d_conv − 1 + T_new, d_model), channel-first: ``(u, z, delta, B, C)``, each
+        (B, ·, T_new) (``delta`` without the ``dt_proj`` bias). ``weights``: ``(in_proj.weight,
+        conv1d.weight, conv1d.bias, x_proj.weight, dt_proj.weight)`` to use instead of the
+        block's own. ``factored`` (d_model = dt_rank = 1): ``z`` and ``delta`` are returned as
+        their rank-1 factors ``(w (d_inner,), x (B, T_new))``, ``z = w_z ⊗ x`` and
+        ``delta = w_dt ⊗ dlt``, not multiplied out."""
+        batch = window.shape[0]
         d, r, n = self.d_inner, self.dt_rank, self.d_state
-        w_in = self.in_proj.weight
-        conv_w = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
+        k = self.d_conv - 1
+        x = window[:, k:]
+        w_in, conv_w, conv_b, w_x, w_dt = weights or (self.in_proj.weight, self.conv1d.weight, self.conv1d.bias,
+                                                      self.x_proj.weight, self.dt_proj.weight)
+        conv_w = conv_w.squeeze(1)  # (d_inner, d_conv)
         if self.d_model == 1:
             # d_model = 1: the conv output at new position t is b + w_u ⊙ (W_conv @ window_t), a
             # small GEMM over the sliding windows — no (B, d_inner, window) tensor
-            windows = window.view(batch, -1).unfold(1, self.d_conv, 1)  # (B, t_new, d_conv)
+            windows = window.reshape(batch, -1).unfold(1, self.d_conv, 1)  # (B, t_new, d_conv)
             s = torch.matmul(windows, conv_w.t())  # (B, t_new, d_inner)
-            u = F.silu(self.conv1d.bias + w_in[:d, 0] * s).transpose(1, 2).contiguous()  # (B, d_inner, t_new)
+            u = F.silu(conv_b + w_in[:d, 0] * s).transpose(1, 2).contiguous()  # (B, d_inner, t_new)
         else:
             u = _project(w_in[:d], window.transpose(1, 2))
-            u = causal_conv1d(u, conv_w, self.conv1d.bias, silu=True)[..., k:]
-        z = _project(w_in[d:], x.transpose(1, 2))
+            u = causal_conv1d(u, conv_w, conv_b, silu=True)[..., k:]
         # (B, T_new, d_inner) @ (d_inner, r + 2n): one GEMM over all B·T_new tokens (a batched
         # matmul of the weight with (B, d_inner, T_new) would be B tiny GEMVs for T_new = 1)
-        x_dbl = torch.matmul(u.transpose(1, 2), self.x_proj.weight.t()).transpose(1, 2)
+        x_dbl = torch.matmul(u.transpose(1, 2), w_x.t()).transpose(1, 2)
         dlt, Bt, Ct = torch.split(x_dbl, [r, n, n], dim=1)
-        delta = _project(self.dt_proj.weight, dlt)
-        param_dtype = compute_dtype(self.A_log.dtype)
-        y, h_new = selective_scan_step(
-            u, delta, -torch.exp(self.A_log.to(param_dtype)), Bt, Ct, D=self.D.to(param_dtype), z=z,
-            delta_bias=self.dt_proj.bias.to(param_dtype), delta_softplus=True, return_last_state=True,
-            initial_state=h, last_out=state_buffer,
-        )
-        out = torch.matmul(y.to(x.dtype).transpose(1, 2), self.out_proj.weight.t())  # (B, T_new, d_model)
-        return out, (window[:, window.shape[1] - k:].detach(), h_new.detach())
+        if factored:
+            if self.d_model != 1 or r != 1:
+                raise ValueError("factored=True needs d_model = dt_rank = 1")
+            return u, (w_in[d:, 0], x[..., 0]), (w_dt[:, 0], dlt[:, 0]), Bt, Ct
+        z = _project(w_in[d:], x.transpose(1, 2))
+        delta = _project(w_dt, dlt)
+        return u, z, delta, Bt, Ct
 
     def pre_scan_parts(self, x: Tensor):
         """Steps 1-3, channel-first: ``(u, dlt, B, C)``; ``u`` after the conv and SiLU, ``dlt``

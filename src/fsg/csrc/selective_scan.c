@@ -26,6 +26,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 #if defined(__SSE__) || defined(__x86_64__)
 #include <xmmintrin.h>
@@ -100,7 +103,121 @@ static inline float softplus_f(float x) {
 }
 static inline float sigmoid_f(float x) { return 1.f / (1.f + fsg_expf(-x)); }
 
-FSG_API int fsg_scan_version(void) { return 10; }
+FSG_API int fsg_scan_version(void) { return 11; }
+
+/* ---------------------------------------------------------------------------------------------
+ * 16-bit storage of the streaming state (the step kernels only): `fmt` 0 = float32, 1 = bfloat16,
+ * 2 = float16 (IEEE binary16). The arithmetic stays float32: a row of old states is widened on
+ * load (exact) and the new row is rounded to nearest, ties to even, on store, bit for bit as
+ * PyTorch's `.to(torch.bfloat16)` / `.to(torch.float16)` (NaN stays NaN; float32 inputs below
+ * 2^-126 are flushed to zero by the kernels' FTZ/DAZ mode before they get here). float16 uses
+ * the F16C instructions where the compiler targets them (they ignore FTZ/DAZ, so float16
+ * subnormals are kept), else the portable integer routines below. */
+#define FSG_F32 0
+#define FSG_BF16 1
+#define FSG_F16 2
+
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    const uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16; /* round to nearest even */
+    return (uint16_t)((b & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : r); /* NaN: a quiet NaN */
+}
+
+static inline float f16_to_f32_portable(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    uint32_t b;
+    if (e == 0x1Fu) {
+        b = sign | 0x7F800000u | (m << 13); /* inf, NaN */
+    } else if (e != 0) {
+        b = sign | ((e + 112u) << 23) | (m << 13);
+    } else { /* zero or subnormal: m · 2^-24, a normal float32 (exact) */
+        const float v = (float)m * 5.9604644775390625e-8f;
+        memcpy(&b, &v, sizeof b);
+        b |= sign;
+    }
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_f16_portable(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
+    if (ax > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);  /* NaN */
+    if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u); /* rounds to >= 65520: inf */
+    if (ax >= 0x38800000u) /* a float16 normal: rebias the exponent, round the 13 dropped bits */
+        return (uint16_t)(sign | ((ax - 0x38000000u + 0xFFFu + ((ax >> 13) & 1u)) >> 13));
+    const uint32_t e = ax >> 23;
+    if (e < 102u) return (uint16_t)sign; /* below 2^-25: rounds to zero */
+    /* a float16 subnormal: q = round_even(mantissa · 2^(e - 126)), shift 14..24 */
+    const uint32_t mant = (ax & 0x7FFFFFu) | 0x800000u, shift = 126u - e;
+    const uint32_t q = mant >> shift, rem = mant & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    return (uint16_t)(sign | (q + (rem > half || (rem == half && (q & 1u)))));
+}
+
+/* widen / round one row of N states (element offset i0 of the 16-bit or float32 array) */
+static inline void load_state_row(const int fmt, const void *src, int64_t i0, const int64_t N, float *restrict dst) {
+    if (fmt == FSG_BF16) {
+        const uint16_t *s = (const uint16_t *)src + i0;
+#pragma omp simd
+        for (int64_t n = 0; n < N; n++) dst[n] = bf16_to_f32(s[n]);
+    } else if (fmt == FSG_F16) {
+        const uint16_t *s = (const uint16_t *)src + i0;
+        int64_t n = 0;
+#ifdef __F16C__
+        for (; n + 8 <= N; n += 8) _mm256_storeu_ps(dst + n, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + n))));
+        for (; n < N; n++) dst[n] = _cvtsh_ss(s[n]);
+#else
+        for (; n < N; n++) dst[n] = f16_to_f32_portable(s[n]);
+#endif
+    } else {
+        memcpy(dst, (const float *)src + i0, (size_t)N * sizeof(float));
+    }
+}
+
+static inline void store_state_row(const int fmt, void *dst, int64_t i0, const int64_t N, const float *restrict src) {
+    if (fmt == FSG_BF16) {
+        uint16_t *d = (uint16_t *)dst + i0;
+#pragma omp simd
+        for (int64_t n = 0; n < N; n++) d[n] = f32_to_bf16(src[n]);
+    } else if (fmt == FSG_F16) {
+        uint16_t *d = (uint16_t *)dst + i0;
+        int64_t n = 0;
+#ifdef __F16C__
+        for (; n + 8 <= N; n += 8)
+            _mm_storeu_si128((__m128i *)(d + n), _mm256_cvtps_ph(_mm256_loadu_ps(src + n), _MM_FROUND_TO_NEAREST_INT));
+        for (; n < N; n++) d[n] = _cvtss_sh(src[n], _MM_FROUND_TO_NEAREST_INT);
+#else
+        for (; n < N; n++) d[n] = f32_to_f16_portable(src[n]);
+#endif
+    } else {
+        memcpy((float *)dst + i0, src, (size_t)N * sizeof(float));
+    }
+}
+
+/* The conversions on their own, for the tests: n values src -> dst; to16 = 1: float32 -> fmt,
+   0: fmt -> float32; portable = 1: float16 through the integer routines even where F16C is used. */
+FSG_API void fsg_state_convert(int64_t n, int fmt, int to16, int portable, const void *src, void *dst) {
+    if (portable && fmt == FSG_F16) {
+        for (int64_t i = 0; i < n; i++) {
+            if (to16) ((uint16_t *)dst)[i] = f32_to_f16_portable(((const float *)src)[i]);
+            else ((float *)dst)[i] = f16_to_f32_portable(((const uint16_t *)src)[i]);
+        }
+    } else if (to16) {
+        store_state_row(fmt, dst, 0, n, (const float *)src);
+    } else {
+        load_state_row(fmt, src, 0, n, (float *)dst);
+    }
+}
 
 /* Per-chunk pre-pass, vectorised over time: dt = softplus(delta + bias) (or delta + bias),
    dsp = d softplus / d input (1 without softplus), gate = silu(z), sz = sigmoid(z). */
@@ -999,9 +1116,11 @@ static inline void step_flush_dA(double *tdA, float *dAf, int64_t n) {
     }
 }
 
+/* per thread: dA (D·N), dD, dbias, and the factor gradients ddw, dzw (D each) */
+#define STEP_ASZ(D, N) ((D) * (N) + 4 * (D))
 static void step_bwd_reduce(const double *bufA, int nthreads, int64_t D, int64_t N, float *dA, float *dD,
-                            float *dbias) {
-    const int64_t asz = D * N + 2 * D;
+                            float *dbias, float *ddw, float *dzw) {
+    const int64_t asz = STEP_ASZ(D, N);
     for (int64_t i = 0; i < D * N; i++) {
         double s = 0.0;
         for (int th = 0; th < nthreads; th++) s += bufA[(size_t)th * asz + i];
@@ -1016,6 +1135,15 @@ static void step_bwd_reduce(const double *bufA, int nthreads, int64_t D, int64_t
         if (dD) dD[i] = (float)sd;
         if (dbias) dbias[i] = (float)sb;
     }
+    for (int64_t i = 0; i < D; i++) {
+        double sw = 0.0, sz = 0.0;
+        for (int th = 0; th < nthreads; th++) {
+            sw += bufA[(size_t)th * asz + D * N + 2 * D + i];
+            sz += bufA[(size_t)th * asz + D * N + 3 * D + i];
+        }
+        if (ddw) ddw[i] = (float)sw;
+        if (dzw) dzw[i] = (float)sz;
+    }
 }
 
 /*
@@ -1027,10 +1155,33 @@ static void step_bwd_reduce(const double *bufA, int nthreads, int64_t D, int64_t
  * Per batch element the per-channel scalars (softplus(delta + bias), its derivative, sigmoid(z))
  * are computed first, vectorised over the channels, so that the per-channel state update is one
  * branch-free vector loop with no scalar transcendental in it. The bodies are written once for a
- * runtime N and inlined twice: with N = 16 (the slow-net's d_state: one 16-lane vector, fully
- * unrolled) and with any other N.
+ * runtime N and a state format and inlined for N = 16 (the slow-net's d_state: one 16-lane
+ * vector, fully unrolled) and any other N, times the three formats.
+ *
+ * The state (h0 in, last / hnew out) is stored as `fmt` (float32, bfloat16 or float16, see
+ * load_state_row); a 16-bit row, or a row to be written over its own input, is staged through a
+ * per-thread float32 row, so the state loops themselves are the same for every format. The
+ * output y uses the unrounded new state. In-place streaming: the forward may leave `last` NULL
+ * (no new state written; `out` NULL too: advance only, with last == h0) and the backward, which
+ * recomputes the new state row by row anyway, may write it (rounded) into `hnew`, typically
+ * h0 itself once its row has been used: one copy of the state instead of two.
+ *
+ * Rank-1 delta / z (d_model = dt_rank = 1, as in fsg_scan_fwd): with `delta` NULL, delta[b, d] =
+ * dfw[d]·dfx[b]; with `z` NULL and zfx given, z[b, d] = zfw[d]·zfx[b] (rows built per batch
+ * element in the work buffer, then as above); the backward then returns the factors' gradients
+ * ddw, ddx, dzw, dzx instead of ddelta / dz.
  */
 #define FSG_ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* the row delta[b, :] (or z[b, :]): the tensor's own row, or w[d]·x[b] built into `row` */
+static inline const float *step_factor_row(const float *t, const float *w, const float *x, int64_t b, int64_t D,
+                                           float *row) {
+    if (t) return t + b * D;
+    const float xb = x[b];
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++) row[d] = w[d] * xb;
+    return row;
+}
 
 static inline void step_prepass(int64_t D, const float *ub, const float *db, const float *bias, int softplus,
                                 const float *zb, float *dt, float *dtu, float *dsp, float *sz) {
@@ -1056,30 +1207,47 @@ static inline void step_prepass(int64_t D, const float *ub, const float *db, con
     }
 }
 
-FSG_ALWAYS_INLINE int step_fwd_impl(int64_t Bt, int64_t D, const int64_t N, const float *u, const float *delta,
-                                    const float *A, const float *Bm, const float *Cm, const float *Dv, const float *z,
-                                    const float *bias, int softplus, const float *h0, float *out, float *last,
-                                    int nthreads) {
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads)
+/* One thread's share of the forward (called inside a parallel region: the `omp for` binds to
+   it). The parallel regions are written out per (N, fmt) in fsg_scan_step_fwd, so that this body
+   is inlined, and specialised, into each region's outlined function (a region inside an inlined
+   function would be outlined once, before inlining, with N and fmt as run-time values). */
+FSG_ALWAYS_INLINE void step_fwd_thread(int64_t Bt, int64_t D, const int64_t N, const int fmt, const float *u,
+                                       const float *delta, const float *A, const float *Bm, const float *Cm,
+                                       const float *Dv, const float *z, const float *bias, int softplus,
+                                       const void *h0, float *out, void *last, const float *dfw, const float *dfx,
+                                       const float *zfw, const float *zfx, int *failed_) {
+    /* the new row goes straight into `last` only for a float32 state written out of place */
+    const int direct_out = fmt == FSG_F32 && last != NULL && last != h0;
     {
         FSG_FTZ_BEGIN
-        /* dt, dtu, sigmoid(z) per channel; N zeros standing in for a missing h0 */
-        float *wk = (float *)calloc((size_t)(3 * D + N), sizeof(float));
-        if (!wk) failed = 1;
+        /* dt, dtu, sigmoid(z) per channel; N zeros standing in for a missing h0; the staged old
+           and new rows; the delta and z rows built from factors */
+        float *wk = (float *)calloc((size_t)(5 * D + 3 * N), sizeof(float));
+        if (!wk) *failed_ = 1;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < Bt; b++) {
             if (!wk) continue;
             float *dt = wk, *dtu = wk + D, *sz = wk + 2 * D;
             const float *zeros = wk + 3 * D;
-            const float *ub = u + b * D, *zb = z ? z + b * D : NULL;
+            float *hold = wk + 3 * D + N, *hrow = hold + N;
+            const float *ub = u + b * D;
+            const float *db = step_factor_row(delta, dfw, dfx, b, D, hrow + N);
+            const float *zb = z ? z + b * D : (zfx ? step_factor_row(NULL, zfw, zfx, b, D, hrow + N + D) : NULL);
             const float *restrict Bb = Bm + b * N, *restrict Cb = Cm + b * N;
-            step_prepass(D, ub, delta + b * D, bias, softplus, zb, dt, dtu, NULL, sz);
+            step_prepass(D, ub, db, bias, softplus, zb, dt, dtu, NULL, sz);
             for (int64_t d = 0; d < D; d++) {
                 const int64_t bd = b * D + d;
                 const float *restrict Ad = A + d * N;
-                const float *restrict hp = h0 ? h0 + bd * N : zeros;
-                float *restrict hn = last + bd * N;
+                const float *restrict hp;
+                if (!h0) {
+                    hp = zeros;
+                } else if (fmt == FSG_F32 && last != h0) {
+                    hp = (const float *)h0 + bd * N;
+                } else { /* 16-bit, or a row about to be overwritten by the new state */
+                    load_state_row(fmt, h0, bd * N, N, hold);
+                    hp = hold;
+                }
+                float *restrict hn = direct_out ? (float *)last + bd * N : hrow;
                 const float t = dt[d], tu = dtu[d];
                 float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
@@ -1088,6 +1256,8 @@ FSG_ALWAYS_INLINE int step_fwd_impl(int64_t Bt, int64_t D, const int64_t N, cons
                     hn[n] = v;
                     acc += Cb[n] * v;
                 }
+                if (!direct_out && last) store_state_row(fmt, last, bd * N, N, hrow);
+                if (!out) continue;
                 float y = acc + (Dv ? Dv[d] : 0.f) * ub[d];
                 if (zb) y *= zb[d] * sz[d];
                 out[bd] = y;
@@ -1096,19 +1266,18 @@ FSG_ALWAYS_INLINE int step_fwd_impl(int64_t Bt, int64_t D, const int64_t N, cons
         free(wk);
         FSG_FTZ_END
     }
-    return failed;
 }
 
-FSG_ALWAYS_INLINE int step_bwd_impl(int64_t Bt, int64_t D, const int64_t N, const float *u, const float *delta,
-                                    const float *A, const float *Bm, const float *Cm, const float *Dv, const float *z,
-                                    const float *bias, int softplus, const float *h0, const float *dout,
-                                    const float *dlast, float *du, float *ddelta, float *dA, float *dBm, float *dCm,
-                                    float *dD, float *dz, float *dbias, float *dh0, float *yout, int nthreads) {
-    const int64_t asz = D * N + 2 * D;
-    double *bufA = (double *)calloc((size_t)nthreads * asz, sizeof(double));
-    if (!bufA) return 1;
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads)
+/* One thread's share of the backward (see step_fwd_thread); `bufA`: the threads' double
+   accumulators, reduced by the caller. */
+FSG_ALWAYS_INLINE void step_bwd_thread(int64_t Bt, int64_t D, const int64_t N, const int fmt, const float *u,
+                                       const float *delta, const float *A, const float *Bm, const float *Cm,
+                                       const float *Dv, const float *z, const float *bias, int softplus,
+                                       const void *h0, const float *dout, const float *dlast, float *du,
+                                       float *ddelta, float *dBm, float *dCm, float *dz, float *dh0, float *yout,
+                                       void *hnew, const float *dfw, const float *dfx, const float *zfw,
+                                       const float *zfx, float *ddx, float *dzx, double *bufA, int *failed_) {
+    const int64_t asz = STEP_ASZ(D, N);
     {
         FSG_FTZ_BEGIN
 #ifdef _OPENMP
@@ -1116,11 +1285,11 @@ FSG_ALWAYS_INLINE int step_bwd_impl(int64_t Bt, int64_t D, const int64_t N, cons
 #else
         double *tdA = bufA;
 #endif
-        double *tdD = tdA + D * N, *tdb = tdD + D;
-        /* dA float partial sums (D·N), per-channel scalars (4·D), and per-row a, h_new, dB, dC
-           and zeros (5·N) */
-        float *work = (float *)calloc((size_t)(D * N + 4 * D + 5 * N), sizeof(float));
-        if (!work) failed = 1;
+        double *tdD = tdA + D * N, *tdb = tdD + D, *tddw = tdb + D, *tdzw = tddw + D;
+        /* dA float partial sums (D·N), per-channel scalars (4·D), per-row a, h_new, dB, dC,
+           zeros and the staged old row (6·N), the delta and z rows built from factors (2·D) */
+        float *work = (float *)calloc((size_t)(D * N + 6 * D + 6 * N), sizeof(float));
+        if (!work) *failed_ = 1;
         int64_t since_flush = 0;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < Bt; b++) {
@@ -1128,15 +1297,27 @@ FSG_ALWAYS_INLINE int step_bwd_impl(int64_t Bt, int64_t D, const int64_t N, cons
             float *dAf = work, *dt = work + D * N, *dtu = dt + D, *dsp = dtu + D, *sz = dsp + D;
             float *restrict a = sz + D, *restrict hn = a + N, *restrict dBa = hn + N, *restrict dCa = dBa + N;
             const float *zeros = dCa + N;
-            const float *ub = u + b * D, *zb = z ? z + b * D : NULL;
+            float *hold = dCa + 2 * N;
+            const float *ub = u + b * D;
+            const float *db = step_factor_row(delta, dfw, dfx, b, D, hold + N);
+            const float *zb = z ? z + b * D : (zfx ? step_factor_row(NULL, zfw, zfx, b, D, hold + N + D) : NULL);
             const float *restrict Bb = Bm + b * N, *restrict Cb = Cm + b * N;
-            step_prepass(D, ub, delta + b * D, bias, softplus, zb, dt, dtu, dsp, sz);
+            step_prepass(D, ub, db, bias, softplus, zb, dt, dtu, dsp, sz);
+            float gdx = 0.f, gzx = 0.f; /* this batch element's factor gradients */
             for (int64_t n = 0; n < N; n++) dBa[n] = dCa[n] = 0.f;
             for (int64_t d = 0; d < D; d++) {
                 const int64_t bd = b * D + d;
                 const float t = dt[d], tu = dtu[d], ut = ub[d];
                 const float *restrict Ad = A + d * N;
-                const float *restrict hp = h0 ? h0 + bd * N : zeros;
+                const float *restrict hp;
+                if (!h0) {
+                    hp = zeros;
+                } else if (fmt == FSG_F32 && !hnew) {
+                    hp = (const float *)h0 + bd * N;
+                } else { /* 16-bit, or a row about to be overwritten by the new state */
+                    load_state_row(fmt, h0, bd * N, N, hold);
+                    hp = hold;
+                }
                 const float *restrict gl = dlast ? dlast + bd * N : zeros;
                 float ys = 0.f;
 #pragma omp simd reduction(+ : ys)
@@ -1149,7 +1330,13 @@ FSG_ALWAYS_INLINE int step_bwd_impl(int64_t Bt, int64_t D, const int64_t N, cons
                 float dys = dout[bd];
                 if (zb) {
                     const float zz = zb[d], s = sz[d];
-                    if (dz) dz[bd] = dys * ys * s * (1.f + zz * (1.f - s));
+                    if (dz) {
+                        dz[bd] = dys * ys * s * (1.f + zz * (1.f - s));
+                    } else if (zfx) {
+                        const float g = dys * ys * s * (1.f + zz * (1.f - s));
+                        gzx += g * zfw[d];
+                        tdzw[d] += (double)g * zfx[b];
+                    }
                     if (yout) yout[bd] = ys * zz * s;
                     dys *= zz * s;
                 } else if (yout) {
@@ -1173,12 +1360,20 @@ FSG_ALWAYS_INLINE int step_bwd_impl(int64_t Bt, int64_t D, const int64_t N, cons
 #pragma omp simd
                     for (int64_t n = 0; n < N; n++) g0[n] = (gl[n] + dys * Cb[n]) * a[n];
                 }
+                if (hnew) store_state_row(fmt, hnew, bd * N, N, hn); /* the old row is no longer needed */
                 ddt += ut * gB;
                 du[bd] = dys * (Dv ? Dv[d] : 0.f) + t * gB;
                 const float ddl = ddt * dsp[d];
-                ddelta[bd] = ddl;
+                if (ddelta) {
+                    ddelta[bd] = ddl;
+                } else {
+                    gdx += ddl * dfw[d];
+                    tddw[d] += (double)ddl * dfx[b];
+                }
                 tdb[d] += ddl;
             }
+            if (ddx) ddx[b] = gdx;
+            if (dzx) dzx[b] = gzx;
             memcpy(dBm + b * N, dBa, N * sizeof(float));
             memcpy(dCm + b * N, dCa, N * sizeof(float));
             if (++since_flush == 256) {
@@ -1190,29 +1385,66 @@ FSG_ALWAYS_INLINE int step_bwd_impl(int64_t Bt, int64_t D, const int64_t N, cons
         free(work);
         FSG_FTZ_END
     }
-    step_bwd_reduce(bufA, nthreads, D, N, dA, dD, dbias);
-    free(bufA);
+}
+
+/* fmt: the state's storage format (FSG_F32, FSG_BF16, FSG_F16); h0 / last / hnew point to it.
+   Forward: `last` NULL writes no new state; `out` NULL computes no output. Backward: `hnew`
+   non-NULL receives the new state (it may be h0: each row is written after its last read).
+   One parallel region per (N = 16 or any, fmt): see step_fwd_thread. */
+#define FSG_STEP_FWD(N_, FMT_)                                                                              \
+    do {                                                                                                    \
+        _Pragma("omp parallel num_threads(nthreads)")                                                      \
+        step_fwd_thread(Bt, D, N_, FMT_, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, out, last, dfw, dfx, \
+                        zfw, zfx, &failed);                                                                 \
+    } while (0)
+FSG_API int fsg_scan_step_fwd(int64_t Bt, int64_t D, int64_t N, int fmt, const float *u, const float *delta,
+                              const float *A, const float *Bm, const float *Cm, const float *Dv, const float *z,
+                              const float *bias, int softplus, const void *h0, float *out, void *last,
+                              const float *dfw, const float *dfx, const float *zfw, const float *zfx,
+                              int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    int failed = 0;
+    if (fmt == FSG_BF16) {
+        if (N == 16) FSG_STEP_FWD(16, FSG_BF16);
+        else FSG_STEP_FWD(N, FSG_BF16);
+    } else if (fmt == FSG_F16) {
+        if (N == 16) FSG_STEP_FWD(16, FSG_F16);
+        else FSG_STEP_FWD(N, FSG_F16);
+    } else {
+        if (N == 16) FSG_STEP_FWD(16, FSG_F32);
+        else FSG_STEP_FWD(N, FSG_F32);
+    }
     return failed;
 }
 
-FSG_API int fsg_scan_step_fwd(int64_t Bt, int64_t D, int64_t N, const float *u, const float *delta,
+#define FSG_STEP_BWD(N_, FMT_)                                                                                   \
+    do {                                                                                                         \
+        _Pragma("omp parallel num_threads(nthreads)")                                                           \
+        step_bwd_thread(Bt, D, N_, FMT_, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, dout, dlast, du, ddelta, \
+                        dBm, dCm, dz, dh0, yout, hnew, dfw, dfx, zfw, zfx, ddx, dzx, bufA, &failed);             \
+    } while (0)
+FSG_API int fsg_scan_step_bwd(int64_t Bt, int64_t D, int64_t N, int fmt, const float *u, const float *delta,
                               const float *A, const float *Bm, const float *Cm, const float *Dv, const float *z,
-                              const float *bias, int softplus, const float *h0, float *out, float *last,
-                              int nthreads) {
-    if (nthreads < 1) nthreads = 1;
-    if (N == 16) return step_fwd_impl(Bt, D, 16, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, out, last, nthreads);
-    return step_fwd_impl(Bt, D, N, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, out, last, nthreads);
-}
-
-FSG_API int fsg_scan_step_bwd(int64_t Bt, int64_t D, int64_t N, const float *u, const float *delta,
-                              const float *A, const float *Bm, const float *Cm, const float *Dv, const float *z,
-                              const float *bias, int softplus, const float *h0, const float *dout,
+                              const float *bias, int softplus, const void *h0, const float *dout,
                               const float *dlast, float *du, float *ddelta, float *dA, float *dBm, float *dCm,
-                              float *dD, float *dz, float *dbias, float *dh0, float *yout, int nthreads) {
+                              float *dD, float *dz, float *dbias, float *dh0, float *yout, void *hnew,
+                              const float *dfw, const float *dfx, const float *zfw, const float *zfx, float *ddw,
+                              float *ddx, float *dzw, float *dzx, int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    if (N == 16)
-        return step_bwd_impl(Bt, D, 16, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, dout, dlast, du, ddelta, dA,
-                             dBm, dCm, dD, dz, dbias, dh0, yout, nthreads);
-    return step_bwd_impl(Bt, D, N, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, dout, dlast, du, ddelta, dA, dBm,
-                         dCm, dD, dz, dbias, dh0, yout, nthreads);
+    double *bufA = (double *)calloc((size_t)nthreads * STEP_ASZ(D, N), sizeof(double));
+    if (!bufA) return 1;
+    int failed = 0;
+    if (fmt == FSG_BF16) {
+        if (N == 16) FSG_STEP_BWD(16, FSG_BF16);
+        else FSG_STEP_BWD(N, FSG_BF16);
+    } else if (fmt == FSG_F16) {
+        if (N == 16) FSG_STEP_BWD(16, FSG_F16);
+        else FSG_STEP_BWD(N, FSG_F16);
+    } else {
+        if (N == 16) FSG_STEP_BWD(16, FSG_F32);
+        else FSG_STEP_BWD(N, FSG_F32);
+    }
+    step_bwd_reduce(bufA, nthreads, D, N, dA, dD, dbias, ddw, dzw);
+    free(bufA);
+    return failed;
 }

@@ -16,13 +16,17 @@ Modules:
 Public API::
 
     Backend(name, devices=None, selective_scan=None, causal_conv1d=None, mamba_low_memory=None,
-            selective_scan_step=None, priority=None, check_available=None, description="")
+            selective_scan_step=None, priority=None, check_available=None, description="",
+            mamba_stream=None)
     register_backend(backend) -> backend;  unregister_backend(name);  get_backend(name) -> Backend
     list_backends() -> [name, ...];  set_backend(name);  use_backend(name)  (context manager)
     current_backend() -> "auto" | name;  select_backend(device) -> Backend (what "auto" picks)
     selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, initial_state=None)
-    selective_scan_step(..., same arguments, last_out=None)     # streaming, state into last_out
+    selective_scan_step(..., same arguments, last_out=None, state_dtype=None)
+                         # streaming: state into last_out, stored as state_dtype (16 bits: rounded)
+    mamba_stream(block, window, h, state_dtype, in_place=False, state_buffer=None)
+                         # Mamba.stream's low-memory step (None: the backend has none)
     causal_conv1d(x, weight, bias=None, silu=False)
     mamba_low_memory(block, x)
     selective_scan_ref(...), causal_conv1d_ref(x, weight, bias=None, silu=False),
@@ -44,6 +48,7 @@ from .backends import (
     get_backend,
     list_backends,
     mamba_low_memory,
+    mamba_stream,
     register_backend,
     select_backend,
     selective_scan,
@@ -58,7 +63,7 @@ from .reference import check_conv_shapes, check_scan_shapes, compute_dtype, sele
 __all__ = [
     "AUTO", "Backend", "register_backend", "unregister_backend", "get_backend", "list_backends",
     "set_backend", "use_backend", "current_backend", "select_backend",
-    "selective_scan", "selective_scan_step", "causal_conv1d", "mamba_low_memory",
+    "selective_scan", "selective_scan_step", "causal_conv1d", "mamba_low_memory", "mamba_stream",
     "selective_scan_ref", "causal_conv1d_ref", "check_scan_shapes", "check_conv_shapes", "compute_dtype",
     "backends", "cpu", "reference",
 ]

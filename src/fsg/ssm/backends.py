@@ -11,14 +11,19 @@ A :class:`Backend` names a set of implementations of the state-space operations:
   for the backward pass; may return None to decline;
 * ``selective_scan_step(..., last_out=None)``: the scan continued from ``initial_state`` by a few
   tokens (streaming), allowed to write the new state into the free float32 buffer ``last_out``
-  (batch, d_inner, d_state) instead of allocating one.
+  (batch, d_inner, d_state) instead of allocating one. An op that also stores the state in 16 bits
+  itself takes ``state_dtype=`` and carries the attribute ``supports_state_dtype = True``;
+* ``mamba_stream(block, window, h, state_dtype, in_place=False, state_buffer=None)``:
+  :meth:`fsg.mamba.Mamba.stream`'s step keeping no activations for the backward pass (see
+  :func:`mamba_stream`); may return None to decline.
 
 An operation a backend leaves as None (or declines) falls back to the reference for that
 operation: :func:`~fsg.ssm.reference.selective_scan_ref`, ``F.conv1d``
 (:func:`~fsg.ssm.reference.causal_conv1d`), ``torch.utils.checkpoint`` of
 ``block.plain_forward`` for the low-memory block (which then runs the backend's own scan and conv
-in the recomputation), and the backend's own ``selective_scan`` for the streaming step (the buffer
-is then unused).
+in the recomputation), the backend's own ``selective_scan`` for the streaming step (the buffer
+is then unused; a 16-bit ``state_dtype`` is then emulated: the stored state widened, the new one
+rounded), and :meth:`~fsg.mamba.Mamba.stream`'s ordinary autograd path for ``mamba_stream``.
 
 ``block`` (for ``mamba_low_memory``) is an :class:`fsg.mamba.Mamba`; backends use only its public
 attributes (``d_model``, ``d_inner``, ``d_state``, ``d_conv``, ``dt_rank``, ``in_proj``,
@@ -37,7 +42,8 @@ Built-in backends:
 
 * ``"reference"``: plain PyTorch, any device (a Python loop over time; slow for long sequences).
 * ``"cpu"``: the compiled C kernels of :mod:`fsg.ssm.cpu` (scan, conv, low-memory block, streaming
-  step with ``last_out``); available when they build (a C compiler, no ``FSG_NO_COMPILE=1``).
+  step with ``last_out`` and a 16-bit ``state_dtype``, and ``mamba_stream``: the low-memory,
+  in-place streaming step); available when they build (a C compiler, no ``FSG_NO_COMPILE=1``).
   float64 inputs go to the reference inside its ops.
 * ``"mamba_ssm"``: ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (CUDA), imported
   lazily. Its kernel has no initial state and only float32/float16/bfloat16 inputs with a float32
@@ -60,7 +66,7 @@ from torch import Tensor
 
 from . import cpu as _cpu
 from .reference import causal_conv1d as causal_conv1d_ref
-from .reference import check_conv_shapes, selective_scan_ref
+from .reference import check_conv_shapes, compute_dtype, selective_scan_ref
 
 __all__ = [
     "AUTO",
@@ -77,12 +83,13 @@ __all__ = [
     "selective_scan_step",
     "causal_conv1d",
     "mamba_low_memory",
+    "mamba_stream",
 ]
 
 #: The selection name that picks a backend per device.
 AUTO = "auto"
 
-_OPS = ("selective_scan", "causal_conv1d", "mamba_low_memory", "selective_scan_step")
+_OPS = ("selective_scan", "causal_conv1d", "mamba_low_memory", "selective_scan_step", "mamba_stream")
 
 
 @dataclass(eq=False)
@@ -104,6 +111,7 @@ class Backend:
     priority: Optional[int] = None
     check_available: Optional[Callable[[], Optional[str]]] = None
     description: str = ""
+    mamba_stream: Optional[Callable] = None  # last, so that positional construction is unchanged
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -300,15 +308,38 @@ def selective_scan_step(
     return_last_state: bool = False,
     initial_state: Optional[Tensor] = None,
     last_out: Optional[Tensor] = None,
+    state_dtype: Optional[torch.dtype] = None,
 ):
     """:func:`selective_scan` for streaming: the backend's ``selective_scan_step`` may write the
-    new last state into ``last_out`` (a free float32 ``(batch, d_inner, d_state)`` tensor, not
-    referenced by anything still needed); without that op, the backend's scan (buffer unused)."""
+    new last state into ``last_out`` (a free ``(batch, d_inner, d_state)`` tensor of the state
+    dtype, not referenced by anything still needed); without that op, the backend's scan (buffer
+    unused).
+
+    ``state_dtype`` (None: the compute dtype, float32, as before): the dtype the returned last
+    state is stored in; ``torch.bfloat16`` / ``torch.float16`` halve it. Semantics, whichever
+    backend: the arithmetic is float32 (the compute dtype); ``initial_state`` is read as stored
+    (widened exactly), ``y`` comes from the unrounded states, and the last state is rounded to
+    nearest even, ``h_last.to(state_dtype)``. Ops with ``supports_state_dtype`` (the ``"cpu"``
+    backend's) do this without widening the whole state; for the others it is emulated around
+    their scan."""
     backend = select_backend(u.device)
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                   return_last_state=return_last_state, initial_state=initial_state)
-    if backend.selective_scan_step is not None:
-        return backend.selective_scan_step(u, delta, A, B, C, last_out=last_out, **kwargs)
+    op = backend.selective_scan_step
+    if state_dtype is not None:
+        if op is not None and getattr(op, "supports_state_dtype", False):
+            return op(u, delta, A, B, C, last_out=last_out, state_dtype=state_dtype, **kwargs)
+        if initial_state is not None:
+            kwargs["initial_state"] = initial_state.to(compute_dtype(u.dtype))
+        kwargs["return_last_state"] = True
+        if op is not None:
+            y, last = op(u, delta, A, B, C, last_out=None, **kwargs)
+        else:
+            y, last = (backend.selective_scan or selective_scan_ref)(u, delta, A, B, C, **kwargs)
+        last = last.to(state_dtype)
+        return (y, last) if return_last_state else y
+    if op is not None:
+        return op(u, delta, A, B, C, last_out=last_out, **kwargs)
     return (backend.selective_scan or selective_scan_ref)(u, delta, A, B, C, **kwargs)
 
 
@@ -324,6 +355,24 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, silu
         if out is not None:
             return out
     return causal_conv1d_ref(x, weight, bias, silu)
+
+
+def mamba_stream(block, window: Tensor, h: Optional[Tensor], state_dtype: torch.dtype, in_place: bool = False,
+                 state_buffer: Optional[Tensor] = None):
+    """The step of :meth:`fsg.mamba.Mamba.stream` (``low_memory=True``) through the backend's
+    ``mamba_stream`` op, or None when the backend has none or it declines (the caller then runs
+    the ordinary autograd path).
+
+    ``window`` = ``[x_hist, x]`` (B, d_conv − 1 + T_new, d_model), ``h`` the old scan state
+    (``state_dtype``, or None at the start). Returns ``(out, h_new, finish)``: ``out`` (B, T_new,
+    d_model) differentiable w.r.t. ``window`` and the block's parameters, with only ``window``
+    kept for the backward pass; ``h_new`` the new state (``state_dtype``; written into
+    ``state_buffer`` if given and suitable); with ``in_place`` ``h_new`` is ``h`` itself, updated
+    no later than ``finish()`` (None when nothing is pending) — see :meth:`fsg.mamba.Mamba.stream`."""
+    op = select_backend(window.device).mamba_stream
+    if op is None:
+        return None
+    return op(block, window, h, state_dtype, in_place=in_place, state_buffer=state_buffer)
 
 
 def mamba_low_memory(block, x: Tensor) -> Tensor:
@@ -420,9 +469,10 @@ REFERENCE = register_backend(Backend(
 
 CPU = register_backend(Backend(
     "cpu", devices={"cpu"}, selective_scan=_cpu.selective_scan_fused, causal_conv1d=_cpu.causal_conv1d_fused,
-    mamba_low_memory=_cpu.mamba_low_memory, selective_scan_step=_cpu.selective_scan_fused, priority=10,
-    check_available=_cpu_unavailable,
-    description="compiled C kernels (fsg.ssm.cpu): fused, memory-bounded scan, conv, low-memory block"))
+    mamba_low_memory=_cpu.mamba_low_memory, selective_scan_step=_cpu.selective_scan_step, priority=10,
+    check_available=_cpu_unavailable, mamba_stream=_cpu.mamba_stream,
+    description="compiled C kernels (fsg.ssm.cpu): fused, memory-bounded scan, conv, low-memory block and "
+                "streaming step (16-bit state, in place)"))
 
 MAMBA_SSM = register_backend(Backend(
     "mamba_ssm", devices={"cuda"}, selective_scan=_mamba_ssm_scan, priority=30,
@@ -430,11 +480,10 @@ MAMBA_SSM = register_backend(Backend(
     description="mamba_ssm's CUDA selective_scan_fn (reference for initial_state / float64)"))
 
 TRITON = register_backend(Backend(
-    "triton", devices={"cuda"}, selective_scan=_triton_scan, priority=20,
+    "triton", devices={"cuda"}, selective_scan=_triton_scan, selective_scan_step=_triton_scan, priority=20,
     check_available=_triton_unavailable,
-    # Once fsg.ssm.triton_scan exists, wire its other ops here: selective_scan_step (write the
-    # last state into `last_out`), and mamba_low_memory (like fsg.ssm.cpu._MambaLowMemory, on its
-    # scan_forward / scan_backward with the rank-1 delta / z factors of a d_model = dt_rank = 1
-    # block, keeping only x and the chunk states); until then the reference conv and a
-    # checkpointed block (running this backend's scan) are used.
+    # selective_scan_triton takes `last_out` (streaming: one launch writes the new state there).
+    # Not yet wired: mamba_low_memory on scan_forward / scan_backward with the rank-1 delta / z
+    # factors (as fsg.ssm.cpu._MambaLowMemory does); meanwhile a checkpointed block running this
+    # backend's scan, and PyTorch's conv1d (the reference conv), are used.
     description="Triton selective scan kernels (fsg.ssm.triton_scan)"))

@@ -12,6 +12,13 @@ low-memory Mamba block for the CPU (compiled C, loaded with ctypes).
 reverse, recomputes each chunk's states from its start state and back-propagates through them.
 Work is split over ``torch.get_num_threads()`` OpenMP threads.
 
+Streaming (one token per sequence, many sequences): single-step kernels, whose carried state may
+be stored in 16 bits (:func:`selective_scan_step` with ``state_dtype`` bfloat16 / float16: read
+as stored, float32 arithmetic, the new state rounded to nearest even), and :func:`mamba_stream`,
+the whole streaming step of a Mamba block keeping only its input window for the backward pass,
+run over slices of rows, optionally updating the state in place from the backward kernel (one
+copy of the state instead of two).
+
 The C file is compiled at first use with the system C compiler (``$CC``, ``cc`` or ``gcc``;
 ``-O3 -march=native -fopenmp``) into a cache directory (``$FSG_CACHE``, else
 ``$XDG_CACHE_HOME/fsg`` or ``~/.cache/fsg``), keyed by the source, the flags, the compiler and the
@@ -39,7 +46,8 @@ from torch import Tensor
 
 from .reference import check_scan_shapes, selective_scan_ref
 
-__all__ = ["selective_scan_fused", "causal_conv1d_fused", "mamba_low_memory", "available", "load_library", "CHUNK", "build_error"]
+__all__ = ["selective_scan_fused", "selective_scan_step", "causal_conv1d_fused", "mamba_low_memory", "mamba_stream",
+           "available", "load_library", "CHUNK", "build_error", "STATE_DTYPES", "state_convert"]
 
 #: Steps between stored states in the forward pass (memory ∝ L / CHUNK; recompute ∝ CHUNK).
 CHUNK = 128
@@ -110,7 +118,7 @@ def load_library() -> Optional[ctypes.CDLL]:
                 except subprocess.CalledProcessError:
                     _compile(cc, path, native=False)  # a compiler without -march=native
             lib = ctypes.CDLL(str(path))
-            if lib.fsg_scan_version() != 10:
+            if lib.fsg_scan_version() != 11:
                 raise RuntimeError("unexpected kernel version")
         except Exception as e:  # noqa: BLE001 - any failure means "use the reference"
             detail = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if isinstance(
@@ -123,10 +131,13 @@ def load_library() -> Optional[ctypes.CDLL]:
         lib.fsg_scan_fwd.restype = cint
         lib.fsg_scan_bwd.argtypes = [i64] * 5 + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 10 + [ptr] * 8 + [cint]
         lib.fsg_scan_bwd.restype = cint
-        lib.fsg_scan_step_fwd.argtypes = [i64] * 3 + [ptr] * 8 + [cint] + [ptr] * 3 + [cint]
+        lib.fsg_scan_step_fwd.argtypes = [i64] * 3 + [cint] + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 4 + [cint]
         lib.fsg_scan_step_fwd.restype = cint
-        lib.fsg_scan_step_bwd.argtypes = [i64] * 3 + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 10 + [cint]
+        lib.fsg_scan_step_bwd.argtypes = ([i64] * 3 + [cint] + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 11 + [ptr] * 8
+                                          + [cint])
         lib.fsg_scan_step_bwd.restype = cint
+        lib.fsg_state_convert.argtypes = [i64, cint, cint, cint, ptr, ptr]
+        lib.fsg_state_convert.restype = None
         lib.fsg_conv_fwd.argtypes = [i64] * 4 + [ptr] * 4 + [cint, cint]
         lib.fsg_conv_fwd.restype = None
         lib.fsg_conv_bwd.argtypes = [i64] * 4 + [ptr] * 4 + [cint] + [ptr] * 3 + [cint]
@@ -153,11 +164,32 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.detach().to(torch.float32).contiguous()
 
 
-def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool, dfac=None, zfac=None, last_out=None):
+#: Storage dtypes of the streaming state the step kernels read and write (float32 arithmetic).
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FMT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def state_convert(x: Tensor, dtype: torch.dtype, portable: bool = False) -> Tensor:
+    """The step kernels' own conversion between float32 and a 16-bit state dtype (for tests:
+    it must equal ``x.to(dtype)``); ``portable``: float16 through the integer routines used where
+    the compiler has no F16C instructions."""
+    if (x.dtype == torch.float32) == (dtype == torch.float32) or torch.float32 not in (x.dtype, dtype):
+        raise ValueError(f"state_convert converts between float32 and a 16-bit dtype, got {x.dtype} -> {dtype}")
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=dtype)
+    fmt = _FMT[dtype if x.dtype == torch.float32 else x.dtype]
+    load_library().fsg_state_convert(x.numel(), fmt, int(x.dtype == torch.float32), int(portable), _p(x), _p(out))
+    return out
+
+
+def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool, dfac=None, zfac=None, last_out=None,
+                  state_dtype=None):
     """Run the forward kernel on float32 contiguous inputs (``B_``, ``C_`` as (batch, L, n)).
     ``dfac`` / ``zfac``: ``(w (d_inner,), x (batch, L))`` giving ``delta`` / ``z`` as the rank-1
     product ``w[d]·x[b, t]`` instead of ``d_`` / ``z_`` (which are then None).
-    Returns ``(y, states, last)``."""
+    A single step (L = 1) reads ``h0_`` in its dtype (float32, bfloat16 or float16)
+    and writes ``last`` in the same dtype (``state_dtype`` when ``h0_`` is None); every other
+    scan is float32 throughout. Returns ``(y, states, last)``."""
     lib = load_library()
     dfw, dfx = dfac if dfac is not None else (None, None)
     zfw, zfx = zfac if zfac is not None else (None, None)
@@ -172,12 +204,16 @@ def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool, dfac=N
         states = h0_.view(batch, dim, 1, n) if h0_ is not None else None
     else:
         states = torch.empty(batch, dim, nchunks, n, dtype=torch.float32)
-    ok_out = (last_out is not None and last_out.dtype == torch.float32 and last_out.is_contiguous()
+    step = length == 1  # one step of many sequences: streaming
+    # the step kernels store the state as h0_'s dtype (float32, or 16 bits); the others float32
+    sdt = h0_.dtype if (step and h0_ is not None) else (state_dtype if step and state_dtype else torch.float32)
+    ok_out = (last_out is not None and last_out.dtype == sdt and last_out.is_contiguous()
               and tuple(last_out.shape) == (batch, dim, n) and last_out.device.type == "cpu")
-    last = last_out if ok_out else torch.empty(batch, dim, n, dtype=torch.float32)
-    if length == 1 and dfac is None and zfac is None:  # one step of many sequences: streaming
-        if lib.fsg_scan_step_fwd(batch, dim, n, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_), _p(z_), _p(bias_),
-                                 int(softplus), _p(h0_), _p(out), _p(last), torch.get_num_threads()):
+    last = last_out if ok_out else torch.empty(batch, dim, n, dtype=sdt)
+    if step:
+        if lib.fsg_scan_step_fwd(batch, dim, n, _FMT[sdt], _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_), _p(z_),
+                                 _p(bias_), int(softplus), _p(h0_), _p(out), _p(last), _p(dfw), _p(dfx), _p(zfw),
+                                 _p(zfx), torch.get_num_threads()):
             raise MemoryError("fused selective scan step: out of memory")
     elif length > 0:
         if lib.fsg_scan_fwd(batch, dim, length, n, CHUNK, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_),
@@ -190,11 +226,13 @@ def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool, dfac=N
 
 
 def _scan_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states, softplus: bool, dout, dlast=None,
-                   want_h0: bool = False, want_y: bool = False, dfac=None, zfac=None):
+                   want_h0: bool = False, want_y: bool = False, dfac=None, zfac=None, hnew=None):
     """Run the backward kernel. Returns ``(du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, y)`` with
     ``dB``, ``dC`` as (batch, L, n); ``dz``/``dh0``/``y`` None unless applicable/asked for. With
     factored ``dfac``/``zfac`` (see :func:`_scan_forward`), ``ddelta``/``dz`` are the pairs
-    ``(dw, dx)`` of gradients of the factors."""
+    ``(dw, dx)`` of gradients of the factors. A single step reads ``states`` (= h0) in its dtype;
+    ``hnew`` (single step only; may be ``states`` itself): receives the new state, rounded to its
+    dtype, which must be ``states``' dtype."""
     lib = load_library()
     dfw, dfx = dfac if dfac is not None else (None, None)
     zfw, zfx = zfac if zfac is not None else (None, None)
@@ -216,10 +254,13 @@ def _scan_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states, softplus: bool, do
     dbias = torch.zeros(dim)
     dh0 = torch.zeros(batch, dim, n) if want_h0 else None
     y = torch.empty_like(u_) if want_y else None
-    if length == 1 and dfx is None and zfx is None:  # one step (streaming); `states` is h0 or None
-        rc = lib.fsg_scan_step_bwd(batch, dim, n, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_), _p(z_), _p(bias_),
-                                   int(softplus), _p(states), _p(dout_), _p(dlast_), _p(du), _p(ddelta), _p(dA),
-                                   _p(dB), _p(dC), _p(dD), _p(dz), _p(dbias), _p(dh0), _p(y), torch.get_num_threads())
+    if length == 1:  # one step (streaming); `states` is h0 or None
+        fmt = _FMT[states.dtype] if states is not None else 0
+        rc = lib.fsg_scan_step_bwd(batch, dim, n, fmt, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_), _p(z_),
+                                   _p(bias_), int(softplus), _p(states), _p(dout_), _p(dlast_), _p(du), _p(ddelta),
+                                   _p(dA), _p(dB), _p(dC), _p(dD), _p(dz), _p(dbias), _p(dh0), _p(y), _p(hnew),
+                                   _p(dfw), _p(dfx), _p(zfw), _p(zfx), _p(ddw), _p(ddx), _p(dzw), _p(dzx),
+                                   torch.get_num_threads())
         if rc != 0:
             raise MemoryError("fused selective scan step backward: out of memory")
     elif length > 0:
@@ -239,18 +280,37 @@ def _scan_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states, softplus: bool, do
     return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, y
 
 
+def _state_in(initial_state: Optional[Tensor], length: int, state_dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """The initial state as the kernels read it: for a single step in the state dtype (a 16-bit
+    state is read as stored, never widened as a whole), for longer scans as float32."""
+    if initial_state is None:
+        return None
+    if length == 1 and state_dtype is not None:
+        return initial_state.detach().to(state_dtype).contiguous()
+    return _f32(initial_state)
+
+
 class _FusedScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, last_out):  # type: ignore[override]
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, last_out,  # type: ignore[override]
+                state_dtype=None):
         u_, d_, A_ = _f32(u), _f32(delta), _f32(A)
         B_ = B.detach().to(torch.float32).transpose(1, 2).contiguous()  # (batch, L, n)
         C_ = C.detach().to(torch.float32).transpose(1, 2).contiguous()
-        D_, z_, bias_, h0_ = _f32(D), _f32(z), _f32(delta_bias), _f32(initial_state)
-        out, states, last = _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus, last_out=last_out[0])
+        D_, z_, bias_ = _f32(D), _f32(z), _f32(delta_bias)
+        length = u.shape[2]
+        h0_ = _state_in(initial_state, length, state_dtype)
+        out, states, last = _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus, last_out=last_out[0],
+                                          state_dtype=state_dtype)
+        if state_dtype is not None and last.dtype != state_dtype:  # a scan of L != 1 tokens: round at the end
+            buf = last_out[0]
+            ok = buf is not None and buf.dtype == state_dtype and buf.shape == last.shape and buf.is_contiguous()
+            last = buf.copy_(last) if ok else last.to(state_dtype)
         ctx.set_materialize_grads(False)  # an unused last state (streaming) gets no zero-filled gradient
         ctx.save_for_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states)
         ctx.softplus = softplus
         ctx.flags = (D is not None, z is not None, delta_bias is not None, initial_state is not None)
+        ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
         return out.to(u.dtype), last
 
     @staticmethod
@@ -262,8 +322,10 @@ class _FusedScan(torch.autograd.Function):
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, _ = _scan_backward(
             u_, d_, A_, B_, C_, D_, z_, bias_, states, ctx.softplus, dout, dlast,
             want_h0=has_h0 and ctx.needs_input_grad[8])
+        if dh0 is not None and dh0.dtype != ctx.h0_dtype:
+            dh0 = dh0.to(ctx.h0_dtype)
         return (du, ddelta, dA, dB.transpose(1, 2), dC.transpose(1, 2), dD if has_D else None, dz,
-                dbias if has_bias else None, dh0, None, None)
+                dbias if has_bias else None, dh0, None, None, None)
 
 
 class _MambaLowMemory(torch.autograd.Function):
@@ -358,6 +420,247 @@ def _factors(block, x: Tensor, dlt: Tensor):
     return dfac, zfac
 
 
+# ----------------------------------------------------------------------------------------------
+# The streaming step of a Mamba block (Mamba.stream with low_memory=True)
+
+#: The streaming step runs over the rows (weights) in slices: each slice's float32 activations
+#: of shape (rows, d_inner, T_new) — and, for a scan of several tokens (the first call, [LRE
+#: token, g⁽⁰⁾]), its float32 states, which the general kernels' work buffers and last state
+#: hold — take at most about this many bytes. So no float32 copy of the state and no layer-sized
+#: activation ever exists, forward or backward.
+_SLICE_BYTES = 4 << 20
+
+
+def _row_slices(batch: int, bytes_per_row: int):
+    rows = max(1, _SLICE_BYTES // max(1, bytes_per_row))
+    return [slice(b0, min(batch, b0 + rows)) for b0 in range(0, batch, rows)]
+
+
+def _stream_slices(block, batch: int, t_new: int):
+    return _row_slices(batch, 4 * block.d_inner * (1 if t_new == 1 else max(t_new, block.d_state)))
+
+
+def _step_fwd_kernel(u_, d_, A_, B_, C_, D_, z_, bias_, dfac, zfac, h0, out, last) -> None:
+    """One single-step forward kernel call; ``h0`` / ``last`` (None allowed, possibly the same
+    tensor: an in-place update) in one state dtype, ``out`` None: no output computed."""
+    batch, dim, _ = u_.shape
+    sdt = (h0 if h0 is not None else last).dtype
+    dfw, dfx = dfac or (None, None)
+    zfw, zfx = zfac or (None, None)
+    if load_library().fsg_scan_step_fwd(batch, dim, A_.shape[1], _FMT[sdt], _p(u_), _p(d_), _p(A_), _p(B_), _p(C_),
+                                         _p(D_), _p(z_), _p(bias_), 1, _p(h0), _p(out), _p(last), _p(dfw), _p(dfx),
+                                         _p(zfw), _p(zfx), torch.get_num_threads()):
+        raise MemoryError("fused selective scan step: out of memory")
+
+
+def _pre_scan_weights(block):
+    """The parameters :meth:`fsg.mamba.Mamba.stream_pre_scan` uses, in its ``weights`` order."""
+    return (block.in_proj.weight, block.conv1d.weight, block.conv1d.bias, block.x_proj.weight, block.dt_proj.weight)
+
+
+def _stream_kernel_inputs(u, z, delta, Bt, Ct, scan_params):
+    """The kernel inputs from :meth:`fsg.mamba.Mamba.stream_pre_scan`'s outputs (``factored``: ``z``
+    and ``delta`` as ``(w, x)`` pairs) and ``scan_params`` = ``(A_log, D, dt_proj.bias)``:
+    ``(u, delta, A, B, C, D, z, bias, dfac, zfac)``, float32 contiguous; ``delta`` / ``z`` None
+    where given as factors."""
+    A_log, D, bias = scan_params
+    fac = lambda t: tuple(_f32(x) for x in t) if isinstance(t, tuple) else None  # noqa: E731
+    dfac, zfac = fac(delta), fac(z)
+    return (_f32(u), None if dfac else _f32(delta), (-torch.exp(A_log.detach().float())).contiguous(),
+            Bt.detach().float().transpose(1, 2).contiguous(), Ct.detach().float().transpose(1, 2).contiguous(),
+            _f32(D), None if zfac else _f32(z), _f32(bias), dfac, zfac)
+
+
+def _scan_params(block):
+    return block.A_log, block.D, block.dt_proj.bias
+
+
+def _factored(block) -> bool:
+    """d_model = dt_rank = 1 (FSG's slow-net): z and delta go to the kernels as rank-1 factors."""
+    return block.d_model == 1 and block.dt_rank == 1
+
+
+def _stream_scan(block, window: Tensor, h: Optional[Tensor], h_new: Optional[Tensor], weights=None,
+                 scan_params=None, want_out: bool = True):
+    """The forward of the streaming step without a graph, slice by slice. ``h`` the old state (or
+    None), ``h_new`` the tensor the new state is written into (None: not written; it may be
+    ``h``). Returns ``(out (B, T_new, d_model) or None, chunk_states)``, ``chunk_states`` the
+    float32 chunk-start states a scan of more than :data:`CHUNK` tokens needs in its backward."""
+    batch, t_new = window.shape[0], window.shape[1] - (block.d_conv - 1)
+    weights = weights or _pre_scan_weights(block)
+    scan_params = scan_params or _scan_params(block)
+    out = torch.empty(batch, t_new, block.d_model, dtype=window.dtype) if want_out else None
+    w_out = block.out_proj.weight.detach().float()
+    chunk_states = []
+    with torch.no_grad():
+        for sl in _stream_slices(block, batch, t_new):
+            pre = block.stream_pre_scan(window[sl], weights, factored=_factored(block))
+            u_, d_, A_, B_, C_, D_, z_, bias_, dfac, zfac = _stream_kernel_inputs(*pre, scan_params)
+            if t_new == 1:
+                y = torch.empty(u_.shape) if want_out else None
+                _step_fwd_kernel(u_, d_, A_, B_, C_, D_, z_, bias_, dfac, zfac, None if h is None else h[sl], y,
+                                 None if h_new is None else h_new[sl])
+            else:  # the general kernel (float32): the old rows widened, the last state rounded
+                y, st, last = _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, None if h is None else _f32(h[sl]), True,
+                                            dfac=dfac, zfac=zfac)
+                if (t_new + CHUNK - 1) // CHUNK > 1:
+                    chunk_states.append(st)
+                if h_new is not None:
+                    h_new[sl].copy_(last)  # rounded to nearest even, as .to(h_new.dtype)
+            if want_out:
+                out[sl] = torch.matmul(y.transpose(1, 2), w_out.t()).to(out.dtype)  # (rows, T_new, d_model)
+    return out, (torch.cat(chunk_states) if chunk_states else None)
+
+
+class _PendingAdvance:
+    """The deferred in-place update of a streamed state (:func:`mamba_stream` with ``in_place``):
+    the backward kernel writes the new state over the old one once it has read it; calling this
+    object does it instead if the backward pass has not run, recomputing the step's inputs from
+    the saved window and the block's parameters as they were at the forward (a few kB, copied:
+    a meta step may have changed them since). Idempotent."""
+
+    def __init__(self, block, window: Tensor, h: Tensor):
+        self.block, self.window, self.h = block, window, h
+        self.weights = tuple(p.detach().clone() for p in _pre_scan_weights(block))
+        self.scan_params = tuple(p.detach().clone() for p in _scan_params(block))
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            _stream_scan(self.block, self.window, self.h, self.h, self.weights, self.scan_params, want_out=False)
+            self.release()
+
+    def release(self) -> None:
+        self.done = True
+        self.block = self.window = self.h = self.weights = self.scan_params = None
+
+
+class _MambaStream(torch.autograd.Function):
+    """The streaming step of a Mamba block keeping only its input window for the backward pass
+    (plus the old state, which the caller holds anyway): the backward recomputes the cheap
+    projections with a graph, runs the step's backward kernel (which also recomputes the output
+    ``y`` for ``out_proj``'s gradient and, in place, writes the new state over the old) and
+    back-propagates through the projections; forward and backward run slice by slice of rows
+    (:data:`_SLICE_BYTES`)."""
+
+    @staticmethod
+    def forward(ctx, window, block, box, w_in, conv_w, conv_b, w_x, w_dt, b_dt, A_log, D, w_out):  # type: ignore[override]
+        h, h_new, pending = box
+        t_new = window.shape[1] - (block.d_conv - 1)
+        # the old state the backward needs: h itself, unless a scan of several tokens overwrites it
+        h0 = h.clone() if (h is not None and h_new is h and pending is None) else h
+        out, chunk_states = _stream_scan(block, window, h, None if pending is not None else h_new)
+        ctx.save_for_backward(window)
+        ctx.block, ctx.h0, ctx.chunk_states, ctx.pending, ctx.t_new = block, h0, chunk_states, pending, t_new
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        (window,) = ctx.saved_tensors
+        block, pending, h0, t_new = ctx.block, ctx.pending, ctx.h0, ctx.t_new
+        if pending is not None and pending.done:
+            raise RuntimeError("the streamed Mamba state was already advanced (finish() was called, or this is a "
+                               "second backward pass): the old state this backward pass needs is gone")
+        weights = list(_pre_scan_weights(block))
+        scan_params = _scan_params(block)
+        w_out = block.out_proj.weight.detach().float()
+        wants = [ctx.needs_input_grad[0]] + [w.requires_grad for w in weights]
+        acc = [None] * 9  # d_window slices are placed directly; dw_in, dconv_w, dconv_b, dw_x, dw_dt, dbias, dA, dD, dw_out
+        d_window = torch.zeros_like(window) if wants[0] else None
+        n = block.d_state
+        factored = _factored(block)
+        d_inner = block.d_inner
+        for sl in _stream_slices(block, window.shape[0], t_new):
+            with torch.enable_grad():
+                wg = window[sl].detach().requires_grad_(wants[0])
+                outs = block.stream_pre_scan(wg, factored=factored)  # u, z, delta, B, C
+            u_, d_, A_, B_, C_, D_, z_, bias_, dfac, zfac = _stream_kernel_inputs(*outs, scan_params)
+            dout_s = dout[sl].float()  # (rows, T, d_model)
+            dy = torch.matmul(dout_s, w_out).transpose(1, 2).contiguous()  # (rows, d_inner, T): one GEMM
+            if t_new == 1:
+                states, hnew = (None if h0 is None else h0[sl]), (None if pending is None else pending.h[sl])
+            elif ctx.chunk_states is not None:
+                states, hnew = ctx.chunk_states[sl], None
+            else:
+                states, hnew = (None if h0 is None else _f32(h0[sl]).view(u_.shape[0], u_.shape[1], 1, n)), None
+            du, ddelta, dA, dB, dC, dD, dz, dbias, _, y = _scan_backward(
+                u_, d_, A_, B_, C_, D_, z_, bias_, states, True, dy, want_y=True, hnew=hnew, dfac=dfac, zfac=zfac)
+            graph_outs, graph_grads = [outs[0], outs[3], outs[4]], [du, dB.transpose(1, 2), dC.transpose(1, 2)]
+            extra = []  # gradients of the factors' weights (z: in_proj.weight[d_inner:], delta: dt_proj.weight)
+            for t, g, wi in ((outs[1], dz, 0), (outs[2], ddelta, 4)):
+                if isinstance(t, tuple):  # (w, x): x goes through the graph, w's gradient is placed
+                    graph_outs.append(t[1])
+                    graph_grads.append(g[1].view_as(t[1]))
+                    extra.append((wi, g[0]))
+                else:
+                    graph_outs.append(t)
+                    graph_grads.append(g)
+            inputs = [wg] + weights
+            wanted = [t for t, w in zip(inputs, wants) if w]
+            pairs = [(o, g) for o, g in zip(graph_outs, graph_grads) if o is not None and o.requires_grad]
+            if wanted and pairs:
+                got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+                grads = [next(got) if w else None for w in wants]
+                if grads[0] is not None:
+                    d_window[sl] = grads[0]
+                for i, g in enumerate(grads[1:]):
+                    if g is not None:
+                        acc[i] = g if acc[i] is None else acc[i] + g
+            for wi, g in extra:  # z = w_z ⊗ x: in_proj.weight[d_inner:, 0]; delta = w_dt ⊗ dlt: dt_proj.weight[:, 0]
+                if weights[wi].requires_grad:
+                    full = torch.zeros_like(weights[wi], dtype=torch.float32)
+                    (full[d_inner:, 0] if wi == 0 else full[:, 0]).copy_(g)
+                    acc[wi] = full if acc[wi] is None else acc[wi] + full
+            for i, g in ((5, dbias), (6, dA * A_), (7, dD),  # A = -exp(A_log): dA_log = dA·A
+                         (8, torch.einsum("btm,bdt->md", dout_s, y))):
+                acc[i] = g if acc[i] is None else acc[i] + g
+        if pending is not None:
+            pending.release()  # the new state is in place
+        ctx.h0 = ctx.chunk_states = None
+        cast = lambda g, p: None if g is None else g.to(p.dtype)  # noqa: E731
+        params = weights + [block.dt_proj.bias, block.A_log, block.D, block.out_proj.weight]
+        return (cast(d_window, window), None, None) + tuple(cast(g, p) for g, p in zip(acc, params))
+
+
+def mamba_stream(block, window: Tensor, h: Optional[Tensor], state_dtype: torch.dtype, in_place: bool = False,
+                 state_buffer: Optional[Tensor] = None):
+    """The ``"cpu"`` backend's ``mamba_stream`` op (see :func:`fsg.ssm.mamba_stream`): the step of
+    :meth:`fsg.mamba.Mamba.stream` with the single-step kernels, the state read and written in
+    ``state_dtype`` (float32, bfloat16 or float16; float32 arithmetic), only ``window`` kept for
+    the backward pass, and with ``in_place`` a single copy of the state: the forward writes no new
+    state, the backward kernel writes it over the old one after reading each row (``finish``
+    does it instead if no backward pass comes). Without a graph to record (no grad, or nothing
+    requiring grad) the step updates ``h`` in place at once. Forward and backward run over
+    slices of rows (:data:`_SLICE_BYTES`), so no activation of the size of the layer exists.
+    Returns ``(out, h_new, finish)``, or None where the kernels do not apply (not CPU, float64,
+    unavailable, another state dtype, a non-contiguous state)."""
+    params = list(block.parameters())
+    if (any(t.device.type != "cpu" or t.dtype == torch.float64 for t in [window] + params) or not available()
+            or state_dtype not in STATE_DTYPES):
+        return None
+    shape = (window.shape[0], block.d_inner, block.d_state)
+    if h is not None and (h.device.type != "cpu" or h.dtype != state_dtype or not h.is_contiguous()
+                          or tuple(h.shape) != shape):
+        return None
+    if in_place and h is not None:
+        h_new = h
+    elif (state_buffer is not None and state_buffer.dtype == state_dtype and state_buffer.is_contiguous()
+          and tuple(state_buffer.shape) == shape and state_buffer.device.type == "cpu"
+          and (h is None or state_buffer.data_ptr() != h.data_ptr())):
+        h_new = state_buffer
+    else:
+        h_new = torch.empty(shape, dtype=state_dtype)
+    t_new = window.shape[1] - (block.d_conv - 1)
+    if torch.is_grad_enabled() and (window.requires_grad or any(p.requires_grad for p in params)):
+        # a single step in place: the backward kernel writes the new state (pending until then)
+        pending = _PendingAdvance(block, window.detach(), h) if (h_new is h and t_new == 1) else None
+        out = _MambaStream.apply(window, block, [h, h_new, pending], *_pre_scan_weights(block), block.dt_proj.bias,
+                                 block.A_log, block.D, block.out_proj.weight)
+        return out, h_new, pending
+    out, _ = _stream_scan(block, window.detach(), h, h_new)
+    return out, h_new, None
+
+
 def mamba_low_memory(block, x: Tensor) -> Optional[Tensor]:
     """``block(x)`` through :class:`_MambaLowMemory`, or None where the fused kernels do not
     apply (not CPU, float64, unavailable)."""
@@ -387,6 +690,39 @@ def selective_scan_fused(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     # the buffer travels inside a list: autograd must not treat it as an input
     y, last = _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), [last_out])
     return (y, last) if return_last_state else y
+
+
+def selective_scan_step(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                        z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                        return_last_state: bool = False, initial_state: Optional[Tensor] = None,
+                        last_out: Optional[Tensor] = None, state_dtype: Optional[torch.dtype] = None):
+    """The ``"cpu"`` backend's streaming step: :func:`selective_scan_fused` whose last state is
+    stored as ``state_dtype`` (None: float32, as :func:`selective_scan_fused`; or bfloat16 /
+    float16). A single step (L = 1) reads a 16-bit ``initial_state`` as stored, computes in
+    float32 (``y`` from the unrounded new state) and writes the new state rounded to nearest
+    even into ``last_out`` (if it is a free contiguous ``state_dtype`` buffer of the right shape)
+    or a new tensor: no float32 copy of the state is made. A longer scan widens the initial state
+    to float32 and rounds the last state at the end. Where the kernels do not apply (float64, not
+    CPU, unavailable) the reference computes the same: the stored state widened to the compute
+    dtype, the last state rounded to ``state_dtype``."""
+    if state_dtype is None:
+        return selective_scan_fused(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                                    return_last_state=return_last_state, initial_state=initial_state, last_out=last_out)
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {', '.join(map(str, STATE_DTYPES))}, got {state_dtype}")
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]
+    if (any(t.device.type != "cpu" or t.dtype == torch.float64 for t in tensors) or not available()):
+        y, last = selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                                     return_last_state=True, initial_state=initial_state)
+        last = last.to(state_dtype)
+        return (y, last) if return_last_state else y
+    y, last = _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), [last_out],
+                               state_dtype)
+    return (y, last) if return_last_state else y
+
+
+selective_scan_step.supports_state_dtype = True  # see fsg.ssm.selective_scan_step
 
 
 class _FusedCausalConv(torch.autograd.Function):
