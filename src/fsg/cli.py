@@ -334,6 +334,9 @@ ESTIMATOR_FLAGS = {
     "recompute": (dict(action=argparse.BooleanOptionalAction),
                   "fsg: recompute each layer's slow-net activations in the backward pass instead of "
                   "keeping them (bounded memory; default on)"),
+    "state_dtype": (dict(choices=["float32", "bfloat16", "float16"]),
+                    "fsg, layout stream: dtype of the carried per-weight Mamba state; 16 bits halve it and keep "
+                    "one copy (float32 arithmetic, rounded to nearest even when stored; default float32)"),
     "fast_lr": (dict(type=_positive_float), "fsg: Adam lr of the fast-net (default 1e-2)"),
     "slow_lr": (dict(type=_positive_float), "fsg: Adam lr of the slow-net (default 1e-3)"),
     "lre_lr": (dict(type=_positive_float), "fsg: Adam lr of the layer embedding (default 1e-3)"),

@@ -134,6 +134,10 @@ def _check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+#: FSG's ``state_dtype`` names.
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _check_lr(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -350,6 +354,15 @@ class FSG(Estimator):
     * ``recompute=True``: each layer's slow-net forward is recomputed during the backward pass
       (activation checkpointing), so only its input sequence is kept meanwhile; this bounds
       the memory of a step by one layer's activations instead of all layers'.
+    * ``state_dtype`` (``layout="stream"`` with the Mamba slow-net only): the dtype the carried
+      scan state is stored in, ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` (half
+      the memory: 0.87 GB instead of 1.7 GB for ResNet-20). The arithmetic stays float32: each
+      step reads the stored state, computes in float32 (``G_slow`` from the unrounded new
+      state) and stores the new state rounded to nearest even. A 16-bit state is also updated
+      in place (the backward pass of the step writes the new state over the old one, so one
+      copy exists instead of two) and, with ``recompute``, the step keeps nothing of the
+      slow-net's activations for the backward pass (see :meth:`fsg.mamba.Mamba.stream`); the
+      float32 state keeps the previous behaviour exactly (two alternating state buffers).
     """
 
     def __init__(
@@ -370,6 +383,7 @@ class FSG(Estimator):
         fast_lr: float = 1e-2,
         slow_lr: float = 1e-3,
         lre_lr: float = 1e-3,
+        state_dtype: str = "float32",
     ):
         super().__init__()
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
@@ -399,6 +413,11 @@ class FSG(Estimator):
             _check_choice("layout", self.layout, ("flat", "temporal", "stream"))
             self.use_lre = True if lre is None else bool(lre)
             self.slow = SlowNet(d_state=d_state, d_conv=d_conv, expand=expand)
+        _check_choice("state_dtype", state_dtype, tuple(STATE_DTYPES))
+        if state_dtype != "float32" and (self.slow_net != "mamba" or self.layout != "stream"):
+            raise ValueError(f"state_dtype={state_dtype!r} stores the carried Mamba state of layout='stream': "
+                             f"it needs slow_net='mamba' and layout='stream'")
+        self.state_dtype = state_dtype
         self.fast_lr = _check_lr("fast_lr", fast_lr)
         self.slow_lr = _check_lr("slow_lr", slow_lr)
         self.lre_lr = _check_lr("lre_lr", lre_lr)
@@ -418,9 +437,21 @@ class FSG(Estimator):
         # per layer, the scan-state tensor of two steps ago: free once the previous step's
         # backward is done, so the next state is written into it (no 1.7 GB allocation per step)
         self._stream_spare: List[Optional[Tensor]] = [None] * n
+        # 16-bit state, updated in place: per layer, the pending update's finish() (see observe)
+        self._stream_finish: List[Optional[Callable[[], None]]] = [None] * n
 
     def observe(self, index: int, grad: Tensor, w_tilde: Tensor) -> None:
         self.hgs[index].append(grad.detach())
+        self._finish_stream(index)  # after the backward pass: the in-place state update is complete
+
+    def _finish_stream(self, index: Optional[int] = None) -> None:
+        """Complete the pending in-place state updates (one layer, or all): normally the step's
+        backward pass has written the new state already and this only drops the handle."""
+        pending = getattr(self, "_stream_finish", None) or []
+        for i in range(len(pending)) if index is None else [index]:
+            if pending[i] is not None:
+                pending[i]()
+                pending[i] = None
 
     def slow_gradient(self, index: int) -> Tensor:
         """``G_slow`` of layer ``index`` from its history (the last entry is ``g⁽ᵗ⁻¹⁾``)."""
@@ -431,11 +462,16 @@ class FSG(Estimator):
         n = hist[-1].numel()
         if self.layout == "stream":
             seq = hist[-1].reshape(n, 1, 1)
+            self._finish_stream(index)  # (normally done by observe)
             state = self.stream_states[index]
             if state is None and self.lre is not None:  # the stream starts with the layer's token
                 seq = torch.cat([self.lre.weight[index].view(1, 1, 1).expand(n, 1, 1).to(seq.dtype), seq], dim=1)
-            out, new_state = self.slow.stream(seq, state, state_buffer=self._stream_spare[index])
-            self._stream_spare[index] = state[-1] if (state is not None and self.slow.kind == "mamba") else None
+            if self.state_dtype == "float32":
+                out, new_state = self.slow.stream(seq, state, state_buffer=self._stream_spare[index])
+                self._stream_spare[index] = state[-1] if (state is not None and self.slow.kind == "mamba") else None
+            else:  # 16 bits, one copy: the step's backward pass writes the new state over the old
+                out, new_state, self._stream_finish[index] = self.slow.mamba.stream(
+                    seq, state, state_dtype=STATE_DTYPES[self.state_dtype], low_memory=self.recompute, in_place=True)
             self.stream_states[index] = new_state
             return out[:, -1, 0].reshape(shape)
         if self.layout == "flat":
@@ -475,6 +511,7 @@ class FSG(Estimator):
         return groups
 
     def get_extra_state(self):
+        self._finish_stream()
         return {"hgs": [list(h) for h in self.hgs],
                 "stream": [list(s) if s is not None else None for s in self.stream_states]}
 
@@ -483,3 +520,4 @@ class FSG(Estimator):
         streams = state.get("stream") or [None] * len(self.hgs)
         self.stream_states = [tuple(s) if s is not None else None for s in streams]
         self._stream_spare = [None] * len(self.stream_states)
+        self._stream_finish = [None] * len(self.stream_states)
