@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Triton kernels run on CPU tensors under Triton's interpreter, which must be chosen before
+# triton is first imported (by any test): on a machine without CUDA, choose it here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fsg.models import MLP
 

@@ -1,0 +1,219 @@
+"""Triton selective scan (fsg.ssm.triton_scan) against the reference scan.
+
+Without CUDA the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set
+here before triton is imported). Two interpreter-only speed-ups are patched in for this module
+(see ``_fast_interpreter``); they do not change what the kernels compute.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+# the interpreter must be chosen before triton (and its @jit library functions) is imported
+_TOO_LATE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+if not _CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from fsg.ssm.reference import selective_scan_ref  # noqa: E402
+from fsg.ssm import triton_scan as ts  # noqa: E402
+
+DEV = "cuda" if _CUDA else "cpu"
+if DEV == "cpu" and (_TOO_LATE or os.environ.get("TRITON_INTERPRET") != "1"):
+    pytest.skip("no CUDA, and triton was imported before TRITON_INTERPRET=1 was set (set it in the environment)",
+                allow_module_level=True)
+
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_interpreter():
+    """Under the interpreter: scan one step along the scan axis at a time (vectorised over the
+    other axes) instead of one element at a time, and skip re-patching triton.language at every
+    nested @triton.jit call (the kernel launch has already patched it)."""
+    if DEV != "cpu":
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as ti
+
+    orig_scan, orig_patch = getattr(ti.ScanOps, "generic_scan", None), getattr(ti, "_patch_lang", None)
+
+    def generic_scan(self, input):
+        data = [a.handle.data for a in input]
+        outs, acc = [np.empty_like(x) for x in data], None
+        for i in range(data[0].shape[self.axis]):
+            sl = (slice(None),) * self.axis + (slice(i, i + 1),)
+            cur = tuple(self.to_tensor(x[sl], a.dtype) for x, a in zip(data, input))
+            acc = cur if acc is None else self.combine_fn.fn(*acc, *cur)
+            acc = acc if isinstance(acc, tuple) else (acc,)
+            for o, a in zip(outs, acc):
+                o[sl] = a.handle.data
+        return [self.to_tensor(o, a.dtype) for o, a in zip(outs, input)]
+
+    def patch_lang(fn):
+        mods = [v for v in fn.__globals__.values() if v is tl or v is tl.core]
+        if mods and not any(tl.core.is_builtin(m.program_id) for m in mods):
+            return ti._LangPatchScope()
+        return orig_patch(fn)
+
+    if orig_scan is not None and orig_patch is not None and hasattr(ti, "_LangPatchScope"):
+        ti.ScanOps.generic_scan, ti._patch_lang = generic_scan, patch_lang
+    yield
+    if orig_scan is not None and orig_patch is not None:
+        ti.ScanOps.generic_scan, ti._patch_lang = orig_scan, orig_patch
+
+
+def _inputs(b=2, d=3, L=37, n=16, D=True, z=True, bias=True, h0=False, dtype=torch.float32, seed=0, positive=False):
+    """Random scan inputs; ``positive``: delta + delta_bias > 0 (as after a softplus), else the
+    states of channels with negative delta grow and float32 itself is too coarse for 1e-5."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    delta, bias_ = 0.5 * r(b, d, L), 0.3 * r(d)
+    if positive:
+        delta, bias_ = delta.abs() + 0.05, bias_.abs()
+    x = dict(u=r(b, d, L), delta=delta, A=-torch.rand(d, n, generator=g) * 2 - 0.2,
+             B=r(b, n, L), C=r(b, n, L), D=r(d) if D else None, z=r(b, d, L) if z else None,
+             delta_bias=bias_ if bias else None, initial_state=r(b, d, n) if h0 else None)
+    return {k: (v.to(DEV, dtype) if v is not None and k not in ("A", "D", "delta_bias") else
+                v.to(DEV) if v is not None else None) for k, v in x.items()}
+
+
+def _run(fn, x, softplus, seed=1, **kw):
+    """(y, last, grads): outputs and gradients of a fixed random loss on y and the last state."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items() if v is not None}
+    args = {k: leaves.get(k) for k in NAMES}
+    y, last = fn(**args, delta_softplus=softplus, return_last_state=True, **kw)
+    g = torch.Generator().manual_seed(seed)
+    gy, gl = torch.randn(y.shape, generator=g).to(DEV), torch.randn(last.shape, generator=g).to(DEV)
+    loss = (y.float() * gy).sum() + (last.float() * gl).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return y, last, dict(zip(leaves, grads))
+
+
+def _compare(x, softplus, rtol=1e-5, atol=1e-5, upcast=False, **kw):
+    y, last, grads = _run(ts.selective_scan_triton, x, softplus, **kw)
+    xr = {k: (v.float() if v is not None else None) for k, v in x.items()} if upcast else x
+    yr, lastr, gradsr = _run(selective_scan_ref, xr, softplus)
+    assert y.dtype == x["u"].dtype and last.dtype == torch.float32
+    torch.testing.assert_close(y.float(), yr.float().to(y.dtype).float() if upcast else yr, rtol=rtol, atol=atol)
+    torch.testing.assert_close(last, lastr, rtol=rtol, atol=atol)
+    assert set(grads) == set(gradsr)
+    for k in grads:
+        assert grads[k].dtype == x[k].dtype, k
+        torch.testing.assert_close(grads[k].float(), gradsr[k].float(), rtol=rtol, atol=atol,
+                                   msg=lambda m: f"d{k}: {m}")
+
+
+@pytest.mark.parametrize("n, L, chunk, opts, softplus", [
+    (16, 33, 16, dict(b=1, h0=True), True),                  # 3 chunks, the last one partial
+    (17, 29, 16, dict(b=1, h0=True), False),                 # d_state 17 (any d_state: a loop over states)
+    (1, 21, 4, dict(D=False, z=False, bias=False), True),    # d_state 1, nothing optional
+    (1, 21, 4, dict(D=False, z=False, bias=False), False),
+    (4, 16, 32, dict(D=False, bias=False), True),            # a single (partial) chunk
+    (4, 16, 32, dict(z=False, h0=True), False),
+])
+def test_matches_reference(n, L, chunk, opts, softplus):
+    _compare(_inputs(n=n, L=L, positive=not softplus, **opts), softplus, chunk=chunk)
+
+
+def test_many_chunks_and_channel_blocks(monkeypatch):
+    """More chunks than one tile of the chunk-combine kernels, several channel blocks."""
+    monkeypatch.setattr(ts, "_KC", 4)  # 9 chunks: three combine tiles
+    _compare(_inputs(b=1, d=5, L=33, n=4, h0=True), True, chunk=4, block_d=2)
+
+
+def test_long_chunks():
+    """Chunks of 64 steps, whose end states must not lose precision (sums of delta over a chunk
+    are large); two channel blocks."""
+    _compare(_inputs(b=1, d=3, L=150, n=4, h0=True, seed=7), True, chunk=64, block_d=2)
+
+
+def test_streaming_one_token():
+    """L = 1 from an initial state (one launch each way); the state written into last_out."""
+    x = _inputs(L=1, h0=True)
+    _compare(x, True)
+    buf = torch.empty(2, 3, 16, device=DEV)  # the default n
+    y, last = ts.selective_scan_triton(**x, delta_softplus=True, return_last_state=True, last_out=buf)
+    yr, lastr = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    assert last.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(buf, lastr, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_sequence():
+    x = _inputs(L=0, h0=True)
+    y, last = ts.selective_scan_triton(**x, return_last_state=True)
+    assert y.shape == (2, 3, 0)
+    torch.testing.assert_close(last, x["initial_state"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(dtype):
+    """16-bit u, delta, B, C, z, initial state: compared with the reference on the same values
+    upcast to float32 (y rounded to the input dtype)."""
+    _compare(_inputs(L=19, n=4, h0=True, dtype=dtype), True, rtol=2e-2, atol=2e-2, upcast=True)  # 2 chunks
+
+
+def test_rank1_factors_match_full_tensors():
+    """delta = w ⊗ x and z = w_z ⊗ x_z given as factors: same y, states and gradients as the full
+    tensors, the factor gradients being the contractions of the full ones."""
+    b, d, L, n = 2, 5, 17, 4
+    x = _inputs(b=b, d=d, L=L, n=n, h0=True)
+    g = torch.Generator().manual_seed(3)
+    dw, dx, zw, zx = (torch.randn(*s, generator=g).to(DEV) for s in ((d,), (b, L), (d,), (b, L)))
+    dw = 0.5 * dw
+    full = dict(x, delta=dw[None, :, None] * dx[:, None, :], z=zw[None, :, None] * zx[:, None, :])
+    common = [x["u"], x["A"], x["B"], x["C"], x["D"]]
+    kw = dict(delta_bias=x["delta_bias"], delta_softplus=True, initial_state=x["initial_state"], chunk=8, block_d=2)
+    y, st, last = ts.scan_forward(*common[:1], None, *common[1:], None, dfac=(dw, dx), zfac=(zw, zx), **kw)
+    yf, stf, lastf = ts.scan_forward(*common[:1], full["delta"], *common[1:], full["z"], **kw)
+    torch.testing.assert_close(y, yf, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st, stf, rtol=1e-5, atol=1e-5)
+    dout, dlast = torch.randn(y.shape, generator=g).to(DEV), torch.randn(last.shape, generator=g).to(DEV)
+    bw = ts.scan_backward(*common[:1], None, *common[1:], None, x["delta_bias"], True, x["initial_state"], st, dout,
+                          dlast, want_h0=True, want_y=True, dfac=(dw, dx), zfac=(zw, zx), chunk=8, block_d=2)
+    bf = ts.scan_backward(*common[:1], full["delta"], *common[1:], full["z"], x["delta_bias"], True,
+                          x["initial_state"], stf, dout, dlast, want_h0=True, want_y=True, chunk=8)
+    for i in (0, 2, 3, 4, 5, 7, 8):  # du, dA, dB, dC, dD, dbias, dh0
+        torch.testing.assert_close(bw[i], bf[i], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bw[9], yf.float(), rtol=1e-5, atol=1e-5)  # the recomputed y
+    (ddw, ddx), (dzw, dzx), ddelta, dz = bw[1], bw[6], bf[1], bf[6]
+    torch.testing.assert_close(ddw, torch.einsum("bdl,bl->d", ddelta, dx), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ddx, torch.einsum("bdl,d->bl", ddelta, dw), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dzw, torch.einsum("bdl,bl->d", dz, zx), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dzx, torch.einsum("bdl,d->bl", dz, zw), rtol=1e-5, atol=1e-5)
+
+
+def test_float64_uses_reference():
+    x = {k: (v.double() if v is not None else None) for k, v in _inputs(L=5).items()}
+    torch.testing.assert_close(ts.selective_scan_triton(**x), selective_scan_ref(**x))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bigger_shape():
+    """The default tiling, more chunks than one combine tile, 100 channels (a partial last channel
+    block); then bf16 inputs."""
+    _compare(_inputs(b=2, d=100, L=9000, n=16, h0=True, seed=5), True, rtol=1e-4, atol=1e-4)
+    _compare(_inputs(b=2, d=37, L=777, n=16, h0=True, dtype=torch.bfloat16, seed=6), True,
+             rtol=3e-2, atol=3e-2, upcast=True)
+
+
+def test_triton_backend_streaming_step_writes_the_state_buffer():
+    """The triton backend's streaming op (what Mamba.stream calls on CUDA): one token from an
+    initial state, the new state written into the given buffer, values as the reference."""
+    from fsg.ssm.backends import get_backend
+
+    step = get_backend("triton").selective_scan_step
+    x = _inputs(b=3, d=4, L=1, n=16, h0=True, positive=True)
+    buf = torch.empty(3, 4, 16, device=DEV)
+    y, last = step(**{k: x[k] for k in NAMES}, delta_softplus=True, return_last_state=True, last_out=buf)
+    yr, lastr = selective_scan_ref(**{k: x[k] for k in NAMES}, delta_softplus=True, return_last_state=True)
+    assert last.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(buf, lastr, rtol=1e-5, atol=1e-6)
