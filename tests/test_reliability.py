@@ -151,3 +151,111 @@ def test_save_every_may_change_on_resume(tmp_path, monkeypatch, capsys):
     assert json.loads(stdout)["steps"] == 8
     cfg = load_checkpoint(out / "last.pt")["config"]
     assert cfg["save_every"] == 1 and cfg["save_every_seconds"] == 60
+
+
+# ----------------------------------------------------------------------------------------------
+# the run directory's lock, and temporaries left by a killed save
+
+from fsg.runlock import LOCK_NAME, RunLock, remove_stale_temporaries  # noqa: E402
+
+from conftest import cli_error  # noqa: E402
+
+TINY = ["--dataset", "synthetic", "--dataset-option", "n_train=48", "--dataset-option", "n_test=16",
+        "--dataset-option", "size=8", "--dataset-option", "num_classes=4", "--model", "small-cnn", "--width", "4",
+        "--batch-size", "16", "--num-threads", "1", "--no-progress", "--epochs", "1", "--estimator", "ste"]
+
+
+def listing(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_a_second_run_on_a_locked_directory_is_refused_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert fsg_cli(capsys, "train", *TINY, "--out", str(out))[0] == 0
+    (out / ".last.pt.abcd1234.tmp").write_bytes(b"being written by the holder")
+    with RunLock(out):  # another live process's lock (flock: per open file, so this process counts)
+        assert (out / LOCK_NAME).read_text().strip() == str(os.getpid())
+        before = listing(out)
+        err = cli_error(capsys, "train", "--resume", str(out), "--epochs", "2")
+        assert f"{str(out)!r} is in use by another fsg run (pid {os.getpid()}" in err
+        assert listing(out) == before  # nothing written, the holder's temporary left alone
+    fresh = tmp_path / "fresh"
+    with RunLock(fresh):  # a fresh run's directory, locked before its first checkpoint
+        err = cli_error(capsys, "train", *TINY, "--out", str(fresh))
+        assert "is in use by another fsg run" in err
+        assert [p.name for p in fresh.iterdir()] == [LOCK_NAME]
+    assert not (out / LOCK_NAME).exists()  # released: the file goes
+    code, _, err = fsg_cli(capsys, "train", "--resume", str(out), "--epochs", "2")
+    assert code == 0, err
+    assert "removed 1 temporary file of an interrupted save: .last.pt.abcd1234.tmp" in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "last.pt", "metrics.csv", "metrics.jsonl"]
+
+
+def test_a_second_process_is_refused_while_a_run_is_live(tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = spawn("train", *RUN, "--out", str(out))
+    try:
+        wait_for_steps(proc, out, 2)
+        assert (out / LOCK_NAME).read_text().strip() == str(proc.pid)
+        err = cli_error(capsys, "train", *RUN, "--out", str(out))
+        assert f"is in use by another fsg run (pid {proc.pid}" in err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    assert proc.returncode == 143 and not (out / LOCK_NAME).exists()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(dead.stdout)  # its flock went with it
+    code, _, err = fsg_cli(capsys, "train", *TINY, "--out", str(out))
+    assert code == 0, err
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_only_our_own_temporaries_are_removed(tmp_path):
+    names = [".last.pt.k2j_x9q1.tmp", ".metrics.jsonl.abcdefgh.tmp", ".config.json.12345678.tmp",
+             ".model.pt.zzzzzzzz.tmp", ".metrics.csv.a1b2c3d4.tmp"]
+    foreign = [".last.pt.tmp", "last.pt.abcdefgh.tmp", ".notes.txt.abcdefgh.tmp", ".last.pt.ABCDEFGH.tmp",
+               ".last.pt.abcdefghi.tmp", "data.tmp", "last.pt"]
+    for n in names + foreign:
+        (tmp_path / n).write_text("x")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(foreign)
+
+
+# the `fsg` command in a subprocess whose checkpoint writes hang once their bytes are out (a save to kill -9)
+HANGING_SAVE = """
+import sys, time
+import torch
+real = torch.save
+def save(obj, f, *a, **k):
+    real(obj, f, *a, **k)
+    if isinstance(obj, dict) and obj.get("format") == "fsg-checkpoint":
+        f.flush()
+        print("SAVING", flush=True)
+        time.sleep(600)
+torch.save = save
+from fsg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_during_a_save_leaves_a_temporary_that_the_next_run_removes(tmp_path, capsys):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_SAVE, "train", *TINY, "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "SAVING"
+    proc.kill()
+    proc.communicate(timeout=60)
+    temps = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert len(temps) == 1 and temps[0].startswith(".last.pt.") and not (out / "last.pt").exists()
+    assert (out / LOCK_NAME).exists()  # the dead process's lock file
+    # no checkpoint: a fresh run in the same directory takes over the lock and removes the debris
+    code, _, err = fsg_cli(capsys, "train", *TINY, "--out", str(out))
+    assert code == 0, err
+    assert f"removed 1 temporary file of an interrupted save: {temps[0]}" in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "last.pt", "metrics.csv", "metrics.jsonl"]

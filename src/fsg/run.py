@@ -17,6 +17,10 @@ checkpoints, exact resume.
               for full-precision runs also <out>/model.pt, a plain state_dict for
               :func:`fsg.models.load_pretrained`
 
+**The run directory** is locked (:class:`fsg.runlock.RunLock`, ``<out>/.lock``) by rank 0 from
+before its first write there to the end of the run: a second run on it stops with one line,
+having written nothing; the holder removes the temporaries of interrupted saves it finds there.
+
 **Resume** (``train(config, resume=path)``) rebuilds everything from the checkpoint — trainer
 (model, hypernetworks, HGS and LSTM states, optimizers, the recorded ∂L/∂Ŵ and W̃, every
 parameter's ``.grad``), data position, schedule, metrics history, random number generators — so
@@ -62,6 +66,7 @@ from .checkpoint import (CheckpointError, atomic_write_text, load_checkpoint, rn
                          set_rng_state)
 from .config import RESUME_CHANGEABLE, TrainConfig, amp_dtype, require_device
 from .models import SmallCNN, get_model, load_pretrained
+from .runlock import RunLock, remove_stale_temporaries
 from .optim import make_optimizer
 from .trainer import (NonFiniteError, StepResult, Trainer, _accuracy, _StepSnapshot, all_finite, autocast_context,
                       average_over_ranks, check_autocast_dtype, check_nonfinite_policy, evaluate as evaluate_model,
@@ -534,7 +539,9 @@ def train(config: Optional[TrainConfig] = None, *, resume: Optional[PathLike] = 
 
 def _train_checked(config: Optional[TrainConfig], resume, progress, log, group: Dict[str, bool]) -> TrainResult:
     ckpt = None
+    resume_stat = None
     if resume is not None:
+        resume_stat = (Path(resume), _file_signature(resume))  # to notice another run rewriting it meanwhile
         ckpt = load_checkpoint(resume)  # reads only; a bad file stops here, before anything is written
         try:
             saved = TrainConfig.from_dict(ckpt["config"])
@@ -572,14 +579,44 @@ def _train_checked(config: Optional[TrainConfig], resume, progress, log, group: 
     prev_threads = torch.get_num_threads()
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
+    # rank 0 locks the run directory before it writes anything there (RunLock), held to the end
+    lock = RunLock(out) if dist.is_main_process() else None
     try:
-        return _train(cfg, ckpt, out, last, progress, log)
+        return _train(cfg, ckpt, out, last, progress, log, lock, resume_stat)
     finally:
+        if lock is not None:
+            lock.release()
         if cfg.num_threads is not None:
             torch.set_num_threads(prev_threads)
 
 
-def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> TrainResult:
+def _file_signature(path) -> Optional[Tuple[int, int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _take_run_dir(lock: "RunLock", cfg: TrainConfig, ckpt, last: Path, resume_stat, log) -> None:
+    """Lock the run directory (one line if another live run holds it), check again what the run
+    found there before the lock (another run may have written it meanwhile), remove the
+    temporaries of saves that a killed process left behind."""
+    lock.acquire()
+    if ckpt is None and last.exists():
+        raise ValueError(f"{str(last.parent)!r} already holds a run ({last.name}): resume it (--resume) or choose "
+                         "another --out")
+    rewritten = resume_stat is not None and resume_stat[0].resolve() == last.resolve() and \
+        _file_signature(last) != resume_stat[1]
+    if rewritten:
+        raise ValueError(f"{str(last)!r} was rewritten by another run while this one was starting: start again")
+    removed = remove_stale_temporaries(last.parent)
+    if removed:
+        log(f"fsg: removed {len(removed)} temporary file{'s' * (len(removed) > 1)} of an interrupted save: "
+            f"{', '.join(removed)}")
+
+
+def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log, lock=None, resume_stat=None) -> TrainResult:
     _seed_everything(cfg.seed)
     data = build_data(cfg)
     train_ds, loader = data["train"]
@@ -608,6 +645,8 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log) -> Trai
 
     main = dist.is_main_process()  # in a process group only rank 0 writes
     if main:
+        if lock is not None:
+            _take_run_dir(lock, cfg, ckpt, last, resume_stat, log)
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.json")
         metrics = MetricsLog(out, resume_step=None if ckpt is None else trainer.step_count, tensorboard=cfg.tensorboard)
