@@ -259,3 +259,142 @@ def test_kill_9_during_a_save_leaves_a_temporary_that_the_next_run_removes(tmp_p
     assert code == 0, err
     assert f"removed 1 temporary file of an interrupted save: {temps[0]}" in err
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "last.pt", "metrics.csv", "metrics.jsonl"]
+
+
+# ----------------------------------------------------------------------------------------------
+# a full disk
+
+import errno  # noqa: E402
+import warnings  # noqa: E402
+
+import torch  # noqa: E402
+
+import fsg.checkpoint  # noqa: E402
+from fsg.checkpoint import save_checkpoint  # noqa: E402
+
+
+class FullFile:
+    """A file on a disk that fills up after ``room`` bytes: later writes raise ENOSPC."""
+
+    def __init__(self, f, room):
+        self._f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def fill_disk(monkeypatch, room=1000, after=0):
+    """Every atomic write (after the first ``after`` ones) meets a disk with ``room`` bytes left."""
+    real = fsg.checkpoint._RecordingFile.__init__
+    calls = {"n": 0}
+
+    def init(self, f):
+        calls["n"] += 1
+        real(self, FullFile(f, room) if calls["n"] > after else f)
+
+    monkeypatch.setattr(fsg.checkpoint._RecordingFile, "__init__", init)
+
+
+def assert_intact(path, before):
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("room", [0, 1000, 100_000])  # torch.save's RuntimeError, or the OSError itself
+def test_full_disk_during_torch_save_is_one_clear_line(tmp_path, monkeypatch, room):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"kind": "train", "value": torch.arange(5)})
+    before = path.read_bytes()
+    fill_disk(monkeypatch, room)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(path, {"kind": "train", "value": torch.zeros(100_000)})
+    assert str(info.value.strerror) == f"no space left on device writing {path}" and info.value.errno == errno.ENOSPC
+    assert_intact(path, before)
+
+
+TORCH_WRITE_FAILURE = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+@pytest.mark.parametrize("how", ["oserror", "runtimeerror-hiding-oserror", "bare-runtimeerror-disk-full",
+                                 "bare-runtimeerror"])
+def test_a_writer_failing_with_enospc_or_torchs_runtimeerror(tmp_path, monkeypatch, how):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"kind": "train", "value": torch.arange(5)})
+    before = path.read_bytes()
+
+    def failing(obj, f, *a, **k):
+        f.write(b"partial")
+        if how == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if how == "runtimeerror-hiding-oserror":  # what torch.save does on a buffered file
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise RuntimeError(TORCH_WRITE_FAILURE)
+        raise RuntimeError(TORCH_WRITE_FAILURE)
+
+    monkeypatch.setattr(torch, "save", failing)
+    if how == "bare-runtimeerror-disk-full":
+        monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((4096, 4096, 100, 0, 0, 10, 0, 0, 0, 255)))
+    with pytest.raises(OSError) as info:
+        save_checkpoint(path, {"kind": "train", "value": torch.arange(7)})
+    if how == "bare-runtimeerror":  # the disk is not full: the cause is unknown, said so
+        assert info.value.strerror == f"could not write {path} ({TORCH_WRITE_FAILURE})"
+    else:
+        assert info.value.strerror == f"no space left on device writing {path}"
+    assert_intact(path, before)
+
+
+def test_train_on_a_full_disk_exits_2_with_one_line_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert fsg_cli(capsys, "train", *TINY, "--out", str(out))[0] == 0
+    before = (out / "last.pt").read_bytes()
+    fill_disk(monkeypatch, room=2000, after=3)  # config.json, metrics.jsonl, metrics.csv fit; last.pt does not
+    from fsg.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--resume", str(out), "--epochs", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.splitlines()[-1] == f"fsg: error: no space left on device writing {out / 'last.pt'}"
+    assert sum(l.startswith("fsg: error") for l in err.splitlines()) == 1
+    assert_intact(out / "last.pt", before)
+    assert load_checkpoint(out / "last.pt")["step"] == 3
+    monkeypatch.undo()
+    code, _, err = fsg_cli(capsys, "train", "--resume", str(out), "--epochs", "2", "--no-progress")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError(TORCH_WRITE_FAILURE), RuntimeError("anything else")])
+def test_image_cache_on_a_full_disk_warns_and_continues(tmp_path, monkeypatch, error):
+    from test_data import folder_tar
+
+    from fsg.data import load_image_folder
+
+    tar, _, expected = folder_tar(tmp_path)
+    real = torch.save
+
+    def failing(obj, f, *a, **k):
+        if isinstance(obj, dict) and "images" in obj:
+            f.write(b"partial")
+            raise error
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing)
+    cache = tmp_path / "cache"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = load_image_folder(tar, "train", cache_dir=cache)
+    assert torch.equal(ds.images, expected["train"][0])
+    msgs = [str(w.message) for w in caught if "image cache" in str(w.message)]
+    assert len(msgs) == 1 and "continuing without it" in msgs[0], msgs
+    if not isinstance(error, RuntimeError) or "unexpected pos" in str(error):
+        assert "no space left on device writing" in msgs[0] or "could not write" in msgs[0]
+    assert list(cache.iterdir()) == []  # no partial cache, no temporary

@@ -951,9 +951,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError):
             pass
         return 0
-    except OSError as e:  # unwritable run directory, full disk, ...
+    except OSError as e:  # unwritable run directory, full disk, ...: one line, no usage hint
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        sub.error(f"{e.strerror or e}{where}")
+        sub.exit(2, f"fsg: error: {' '.join(str(e.strerror or e).split())}{where}\n")
     except RuntimeError as e:  # missing or bad data (fsg.data.DataError): one line
         from .data import DataError
 

@@ -513,8 +513,9 @@ def _load_folder_split(path: str, split: str, cache_dir) -> Optional[dict]:
                 full = os.path.join(os.path.dirname(cache_file), fn)
                 if fn.startswith(prefix) and fn.endswith(".pt") and full != cache_file:
                     os.unlink(full)
-        except OSError as e:
-            warnings.warn(f"fsg.data: could not write the image cache {cache_file}: {e}",
+        except (OSError, RuntimeError) as e:  # a full disk, an unwritable cache: the data are decoded anyway
+            msg = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+            warnings.warn(f"fsg.data: could not write the image cache {cache_file} ({msg}); continuing without it",
                           stacklevel=3)
     return d
 
@@ -532,7 +533,7 @@ def load_image_folder(path: str, split: str = "train", cache_dir=None) -> ImageD
     ``~/.cache/fsg``; ``False`` disables caching), keyed by the source path, its size and mtime
     (for a directory: of every image file), so a changed source is decoded again; the cache is
     written atomically and stale caches of the same source are removed. Nothing is ever written
-    next to the data, so read-only sources work; an unwritable cache dir only warns.
+    next to the data, so read-only sources work; an unwritable or full cache dir only warns.
 
     ``mean``/``std``: CIFAR-10's if the folder has exactly CIFAR-10's ten class names, else the
     per-channel statistics of the folder's *training* images (those of ``split`` if it has no

@@ -342,10 +342,13 @@ class MetricsLog:
                 for k in METRIC_COLUMNS}
 
     def write(self, row: Dict[str, Any]) -> None:
-        self._jsonl.write(self._json(row))
-        self._jsonl.flush()
-        self._csvw.writerow(self._csv(row))
-        self._csvf.flush()
+        for path, put in ((self.jsonl_path, lambda: (self._jsonl.write(self._json(row)), self._jsonl.flush())),
+                          (self.csv_path, lambda: (self._csvw.writerow(self._csv(row)), self._csvf.flush()))):
+            try:
+                put()
+            except OSError as e:  # a full disk: one line naming the file
+                what = os.strerror(e.errno) if e.errno else (e.strerror or str(e))
+                raise OSError(e.errno, f"{what[:1].lower()}{what[1:]} writing {path}") from None
         if self._tb is not None:
             step = row["step"]
             prefix = "step" if row["kind"] == "step" else "epoch"
