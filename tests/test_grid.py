@@ -260,3 +260,51 @@ def test_existing_run_with_another_configuration(tmp_path, capsys):
     assert grid(capsys, "--estimators", "ste", "--epochs", "1", "--out", str(out), *TINY)[0] == 0
     err = cli_error(capsys, "--estimators", "ste", "--epochs", "1", "--out", str(out), *TINY, "--lr", "0.5")
     assert "holds a run with another configuration (lr: 0.05 there, 0.5 in this grid)" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# report groups: by the full configuration, one seed counted once
+
+
+def fake_run(out, name, acc, **changes):
+    """A finished run directory (config.json + metrics.jsonl with one evaluated epoch)."""
+    cfg = TrainConfig(**{**dict(model="small-cnn", dataset="synthetic", estimator="ste", optimizer="adam", epochs=1),
+                         **changes}).to_dict()
+    d = out / name
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    row = {"kind": "epoch", "epoch": 1, "step": 3, "train_loss": 1.0 - acc, "test_loss": 1.0, "test_accuracy": acc}
+    (d / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    return cfg
+
+
+def test_report_groups_by_the_full_configuration(tmp_path, capsys):
+    out = tmp_path / "g"
+    fake_run(out, "a-s0", 0.5, seed=0)
+    fake_run(out, "a-s1", 0.7, seed=1, device="cuda", num_threads=4)  # run-only settings: same group
+    fake_run(out, "b-s0", 0.2, seed=0, model="resnet20")
+    fake_run(out, "b-s1", 0.4, seed=1, model="resnet20")
+    old = fake_run(out, "c-s0", 0.9, seed=0, dataset="cifar10")
+    del old["nonfinite"], old["max_skips"]  # a config.json of an older fsg
+    (out / "c-s0" / "config.json").write_text(json.dumps(old))
+    code, stdout, _ = grid(capsys, "--report-only", str(out), "--json")
+    assert code == 0
+    groups = {tuple(sorted(g["runs"])): g for g in json.loads(stdout)["groups"]}
+    assert set(groups) == {("a-s0", "a-s1"), ("b-s0", "b-s1"), ("c-s0",)}
+    assert groups[("a-s0", "a-s1")]["settings"] == {"dataset": "synthetic", "model": "small-cnn"}
+    assert groups[("b-s0", "b-s1")]["settings"] == {"dataset": "synthetic", "model": "resnet20"}
+    assert groups[("c-s0",)]["settings"] == {"dataset": "cifar10", "model": "small-cnn"}
+    assert groups[("a-s0", "a-s1")]["test_accuracy_last_k"]["mean"] == pytest.approx(0.6)
+    assert groups[("b-s0", "b-s1")]["n_seeds"] == 2 and groups[("a-s0", "a-s1")]["settings_differ"] == ["device"]
+    md = (out / "results.md").read_text()
+    assert "| ste | dorefa | adam | dataset=synthetic, model=resnet20 | 30.00 ± 14.14 |" in md
+    assert "| settings |" in md and "its runs differ in device" in md
+
+
+def test_report_refuses_one_seed_counted_twice(tmp_path, capsys):
+    out = tmp_path / "g"
+    for name in ("copy1", "copy2", "copy3", "copy4"):  # four runs of seed 0
+        fake_run(out, name, 0.5, seed=0)
+    err = cli_error(capsys, "--report-only", str(out))
+    assert "runs copy1 and copy2" in err and "have the same configuration and seed 0" in err
+    assert not (out / "results.md").exists()

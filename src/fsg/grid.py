@@ -10,6 +10,13 @@ the ``metrics.jsonl`` files the runs wrote:
 * ``<out>/results.json`` — the same numbers (accuracies as fractions in [0, 1]) and every run's;
 * ``<out>/curves.png`` — training loss and test accuracy of every run (needs matplotlib).
 
+**Groups.** One row per configuration: runs are grouped by everything in their ``config.json``
+but the seed and the run-only settings (output and data location, logging, threads, device,
+checkpointing, non-finite policy: ``_REPORT_FREE``), so runs of another model, dataset, learning
+rate or number of epochs are never averaged together; when groups differ in more than estimator,
+quantizer and optimizer, a ``settings`` column says how. Two runs of one group with the same seed
+are an error (one line): a seed is counted once.
+
 **Metric** (MetaQuant's, METHOD.md §6). A run's *evaluations* are its ``epoch`` and ``final``
 rows with a test accuracy, one per evaluated epoch (a ``final`` row — a run stopped by
 ``max_steps`` mid-epoch — counts unless a later row of the same epoch supersedes it). Per run,
@@ -54,7 +61,6 @@ GRID_AXES = ("estimator", "quantizer", "optimizer", "seed")
 DEFAULT_LAST_K = 10
 
 #: Fields that may differ between runs of one group without a warning in the report.
-_GROUP_FREE = set(GRID_AXES) | (set(RESUME_CHANGEABLE) - {"epochs", "max_steps"})
 
 PathLike = Union[str, "Path"]
 
@@ -377,23 +383,42 @@ def write_report(out: PathLike, last_k: int = DEFAULT_LAST_K, x_axis: str = "ste
     names = sorted(runs, key=lambda n: (rank.get(n, len(rank)), runs[n]["estimator"] or "",
                                         runs[n]["quantizer"] or "", runs[n]["optimizer"] or "", runs[n]["seed"] or 0))
 
-    groups: Dict[Tuple[str, str, str], List[str]] = {}
+    # one group per configuration: everything but the seed and the run-only settings (_REPORT_FREE)
+    default = TrainConfig().to_dict()
+    full = {n: {**default, **runs[n]["config"]} for n in names}  # older config.json files lack newer fields
+    by_key: Dict[str, List[str]] = {}
     for name in names:
-        r = runs[name]
-        groups.setdefault((r["estimator"], r["quantizer"], r["optimizer"]), []).append(name)
+        by_key.setdefault(_group_key(full[name]), []).append(name)
+    settings = _distinguishing_settings([full[m[0]] for m in by_key.values()])
+    groups: Dict[Tuple[str, ...], List[str]] = {}
+    labels: Dict[Tuple[str, ...], str] = {}
+    for members in by_key.values():
+        c = full[members[0]]
+        shown = {k: c.get(k) for k in settings}
+        key = (c["estimator"], c["quantizer"], c["optimizer"], json.dumps(shown, sort_keys=True))
+        groups[key] = members
+        labels[key] = " / ".join([c["estimator"], c["quantizer"], c["optimizer"]] + [_setting(k, v) for k, v in shown.items()])
+        seen: Dict[Any, str] = {}
+        for m in members:
+            seed = runs[m]["seed"]
+            if seed in seen:
+                raise ValueError(f"runs {seen[seed]} and {m} in {str(out)!r} have the same configuration and seed "
+                                 f"{seed}: a seed cannot count twice; move one of them out of the directory")
+            seen[seed] = m
 
     report_groups = []
-    for (e, q, o), members in groups.items():
+    for key, members in groups.items():
+        e, q, o = key[:3]
         scored = [m for m in members if runs[m]["acc_k"] is not None]
         members_sorted = sorted(members, key=lambda m: runs[m]["seed"] or 0)
         acc_mean, acc_std = _mean_std([runs[m]["acc_k"] for m in scored])
         loss_vals = [runs[m]["train_loss"] for m in scored if runs[m]["train_loss"] is not None]
         loss_mean, loss_std = _mean_std(loss_vals)
         steps = sorted({runs[m]["steps"] for m in scored})
-        differ = sorted({k for m in members for k, v in runs[m]["config"].items()
-                         if k not in _GROUP_FREE and v != runs[members[0]]["config"].get(k)})
+        differ = sorted({k for m in members for k in _NOTED if full[m].get(k) != full[members[0]].get(k)})
         report_groups.append({
             "estimator": e, "quantizer": q, "optimizer": o,
+            "settings": {k: full[members[0]].get(k) for k in settings},
             "n_seeds": len(scored), "seeds": sorted(runs[m]["seed"] for m in scored),
             "test_accuracy_last_k": {"mean": acc_mean, "std": acc_std},
             "train_loss": {"mean": loss_mean, "std": loss_std},
@@ -422,9 +447,43 @@ def write_report(out: PathLike, last_k: int = DEFAULT_LAST_K, x_axis: str = "ste
     }
     atomic_write_text(out / "results.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "results.md", format_markdown(report))
-    plotted = _plot(out / "curves.png", runs, names, groups, x_axis, log)
+    plotted = _plot(out / "curves.png", runs, names, {labels[k]: v for k, v in groups.items()}, x_axis, log)
     report["curves"] = str(out / "curves.png") if plotted else None
     return report
+
+
+#: Settings that do not define a group of the report: the seed, where a run lives and reads its data,
+#: and how it logs, checkpoints, threads or reacts to non-finite steps (shown when they differ).
+_REPORT_FREE = frozenset({"seed", "out", "data_dir", "download", "log_every", "tensorboard", "num_threads",
+                          "eval_batch_size", "device", "nonfinite", "max_skips", "save_every", "save_every_seconds"})
+
+
+#: Run-only settings that may still change a run's numbers: noted when a group's runs differ in them.
+_NOTED = ("device", "nonfinite", "max_skips")
+
+
+def _group_key(cfg: Dict[str, Any]) -> str:
+    """The configuration of a run without its seed and run-only settings, as a canonical string."""
+    return json.dumps({k: v for k, v in cfg.items() if k not in _REPORT_FREE}, sort_keys=True, default=str)
+
+
+def _distinguishing_settings(configs: List[Dict[str, Any]]) -> List[str]:
+    """The settings (besides estimator, quantizer, optimizer) in which the groups' configurations
+    differ, to tell the groups apart in the table; the estimator options only when the same
+    estimator appears with different ones (else they follow from the estimator)."""
+    keys = sorted({k for c in configs for k in c} - _REPORT_FREE - {"estimator", "quantizer", "optimizer"})
+    differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
+    if "estimator_options" in differ:
+        per_est: Dict[str, set] = {}
+        for c in configs:
+            per_est.setdefault(c.get("estimator"), set()).add(json.dumps(c.get("estimator_options"), sort_keys=True))
+        if all(len(v) == 1 for v in per_est.values()):
+            differ.remove("estimator_options")
+    return differ
+
+
+def _setting(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value}"
 
 
 _COMMON_KEYS = ("model", "dataset", "data_dir", "pretrained", "bits", "epochs", "max_steps", "batch_size", "lr",
@@ -462,17 +521,20 @@ def format_markdown(report: Dict[str, Any]) -> str:
         lines += ["Settings common to every run: " + ", ".join(
             f"{key}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
             for key, v in report["common_settings"].items()) + ".", ""]
-    lines += [f"| estimator | quantizer | optimizer | test accuracy % (last {k} eval{'s' * (k > 1)}) | final train loss "
-              "| seeds | steps |",
-              "|---|---|---|---:|---:|---:|---:|"]
+    with_settings = any(g.get("settings") for g in report["groups"])
+    lines += [f"| estimator | quantizer | optimizer |{' settings |' if with_settings else ''} test accuracy % (last {k} "
+              f"eval{'s' * (k > 1)}) | final train loss | seeds | steps |",
+              f"|---|---|---|{'---|' if with_settings else ''}---:|---:|---:|---:|"]
     notes = []
     for g in report["groups"]:
         steps = g["steps"]
         steps_txt = "n/a" if not steps else (str(steps[0]) if len(steps) == 1 else f"{steps[0]}–{steps[-1]}")
+        shown = ", ".join(_setting(key, v) for key, v in (g.get("settings") or {}).items())
         lines.append(f"| {g['estimator']} | {g['quantizer']} | {g['optimizer']} | "
+                     + (f"{shown} | " if with_settings else "") +
                      f"{_pm(g['test_accuracy_last_k']['mean'], g['test_accuracy_last_k']['std'], 100, 2)} | "
                      f"{_pm(g['train_loss']['mean'], g['train_loss']['std'], 1, 4)} | {g['n_seeds']} | {steps_txt} |")
-        label = f"{g['estimator']}-{g['quantizer']}-{g['optimizer']}"
+        label = f"{g['estimator']}-{g['quantizer']}-{g['optimizer']}" + (f" ({shown})" if shown else "")
         if g["estimator_options"] and "estimator_options" not in report["common_settings"]:
             notes.append(f"{label}: estimator options " + ", ".join(f"{o}={v}" for o, v in g["estimator_options"].items()))
         if g["not_evaluated"]:
@@ -534,8 +596,7 @@ def _plot(path: Path, runs, names, groups, x_axis: str, log) -> bool:
     FigureCanvasAgg(fig)
     ax_loss, ax_acc = fig.subplots(1, 2)
     colours = [f"C{i % 10}" for i in range(len(groups))]
-    for colour, ((e, q, o), members) in zip(colours, groups.items()):
-        label = f"{e} / {q} / {o}"
+    for colour, (label, members) in zip(colours, groups.items()):
         series = [_series(runs[m]["rows"], x_axis) for m in members]
         for panel, ax in ((0, ax_loss), (1, ax_acc)):
             curves = [s[panel] for s in series if s[panel][0]]
