@@ -17,6 +17,7 @@ from .quantizers import QUANTIZERS, Quantizer, get_quantizer, register_quantizer
 from .trainer import StepResult, Trainer, evaluate, make_optimizer
 from .export import ExportError, export_checkpoint, export_model, load_exported, read_exported
 from .summary import ModelSummary, summary
+from . import data, grid, run  # fsg.data.DataLoader, fsg.grid.run_grid, fsg.run.train after `import fsg`
 
 __version__ = "0.1.0"
 
@@ -27,5 +28,6 @@ __all__ = [
     "Trainer", "StepResult", "evaluate", "make_optimizer",
     "export_model", "export_checkpoint", "load_exported", "read_exported", "ExportError",
     "summary", "ModelSummary",
-    "distributed", "estimators", "mamba", "models", "quantizers", "ssm", "synthetic", "__version__",
+    "data", "distributed", "estimators", "grid", "mamba", "models", "quantizers", "run", "ssm", "synthetic",
+    "__version__",
 ]
