@@ -160,3 +160,43 @@ def test_cli(tmp_path, capsys):
             main(["summary", *args])
         err = capsys.readouterr().err
         assert info.value.code == 2 and err.startswith("fsg: error: ") and err.count("\n") == 1 and msg in err, err
+
+
+class OwnNet(torch.nn.Module):
+    """A user's own architecture (not one of fsg's models: the export records no architecture)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, bias=False), torch.nn.BatchNorm2d(6),
+                                            torch.nn.Hardtanh(), torch.nn.Conv2d(6, 5, 3, padding=1),
+                                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("quantizer, bits", [("dorefa", 1), ("bwn", 1), ("dorefa", 3)])
+def test_summary_of_an_export_of_a_users_own_architecture(tmp_path, capsys, quantizer, bits):
+    from conftest import cli_error, fsg_cli
+
+    torch.manual_seed(0)
+    model = fsg.binarize(OwnNet(), quantizer, bits=bits, keep_last=True, activations=True)
+    path = fsg.export_model(model, tmp_path / "own.safetensors")
+    from_model = summary(model, input_size=(3, 8, 8))
+    s = summary(path)  # no architecture in the file: its own layer table
+    key = lambda r: (r.name, r.binarized, r.quantizer, r.bits, r.params_1bit, r.params_32bit, r.memory_bytes)  # noqa
+    assert [key(r) for r in s.rows] == sorted(map(key, from_model.rows))  # in name order
+    assert [r.input_bits for r in s.rows if r.binarized] == [r.input_bits for r in from_model.rows if r.binarized]
+    for k in ("params_1bit", "params_32bit", "params", "memory_bytes", "memory_fp_bytes", "compression"):
+        assert s.totals[k] == from_model.totals[k], k
+    assert s.totals["macs"] is None and all(r.macs is None for r in s.rows)
+
+    code, out, _ = fsg_cli(capsys, "summary", str(path))
+    assert code == 0 and "MACs n/a, need the architecture" in out and "features.0" in out and "compression" in out
+    code, out, _ = fsg_cli(capsys, "summary", str(path), "--json")
+    d = json.loads(out)
+    assert d["totals"]["params_1bit"] == from_model.totals["params_1bit"] and d["totals"]["macs"] is None
+    assert "need the architecture" in d["macs_note"]
+    err = cli_error(capsys, "summary", str(path), "--input-size", "3,8,8")
+    assert "records no built-in architecture, and MACs need it" in err

@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 
 from .binarize import _BinaryActivation, binarized_layers
 
-__all__ = ["summary", "summarize_file", "default_input_size", "LayerSummary", "ModelSummary"]
+__all__ = ["summary", "summarize_file", "summarize_table", "default_input_size", "LayerSummary", "ModelSummary"]
 
 PathLike = Union[str, os.PathLike]
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -64,15 +64,19 @@ class ModelSummary:
     rows: List[LayerSummary]
     totals: Dict[str, Any]
     source: Dict[str, Any] = field(default_factory=dict)
+    #: why MACs are missing when it is not the missing input size (an exported file without its architecture)
+    macs_note: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {"model": self.model, "input_size": None if self.input_size is None else list(self.input_size),
-                "rows": [asdict(r) for r in self.rows], "totals": dict(self.totals), "source": dict(self.source)}
+                "rows": [asdict(r) for r in self.rows], "totals": dict(self.totals), "source": dict(self.source),
+                "macs_note": self.macs_note}
 
     def __str__(self) -> str:
         t = self.totals
         size = "x".join(map(str, self.input_size)) if self.input_size else None
-        head = f"{self.model}" + (f", input 1x{size}" if size else ", no input size (MACs not counted)")
+        head = f"{self.model}" + (f", input 1x{size}" if size else
+                                  f", {self.macs_note or 'no input size (MACs not counted)'}")
         k_bit = any(r.bits and r.bits > 1 for r in self.rows)
         cols = ["layer", "type", "binarized", "in bits", "k-bit params" if k_bit else "1-bit params",
                 "32-bit params", "memory KiB", "MACs"]
@@ -291,7 +295,9 @@ def _measure_macs(model: nn.Module, entries: List[Tuple[str, nn.Module]], input_
 def summarize_file(path: PathLike, input_size: Optional[Sequence[int]] = None) -> ModelSummary:
     """:func:`summary` of the model in a training checkpoint (``last.pt`` or a run directory,
     rebuilt without its dataset by :func:`fsg.export.model_from_checkpoint`) or in an exported
-    file (:func:`fsg.export.load_exported`, the binarized layers read from its metadata)."""
+    file (:func:`fsg.export.load_exported`, the binarized layers read from its metadata; a file
+    that records no built-in architecture is summarised from its own layer table,
+    :func:`summarize_table`)."""
     from .export import load_exported, model_from_checkpoint, read_exported
 
     p = Path(path)
@@ -306,8 +312,69 @@ def summarize_file(path: PathLike, input_size: Optional[Sequence[int]] = None) -
         s.source = {"checkpoint": info["checkpoint"], "step": info["step"], "epoch": info["epoch"], "arch": info["arch"]}
         return s
     exp = read_exported(p)
+    if exp.arch is None:  # a user's own architecture: what the file itself records
+        return summarize_table(exp, input_size)
     model = load_exported(p)
     s = summary(model, input_size, binarized={r["name"]: r for r in exp.layers})
     s.model = f"{s.model} ({exp.arch['name']}) from {p}"
     s.source = {"exported": str(p), "arch": exp.arch, **{k: v for k, v in exp.source.items() if k != "checkpoint"}}
     return s
+
+
+#: BatchNorm's running statistics: buffers, not parameters (counted by no summary)
+_BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def summarize_table(exp, input_size: Optional[Sequence[int]] = None) -> ModelSummary:
+    """The summary of an exported file (:class:`fsg.export.ExportedModel`) from its own tables,
+    without the architecture: one row per module (the tensor names' prefixes, in name order); a
+    binarized layer's weights (its ``layers`` record: shape, quantizer, bits, binarized input)
+    are its 1-bit (k-bit) parameters, every other tensor a 32-bit parameter, except BatchNorm's
+    running statistics (tensors named ``running_mean``, ``running_var``, ``num_batches_tracked``),
+    which are buffers. Counts and memory are those :func:`summary` gives for the model; the layer
+    types and MACs need the architecture: ``fsg.summary(fsg.load_exported(path, model=MyNet()))``."""
+    where = str(exp.path)
+    if input_size is not None:
+        raise ValueError(f"{where} records no built-in architecture, and MACs need it: pass the model, "
+                         f"fsg.summary(fsg.load_exported(path, model=MyNet()), input_size)")
+    packed = {t: rec for rec in exp.layers for t in rec["tensors"].values()}
+    binarized = {rec["name"]: rec for rec in exp.layers}
+    modules: Dict[str, Dict[str, int]] = {}
+    for name, t in exp.tensors.items():
+        rec = packed.get(name)
+        if rec is not None:
+            modules.setdefault(rec["name"], {})
+            continue
+        module, _, leaf = name.rpartition(".")
+        modules.setdefault(module, {})
+        if leaf not in _BUFFER_NAMES:
+            modules[module][leaf] = int(t.numel())
+    rows: List[LayerSummary] = []
+    natural = lambda n: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in n.split(".")]  # noqa: E731
+    for name in sorted(modules, key=natural):  # the file keeps no module order: name order, 10 after 9
+        own = modules[name]
+        rec = binarized.get(name)
+        p1 = math.prod(int(d) for d in rec["shape"]) if rec is not None else 0
+        p32 = sum(own.values())
+        if rec is None and not own:
+            continue  # buffers only
+        bits = int(rec["bits"]) if rec is not None else None
+        input_bits = (1 if rec.get("activations") else 32) if rec is not None else \
+            (1 if name in exp.binary_activations else None)
+        rows.append(LayerSummary(name=name, type="n/a", binarized=rec is not None,
+                                 quantizer=None if rec is None else rec.get("quantizer"), bits=bits,
+                                 input_bits=input_bits, params_1bit=p1, params_32bit=p32,
+                                 memory_bytes=p1 * (bits or 1) / 8 + p32 * 4, macs=None))
+    p1 = sum(r.params_1bit for r in rows)
+    p32 = sum(r.params_32bit for r in rows)
+    mem = sum(r.memory_bytes for r in rows)
+    totals: Dict[str, Any] = {
+        "params_1bit": p1, "params_32bit": p32, "params": p1 + p32, "memory_bytes": mem,
+        "memory_fp_bytes": 4 * (p1 + p32), "compression": (4 * (p1 + p32) / mem) if mem else 1.0,
+        "macs": None, "macs_binarized": None, "macs_binary_input": None, "macs_full_precision": None,
+    }
+    return ModelSummary(f"{where} (architecture not recorded: counted from the file's layer table)", None, rows,
+                        totals, source={"exported": where, "arch": None, **{k: v for k, v in exp.source.items()
+                                                                            if k != "checkpoint"}},
+                        macs_note="MACs n/a, need the architecture (fsg.summary(fsg.load_exported(path, "
+                                  "model=MyNet())))")
