@@ -279,3 +279,14 @@ def test_full_precision_trainer_rejects_non_finite_steps_too():
     assert_same(before, frozen(t))
     assert [ref_losses[0]] + [t.step(X[i], Y[i]).loss for i in range(1, 4)] == ref_losses
     assert_same(frozen(ref), frozen(t))
+
+
+def test_all_finite_is_exact():
+    from fsg.trainer import all_finite
+
+    big = torch.full((1000,), 3e38)  # finite, but its sum overflows: the fast path's false alarm is checked
+    assert all_finite([torch.ones(3), big]) and all_finite([]) and all_finite([torch.arange(3)])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.zeros(5)
+        t[2] = bad
+        assert not all_finite([torch.ones(3), t])

@@ -154,8 +154,8 @@ class FullPrecisionTrainer:
         if self.distributed:
             loss_value, acc, samples = average_over_ranks(self.model, [], loss_value, acc, samples)
         # the non-finite check before the update (as fsg.trainer.Trainer.step)
-        checked = [(f"gradient of {n}", p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
-        checked += [(f"buffer {n}", b) for n, b in self.model.named_buffers() if b.is_floating_point()]
+        checked = [(("gradient of", n), p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        checked += [(("buffer", n), b) for n, b in self.model.named_buffers() if b.is_floating_point()]
         if not Trainer._finite(loss_value, checked):
             culprits = nonfinite_names(checked)
             before.restore()

@@ -99,14 +99,24 @@ def check_nonfinite_policy(nonfinite: str, max_skips: int) -> Tuple[str, int]:
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
-    """Whether every element of every tensor is finite: one fused reduction, one synchronisation."""
-    flags = [t.isfinite().all() for t in tensors if t.is_floating_point() or t.is_complex()]
-    return True if not flags else bool(torch.stack(flags).all())
+    """Whether every element of every (floating-point) tensor is finite. Fast path: one sum per
+    tensor, stacked, one synchronisation — a NaN or an infinity makes its tensor's sum non-finite;
+    only when a sum is not finite (a NaN, an infinity, or finite values whose sum overflows) are
+    the elements checked one by one, so the answer is exact."""
+    floats = [t for t in tensors if t.is_floating_point() or t.is_complex()]
+    if not floats or bool(torch.stack([t.sum() for t in floats]).isfinite().all()):
+        return True
+    return all(bool(t.isfinite().all()) for t in floats)
 
 
-def nonfinite_names(named: Iterable[Tuple[str, Tensor]], limit: int = 4) -> List[str]:
-    """The names of the tensors holding a NaN or an infinity (at most ``limit``, then ``+N more``)."""
-    bad = [n for n, t in named if (t.is_floating_point() or t.is_complex()) and not bool(t.isfinite().all())]
+def _name(name) -> str:
+    return name if isinstance(name, str) else " ".join(name)
+
+
+def nonfinite_names(named: Iterable[Tuple[Union[str, Tuple[str, ...]], Tensor]], limit: int = 4) -> List[str]:
+    """The names (a string, or a tuple of words joined by spaces) of the tensors holding a NaN or
+    an infinity: at most ``limit``, then ``+N more``."""
+    bad = [_name(n) for n, t in named if (t.is_floating_point() or t.is_complex()) and not bool(t.isfinite().all())]
     return bad[:limit] + ([f"+{len(bad) - limit} more"] if len(bad) > limit else [])
 
 
@@ -253,6 +263,10 @@ class Trainer:
         self.loss_fn = loss_fn or F.cross_entropy
         self.update_on_observe = update_on_observe
         self.step_count = 0
+        # for the non-finite check of every step (the parameters themselves never change)
+        self._named_params = list(model.named_parameters())
+        self._named_est_params = list(self.estimator.named_parameters())
+        self._params = [p for _, p in self._named_params] + [p for _, p in self._named_est_params]
         self.distributed = dist.is_distributed() if distributed is None else bool(distributed)
         if self.distributed:
             if not dist.is_distributed():
@@ -404,25 +418,23 @@ class Trainer:
     # non-finite steps
 
     def _snapshot(self) -> _StepSnapshot:
-        params = list(self.model.parameters()) + list(self.estimator.parameters())
-        return _StepSnapshot(params, [l.parametrization for l in self.layers], list(self.model.buffers()),
+        return _StepSnapshot(self._params, [l.parametrization for l in self.layers], list(self.model.buffers()),
                              self.estimator, copy_in_place_state=self.nonfinite == "skip")
 
-    def _checked_tensors(self, updates: List[Tensor]) -> List[Tuple[str, Tensor]]:
-        """``(what, tensor)`` of everything the non-finite check covers (the loss aside)."""
-        named = [(f"gradient of {n}", p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
-        named += [(f"hypernetwork gradient of {n}", p.grad) for n, p in self.estimator.named_parameters()
-                  if p.grad is not None]
-        named += [(f"∂L/∂Ŵ of {l.name}", l.parametrization.grad) for l in self.layers]
-        named += [(f"update of {l.name}", u) for l, u in zip(self.layers, updates)]
-        named += [(f"buffer {n}", b) for n, b in self.model.named_buffers() if b.is_floating_point()]
+    def _checked_tensors(self, updates: List[Tensor]) -> List[Tuple[Tuple[str, str], Tensor]]:
+        """``((what, name), tensor)`` of everything the non-finite check covers (the loss aside)."""
+        named = [(("gradient of", n), p.grad) for n, p in self._named_params if p.grad is not None]
+        named += [(("hypernetwork gradient of", n), p.grad) for n, p in self._named_est_params if p.grad is not None]
+        named += [(("∂L/∂Ŵ of", l.name), l.parametrization.grad) for l in self.layers]
+        named += [(("update of", l.name), u) for l, u in zip(self.layers, updates)]
+        named += [(("buffer", n), b) for n, b in self.model.named_buffers() if b.is_floating_point()]
         return named
 
     @staticmethod
-    def _finite(loss, checked: List[Tuple[str, Tensor]]) -> bool:
+    def _finite(loss, checked: List[Tuple[object, Tensor]]) -> bool:
         tensors = [t for _, t in checked]
         if isinstance(loss, Tensor):
-            return all_finite([loss.float().reshape(1)] + tensors)
+            return all_finite([loss.detach().reshape(1)] + tensors)
         return math.isfinite(loss) and all_finite(tensors)
 
     def _reject(self, loss, culprits: List[str], lr: float, acc: Optional[float], samples: int) -> StepResult:
