@@ -167,6 +167,17 @@ def _macs(module: nn.Module, out: Tensor) -> int:
     return 0
 
 
+def _totals(rows: List[LayerSummary]) -> Dict[str, Any]:
+    """Parameter and memory totals of the rows (MACs filled in by the caller where known)."""
+    p1 = sum(r.params_1bit for r in rows)
+    p32 = sum(r.params_32bit for r in rows)
+    mem = sum(r.memory_bytes for r in rows)
+    return {
+        "params_1bit": p1, "params_32bit": p32, "params": p1 + p32, "memory_bytes": mem,
+        "memory_fp_bytes": 4 * (p1 + p32), "compression": (4 * (p1 + p32) / mem) if mem else 1.0,
+        "macs": None, "macs_binarized": None, "macs_binary_input": None, "macs_full_precision": None,
+    }
+
 def summary(model: Union[nn.Module, PathLike], input_size: Optional[Sequence[int]] = None, *,
             binarized: Optional[Union[Iterable[str], Mapping[str, Mapping[str, Any]]]] = None) -> ModelSummary:
     """Per-layer table of ``model``: binarized or not, 1-bit and 32-bit parameter counts, memory,
@@ -235,14 +246,7 @@ def summary(model: Union[nn.Module, PathLike], input_size: Optional[Sequence[int
             bits=bits, input_bits=input_bits, params_1bit=p1, params_32bit=p32,
             memory_bytes=p1 * (bits or 1) / 8 + p32 * 4, macs=macs.get(name, 0) if input_size is not None else None))
 
-    p1 = sum(r.params_1bit for r in rows)
-    p32 = sum(r.params_32bit for r in rows)
-    mem = sum(r.memory_bytes for r in rows)
-    totals: Dict[str, Any] = {
-        "params_1bit": p1, "params_32bit": p32, "params": p1 + p32, "memory_bytes": mem,
-        "memory_fp_bytes": 4 * (p1 + p32), "compression": (4 * (p1 + p32) / mem) if mem else 1.0,
-        "macs": None, "macs_binarized": None, "macs_binary_input": None, "macs_full_precision": None,
-    }
+    totals = _totals(rows)
     if input_size is not None:
         totals["macs"] = sum(r.macs for r in rows)
         totals["macs_binarized"] = sum(r.macs for r in rows if r.binarized)
@@ -365,14 +369,7 @@ def summarize_table(exp, input_size: Optional[Sequence[int]] = None) -> ModelSum
                                  quantizer=None if rec is None else rec.get("quantizer"), bits=bits,
                                  input_bits=input_bits, params_1bit=p1, params_32bit=p32,
                                  memory_bytes=p1 * (bits or 1) / 8 + p32 * 4, macs=None))
-    p1 = sum(r.params_1bit for r in rows)
-    p32 = sum(r.params_32bit for r in rows)
-    mem = sum(r.memory_bytes for r in rows)
-    totals: Dict[str, Any] = {
-        "params_1bit": p1, "params_32bit": p32, "params": p1 + p32, "memory_bytes": mem,
-        "memory_fp_bytes": 4 * (p1 + p32), "compression": (4 * (p1 + p32) / mem) if mem else 1.0,
-        "macs": None, "macs_binarized": None, "macs_binary_input": None, "macs_full_precision": None,
-    }
+    totals = _totals(rows)
     return ModelSummary(f"{where} (architecture not recorded: counted from the file's layer table)", None, rows,
                         totals, source={"exported": where, "arch": None, **{k: v for k, v in exp.source.items()
                                                                             if k != "checkpoint"}},
