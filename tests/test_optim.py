@@ -4,6 +4,7 @@ Expected values are written out here from the optimizers' formulas, from the gra
 weights recorded right before each base-optimizer step: nothing is read back from fsg.optim.
 """
 
+import io
 import math
 
 import pytest
@@ -171,9 +172,8 @@ def test_directions_survive_checkpoint_resume():
     a = fsg.Trainer(fsg.binarize(make_mlp(0), "dorefa"), "multifc", optimizer="adam", lr=LR)
     for _ in range(3):
         a.step(x, y)
-    state = {k: v for k, v in a.state_dict().items()}
-    buf = __import__("io").BytesIO()
-    torch.save(state, buf)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
     buf.seek(0)
     b = fsg.Trainer(fsg.binarize(make_mlp(1), "dorefa"), "multifc", optimizer="adam", lr=LR)
     b.load_state_dict(torch.load(buf, weights_only=False))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -183,7 +183,3 @@ def step_with_directions(optimizer: torch.optim.Optimizer) -> Dict[Tensor, Tenso
     optimizer.step()
     return grads
 
-
-def parameters_of(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:
-    """Every parameter the optimizer holds."""
-    return (p for g in optimizer.param_groups for p in g["params"])
