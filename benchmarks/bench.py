@@ -4,7 +4,7 @@
 """
 import sys
 
-from fsg.bench import main
+from fsg.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

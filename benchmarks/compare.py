@@ -399,7 +399,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             base[k] = v
     cmp = Comparison(Path(a.out), Path(a.report or a.out), base, a.epochs, a.threads, groups)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from fsg.config import TrainConfig
+    from fsg.train.config import TrainConfig
 
     for job in cmp.jobs():
         try:

@@ -11,9 +11,9 @@ import sys
 
 import torch
 
-from fsg.checkpoint import load_checkpoint
-from fsg.config import TrainConfig
-from fsg.run import _seed_everything, build_data, build_model, build_trainer
+from fsg.train.checkpoint import load_checkpoint
+from fsg.train.config import TrainConfig
+from fsg.train.loop import _seed_everything, build_data, build_model, build_trainer
 
 
 def scalar(state) -> float:

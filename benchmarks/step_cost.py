@@ -18,7 +18,7 @@ import torch
 
 import fsg
 from fsg.models import SmallCNN
-from fsg.synthetic import make_synthetic
+from fsg.data.synthetic import make_synthetic
 
 CONFIGS = [
     ("ste", {}),
@@ -66,7 +66,7 @@ def main(argv=None):
     result = {
         "model": f"SmallCNN(width={args.width})", "binarized_weights": n_bin, "batch_size": args.batch_size,
         "steps": args.steps, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.machine(), "scan_impl": fsg.mamba.get_scan_impl(), "results": rows,
+        "machine": platform.machine(), "scan_impl": fsg.ssm.mamba.get_scan_impl(), "results": rows,
     }
     if args.json:
         print(json.dumps(result, indent=2))

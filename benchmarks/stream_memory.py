@@ -3,11 +3,11 @@
     python benchmarks/stream_memory.py [--dtypes float32,bfloat16,float16] [--steps 3] [--threads N]
                                        [--batch-size 128] [--model resnet20] [--expand 100] [--json]
 
-The measurement is ``fsg bench``'s step case (:func:`fsg.bench._case_step`: ResNet-20, all
+The measurement is ``fsg bench``'s step case (:func:`fsg.cli.bench._case_step`: ResNet-20, all
 conv/linear layers binarized with dorefa, SGD, batch 128 of random 32×32 images, the warm-up
 steps untimed, the minimum over ``--steps`` timed steps reported) for ``ste`` and for ``fsg``
 with ``layout="stream"`` and each ``state_dtype``; every measurement runs in its own subprocess
-(``python -m fsg.bench --child``), one after the other, so each peak RSS (``ru_maxrss``: model,
+(``python -m fsg.cli.bench --child``), one after the other, so each peak RSS (``ru_maxrss``: model,
 data, optimizer and the warm-up steps included) is its own. ``--expand`` other than 100 shrinks
 the slow-net (d_inner) for a quick check. Prints a table, or with ``--json`` one JSON object.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fsg.bench import _spawn  # noqa: E402
+from fsg.cli.bench import _spawn  # noqa: E402
 
 
 def measure(estimator: str, options: dict, args) -> dict:

@@ -41,7 +41,7 @@ def one_thread():
 
 def fsg_cli(capsys, *args):
     """Run ``fsg ARGS`` in-process: ``(exit code, stdout, stderr)``."""
-    from fsg.cli import main
+    from fsg.cli.app import main
 
     code = main(list(args))
     out = capsys.readouterr()
@@ -50,7 +50,7 @@ def fsg_cli(capsys, *args):
 
 def cli_error(capsys, *args):
     """Run ``fsg ARGS`` expecting a usage error: exit status 2 and one line ``fsg: error: ...``."""
-    from fsg.cli import main
+    from fsg.cli.app import main
 
     with pytest.raises(SystemExit) as info:
         main(list(args))

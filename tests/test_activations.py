@@ -105,8 +105,8 @@ def test_hardtanh_resnet_keeps_parameter_names_and_clips():
 
 
 def test_config_activation_default():
-    cfg = fsg.config.TrainConfig() if hasattr(fsg, "config") else None
-    from fsg.config import TrainConfig
+    cfg = fsg.train.config.TrainConfig() if hasattr(fsg, "config") else None
+    from fsg.train.config import TrainConfig
 
     assert TrainConfig().model_activation == "relu"
     assert TrainConfig(activations=True).model_activation == "hardtanh"
@@ -117,7 +117,7 @@ def test_config_activation_default():
 
 
 def test_fsg_train_with_binary_activations(tmp_path, capsys):
-    from fsg.cli import main
+    from fsg.cli.app import main
 
     out = tmp_path / "run"
     args = ["train", "--dataset", "synthetic", "--model", "small-cnn", "--width", "4", "--estimator", "multifc",
@@ -128,7 +128,7 @@ def test_fsg_train_with_binary_activations(tmp_path, capsys):
         assert main(args) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["activations"] is True and cfg["activation"] is None
-    from fsg.run import evaluate
+    from fsg.train.loop import evaluate
 
     res = evaluate(out)
     assert res["images"] == 32

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import fsg
-from fsg.config import TrainConfig, amp_dtype
+from fsg.train.config import TrainConfig, amp_dtype
 from fsg.models import SmallCNN
-from fsg.run import FullPrecisionTrainer, train
-from fsg.synthetic import batches, make_synthetic
+from fsg.train.loop import FullPrecisionTrainer, train
+from fsg.data.synthetic import batches, make_synthetic
 
 from conftest import cli_error, fsg_cli
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_name_the_readme_uses_resolves_after_import_fsg():
     names = sorted(set(re.findall(r"\bfsg\.[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*", (ROOT / "README.md").read_text())))
-    assert "fsg.data.DataLoader" in names and "fsg.grid.run_grid" in names
+    assert "fsg.data.DataLoader" in names and "fsg.train.grid.run_grid" in names
     code = ("import functools, sys\nimport fsg\nbad = []\nfor n in sys.argv[1:]:\n"
             "    try:\n        functools.reduce(getattr, n.split('.')[1:], fsg)\n"
             "    except AttributeError:\n        bad.append(n)\nprint(' '.join(bad))")

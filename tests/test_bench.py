@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-import fsg.bench as bench
+import fsg.cli.bench as bench
 import fsg.ssm
-from fsg.bench import EXTRA_KEYS, KEYS
-from fsg.cli import main
+from fsg.cli.bench import EXTRA_KEYS, KEYS
+from fsg.cli.app import main
 
 
 def test_bench_json_tiny(capsys):

@@ -12,9 +12,9 @@ import torch
 
 import fsg
 import fsg.data
-from fsg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fsg.config import TrainConfig
-from fsg.run import TrainingInterrupted, train
+from fsg.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fsg.train.config import TrainConfig
+from fsg.train.loop import TrainingInterrupted, train
 
 from conftest import interrupt_at_batch, make_mlp, make_task
 
@@ -86,7 +86,7 @@ def reference(tmp_path_factory, estimator):
 
 
 def metric_rows(out):
-    return strip_times(fsg.run.MetricsLog.read(out / "metrics.jsonl"))
+    return strip_times(fsg.train.loop.MetricsLog.read(out / "metrics.jsonl"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import fsg.data as D
+import fsg.data
+import fsg.data.datasets as D
 from fsg.data import (ChecksumError, DataError, DataLoader, DataNotFoundError, ImageDataset,
                       load_cifar, load_dataset, load_image_folder, normalize, random_crop_flip)
 
@@ -460,7 +461,7 @@ def test_loader_train_matches_reference_and_shuffles():
     loader = DataLoader(ds, 8, train=True, seed=7)
     assert loader.augment and len(loader) == 3
     # reference for epoch 0: perm, then per batch random_crop_flip, from one epoch generator
-    g = D.epoch_generator(7, 0)
+    g = fsg.data.epoch_generator(7, 0)
     perm = torch.randperm(23, generator=g)
     batches = epoch_batches(loader)
     for k, (x, y) in enumerate(batches):
@@ -532,7 +533,7 @@ def test_loader_resume_mid_epoch():
 def slow_reference_epoch(ds, batch_size, seed, epoch, padding=4):
     """One training epoch by hand, image by image: the documented draws (perm, then per batch
     offsets and flips) from the epoch generator, zero padding, crop, mirror, normalise."""
-    g = D.epoch_generator(seed, epoch)
+    g = fsg.data.epoch_generator(seed, epoch)
     n = len(ds)
     perm = torch.randperm(n, generator=g)
     mean = torch.tensor(ds.mean).view(3, 1, 1)

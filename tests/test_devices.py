@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import fsg
-import fsg.checkpoint
-from fsg.checkpoint import load_checkpoint
-from fsg.config import TrainConfig, parse_device, require_device
+import fsg.train.checkpoint
+from fsg.train.checkpoint import load_checkpoint
+from fsg.train.config import TrainConfig, parse_device, require_device
 from fsg.data import DataLoader, ImageDataset
 from fsg.models import SmallCNN
-from fsg.run import train
-from fsg.synthetic import batches, make_synthetic
+from fsg.train.loop import train
+from fsg.data.synthetic import batches, make_synthetic
 
 from conftest import cli_error
 
@@ -162,7 +162,7 @@ def test_resume_reads_the_checkpoint_onto_the_cpu_first(tmp_path, monkeypatch):
         seen.append(kwargs.get("map_location"))
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(fsg.checkpoint.torch, "load", load)
+    monkeypatch.setattr(fsg.train.checkpoint.torch, "load", load)
     res = train(cfg.replace(epochs=2), resume=tmp_path / "run" / "last.pt", progress=False, log=lambda m: None)
     assert res.epochs == 2 and seen and all(m == "cpu" for m in seen)
 

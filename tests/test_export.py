@@ -1,4 +1,4 @@
-"""``fsg export`` / :mod:`fsg.export`: bit-packed, pickle-free export and exact reload."""
+"""``fsg export`` / :mod:`fsg.io.export`: bit-packed, pickle-free export and exact reload."""
 
 import json
 import math
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import fsg
-from fsg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fsg.cli import main
-from fsg.export import (ExportError, export_checkpoint, export_model, load_exported, model_spec, pack_codes,
+from fsg.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fsg.cli.app import main
+from fsg.io.export import (ExportError, export_checkpoint, export_model, load_exported, model_spec, pack_codes,
                         read_exported, unpack_codes)
 from fsg.models import MLP, SmallCNN, resnet
 from fsg.quantizers import Quantizer
@@ -295,7 +295,7 @@ def test_damaged_files_give_one_line_errors(tmp_path, exported, damage, message)
 
 
 def test_foreign_files(tmp_path, exported):
-    from fsg.export import write_safetensors
+    from fsg.io.export import write_safetensors
 
     other = write_safetensors(tmp_path / "other.safetensors", {"w": torch.ones(2)}, {"format": "pt"})
     with pytest.raises(ExportError, match="not an fsg export"):
@@ -313,8 +313,8 @@ def test_foreign_files(tmp_path, exported):
 
 def eval_model_and_data(run):
     """The model and test batches exactly as ``fsg eval`` builds them (run.evaluate)."""
-    from fsg.config import TrainConfig
-    from fsg.run import build_data, build_model
+    from fsg.train.config import TrainConfig
+    from fsg.train.loop import build_data, build_model
 
     ckpt = load_checkpoint(run / "last.pt")
     cfg = TrainConfig.from_dict(ckpt["config"])

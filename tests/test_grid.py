@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import fsg.data
-import fsg.run
-from fsg.checkpoint import load_checkpoint
-from fsg.cli import main
-from fsg.config import TrainConfig
-from fsg.grid import parse_seeds, run_grid, write_report
+import fsg.train.loop
+from fsg.train.checkpoint import load_checkpoint
+from fsg.cli.app import main
+from fsg.train.config import TrainConfig
+from fsg.train.grid import parse_seeds, run_grid, write_report
 
 from conftest import interrupt_at_batch
 
@@ -135,7 +135,7 @@ def test_rerun_skips_finished_runs_and_report_only(tiny_grid, capsys, monkeypatc
     def no_training(*a, **k):
         raise AssertionError("train() called for a finished run")
 
-    monkeypatch.setattr(fsg.run, "train", no_training)
+    monkeypatch.setattr(fsg.train.loop, "train", no_training)
     code, stdout, err = grid(capsys, "--estimators", "ste,multifc", "--seeds", "0-1", "--epochs", "3", "--hidden",
                              "8", "--last-k", "2", "--out", str(out), *TINY)
     assert code == 0 and err.count("skipped") == 4
@@ -162,13 +162,13 @@ def test_unfinished_runs_are_resumed(tmp_path, capsys, monkeypatch):
     assert code == 0 and re.search(r"^\| ste \| dorefa \| adam \| [\d.]+ \| [\d.]+ \| 1 \| 2 \|$", stdout, re.M)
 
     calls = []
-    real = fsg.run.train
+    real = fsg.train.loop.train
 
     def spy(cfg, resume=None, **kw):
         calls.append((cfg.seed, cfg.max_steps, resume))
         return real(cfg, resume=resume, **kw)
 
-    monkeypatch.setattr(fsg.run, "train", spy)
+    monkeypatch.setattr(fsg.train.loop, "train", spy)
     code, _, err = grid(capsys, *common, "--epochs", "2")  # max_steps lifted: continue to 2 epochs
     assert code == 0 and "resuming from step 2" in err
     run = out / "ste-dorefa-adam-s3"

@@ -1,4 +1,4 @@
-"""Tests for fsg.mamba: reference selective scan, causal conv, Mamba block, dispatcher."""
+"""Tests for fsg.ssm.mamba: reference selective scan, causal conv, Mamba block, dispatcher."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fsg import mamba, ssm
-from fsg.mamba import (
+from fsg.ssm.mamba import (
     Mamba,
     causal_conv1d,
     get_scan_impl,
@@ -19,7 +19,7 @@ from fsg.mamba import (
 )
 
 # the old selection API (set_scan_impl, ...) is tested here on purpose
-pytestmark = pytest.mark.filterwarnings("ignore:fsg.mamba.*is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:fsg.ssm.mamba.*is deprecated:DeprecationWarning")
 
 DT = torch.float64
 

@@ -12,7 +12,7 @@ import torch
 
 import fsg
 import fsg.trainer as trainer_module
-from fsg.config import TrainConfig
+from fsg.train.config import TrainConfig
 from fsg.optim import ReferenceAdam, make_optimizer, step_with_directions
 
 from conftest import make_mlp, make_task

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import fsg.run
-from fsg.checkpoint import load_checkpoint
-from fsg.run import train
+import fsg.train.loop
+from fsg.train.checkpoint import load_checkpoint
+from fsg.train.loop import train
 
 from conftest import fsg_cli
 from test_checkpoint import assert_same_run, metric_rows, tiny
@@ -37,7 +37,7 @@ def slow(self, x, y):
     time.sleep(0.1)
     return step(self, x, y)
 fsg.Trainer.step = slow
-from fsg.cli import main
+from fsg.cli.app import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -52,7 +52,7 @@ def wait_for_steps(proc, out, n, timeout=120):
     """Wait until the run in ``out`` has logged ``n`` step rows."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        rows = fsg.run.MetricsLog.read(out / "metrics.jsonl")
+        rows = fsg.train.loop.MetricsLog.read(out / "metrics.jsonl")
         if sum(r.get("kind") == "step" for r in rows) >= n:
             return
         if proc.poll() is not None:
@@ -66,7 +66,7 @@ def wait_for_steps(proc, out, n, timeout=120):
 def reference(tmp_path_factory):
     """The uninterrupted run of RUN (in this process), its metric rows and checkpoint."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    from fsg.cli import main
+    from fsg.cli.app import main
 
     assert main(["train", *RUN, "--out", str(out)]) == 0
     return metric_rows(out), load_checkpoint(out / "last.pt")
@@ -99,7 +99,7 @@ def test_sigkill_after_a_periodic_save_loses_at_most_save_every_steps(tmp_path, 
     proc.kill()  # SIGKILL: nothing runs after this
     proc.communicate(timeout=60)
     ck = load_checkpoint(out / "last.pt")
-    logged = sum(r.get("kind") == "step" for r in fsg.run.MetricsLog.read(out / "metrics.jsonl"))
+    logged = sum(r.get("kind") == "step" for r in fsg.train.loop.MetricsLog.read(out / "metrics.jsonl"))
     assert ck["step"] >= 8 and ck["step"] % 4 == 0 and logged - ck["step"] < 4 + 1 and ck["batch"] == ck["step"]
 
     code, _, err = fsg_cli(capsys, "train", "--resume", str(out), "--no-progress")
@@ -112,13 +112,13 @@ def test_sigkill_after_a_periodic_save_loses_at_most_save_every_steps(tmp_path, 
 def saves(monkeypatch):
     """Record (step, epoch, batch) of every checkpoint the loop writes."""
     written = []
-    real = fsg.run.save_checkpoint
+    real = fsg.train.loop.save_checkpoint
 
     def record(path, payload):
         written.append((payload["step"], payload["epoch"], payload["batch"]))
         return real(path, payload)
 
-    monkeypatch.setattr(fsg.run, "save_checkpoint", record)
+    monkeypatch.setattr(fsg.train.loop, "save_checkpoint", record)
     return written
 
 
@@ -156,7 +156,7 @@ def test_save_every_may_change_on_resume(tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------------------------
 # the run directory's lock, and temporaries left by a killed save
 
-from fsg.runlock import LOCK_NAME, RunLock, remove_stale_temporaries  # noqa: E402
+from fsg.train.runlock import LOCK_NAME, RunLock, remove_stale_temporaries  # noqa: E402
 
 from conftest import cli_error  # noqa: E402
 
@@ -238,7 +238,7 @@ def save(obj, f, *a, **k):
         print("SAVING", flush=True)
         time.sleep(600)
 torch.save = save
-from fsg.cli import main
+from fsg.cli.app import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -269,8 +269,8 @@ import warnings  # noqa: E402
 
 import torch  # noqa: E402
 
-import fsg.checkpoint  # noqa: E402
-from fsg.checkpoint import save_checkpoint  # noqa: E402
+import fsg.train.checkpoint  # noqa: E402
+from fsg.train.checkpoint import save_checkpoint  # noqa: E402
 
 
 class FullFile:
@@ -291,14 +291,14 @@ class FullFile:
 
 def fill_disk(monkeypatch, room=1000, after=0):
     """Every atomic write (after the first ``after`` ones) meets a disk with ``room`` bytes left."""
-    real = fsg.checkpoint._RecordingFile.__init__
+    real = fsg.files._RecordingFile.__init__
     calls = {"n": 0}
 
     def init(self, f):
         calls["n"] += 1
         real(self, FullFile(f, room) if calls["n"] > after else f)
 
-    monkeypatch.setattr(fsg.checkpoint._RecordingFile, "__init__", init)
+    monkeypatch.setattr(fsg.files._RecordingFile, "__init__", init)
 
 
 def assert_intact(path, before):
@@ -356,7 +356,7 @@ def test_train_on_a_full_disk_exits_2_with_one_line_and_keeps_the_checkpoint(tmp
     assert fsg_cli(capsys, "train", *TINY, "--out", str(out))[0] == 0
     before = (out / "last.pt").read_bytes()
     fill_disk(monkeypatch, room=2000, after=3)  # config.json, metrics.jsonl, metrics.csv fit; last.pt does not
-    from fsg.cli import main
+    from fsg.cli.app import main
 
     with pytest.raises(SystemExit) as info:
         main(["train", "--resume", str(out), "--epochs", "2", "--no-progress"])

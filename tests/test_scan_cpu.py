@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from fsg import mamba, scan_cpu
-from fsg.mamba import Mamba, selective_scan, selective_scan_ref, use_scan_impl
-from fsg.scan_cpu import CHUNK, selective_scan_fused
+from fsg.ssm import mamba, cpu as scan_cpu
+from fsg.ssm.mamba import Mamba, selective_scan, selective_scan_ref, use_scan_impl
+from fsg.ssm.cpu import CHUNK, selective_scan_fused
 
 # the old selection API (set_scan_impl, ...) is tested here on purpose
-pytestmark = pytest.mark.filterwarnings("ignore:fsg.mamba.*is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:fsg.ssm.mamba.*is deprecated:DeprecationWarning")
 
 needs_kernel = pytest.mark.skipif(not scan_cpu.available(), reason=f"fused scan unavailable: {scan_cpu.build_error()}")
 

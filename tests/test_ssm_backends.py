@@ -12,7 +12,7 @@ import torch
 
 import fsg
 from fsg import ssm
-from fsg.mamba import Mamba, get_scan_impl, register_scan_impl, set_scan_impl, use_scan_impl
+from fsg.ssm.mamba import Mamba, get_scan_impl, register_scan_impl, set_scan_impl, use_scan_impl
 from fsg.ssm import Backend, backends
 from fsg.ssm.reference import causal_conv1d as conv_ref
 from fsg.ssm.reference import selective_scan_ref
@@ -371,10 +371,10 @@ def test_register_scan_impl_on_an_existing_backend_replaces_only_its_scan():
 
 
 def test_scan_cpu_is_the_moved_module():
-    import fsg.scan_cpu
-    from fsg.scan_cpu import selective_scan_fused
+    import fsg.ssm.cpu
+    from fsg.ssm.cpu import selective_scan_fused
 
-    assert fsg.scan_cpu is ssm.cpu and selective_scan_fused is ssm.cpu.selective_scan_fused
+    assert fsg.ssm.cpu is ssm.cpu and selective_scan_fused is ssm.cpu.selective_scan_fused
 
 
 def _fsg_imports(path: Path):
@@ -401,14 +401,14 @@ def test_ssm_modules_import_nothing_of_fsg_outside_ssm():
 
 
 def test_ssm_imports_and_runs_without_fsg_mamba():
-    """Load fsg.ssm with a bare ``fsg`` package (fsg/__init__ itself imports fsg.mamba)."""
+    """Load fsg.ssm with a bare ``fsg`` package (fsg/__init__ itself imports fsg.ssm.mamba)."""
     code = (
         "import sys, types, torch\n"
         f"pkg = types.ModuleType('fsg'); pkg.__path__ = [{str(SSM_DIR.parent)!r}]; sys.modules['fsg'] = pkg\n"
         "import fsg.ssm as s\n"
-        "assert 'fsg.mamba' not in sys.modules, sorted(m for m in sys.modules if m.startswith('fsg'))\n"
+        "assert 'fsg.ssm.mamba' not in sys.modules, sorted(m for m in sys.modules if m.startswith('fsg'))\n"
         "u = torch.randn(1, 2, 5); A = -torch.rand(2, 3); B = torch.randn(1, 3, 5)\n"
         "s.selective_scan(u, u, A, B, B); s.causal_conv1d(u, torch.randn(2, 3))\n"
-        "assert 'fsg.mamba' not in sys.modules\n"
+        "assert 'fsg.ssm.mamba' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "FSG_NO_COMPILE": "1"})

@@ -13,7 +13,7 @@ import torch
 
 import fsg
 from fsg import ssm
-from fsg.mamba import Mamba
+from fsg.ssm.mamba import Mamba
 from fsg.ssm import cpu
 from fsg.ssm.reference import selective_scan_ref
 
@@ -286,7 +286,7 @@ def test_low_memory_step_makes_no_float32_copy_of_the_state():
     process: ru_maxrss)."""
     code = textwrap.dedent("""
         import resource, torch
-        from fsg.mamba import Mamba
+        from fsg.ssm.mamba import Mamba
         torch.set_num_threads(1)
         torch.manual_seed(0)
         m = Mamba(d_model=1, d_state=16, d_conv=8, expand=100)
@@ -404,7 +404,7 @@ def test_cli_state_dtype_flag(tmp_path, capsys):
     code, _, _ = fsg_cli(capsys, "train", *tiny, "--estimator", "fsg", "--layout", "stream", "--expand", "4",
                          "--fast-hidden", "8", "--state-dtype", "bfloat16", "--out", str(out))
     assert code == 0
-    ck = fsg.checkpoint.load_checkpoint(out / "last.pt")
+    ck = fsg.train.checkpoint.load_checkpoint(out / "last.pt")
     assert ck["config"]["estimator_options"]["state_dtype"] == "bfloat16"
     assert all(s[1].dtype == torch.bfloat16 for s in ck["trainer"]["estimator"]["_extra_state"]["stream"])
     err = cli_error(capsys, "train", *tiny, "--estimator", "fsg", "--state-dtype", "half")

@@ -1,4 +1,4 @@
-"""``fsg summary`` / :func:`fsg.summary`: per-layer parameters, memory and MACs in closed form."""
+"""``fsg summary`` / :func:`fsg.io.summary`: per-layer parameters, memory and MACs in closed form."""
 
 import json
 import warnings
@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import fsg
-from fsg.cli import main
-from fsg.export import export_model
+from fsg.cli.app import main
+from fsg.io.export import export_model
 from fsg.models import MLP, SmallCNN, resnet
-from fsg.summary import ModelSummary, default_input_size, summary
+from fsg.io.summary import ModelSummary, default_input_size, summary
 
 # sign after a ReLU is constant (fsg.binarize warns); these tests only count, never train
 pytestmark = pytest.mark.filterwarnings("ignore:the input of binarized layer")

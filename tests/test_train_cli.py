@@ -9,9 +9,9 @@ import torch
 
 import fsg
 import fsg.data
-from fsg.checkpoint import load_checkpoint, save_checkpoint
-from fsg.cli import ESTIMATOR_FLAGS, main
-from fsg.config import TrainConfig, estimator_option_names
+from fsg.train.checkpoint import load_checkpoint, save_checkpoint
+from fsg.cli.app import ESTIMATOR_FLAGS, main
+from fsg.train.config import TrainConfig, estimator_option_names
 from fsg.estimators import ESTIMATORS
 from fsg.models import PretrainedError, SmallCNN, load_pretrained, resnet
 
@@ -121,7 +121,7 @@ def test_max_steps_stops_with_checkpoint_and_evaluation(tmp_path, capsys):
 
 def test_tensorboard_and_progress_bar(tmp_path, capsys):
     pytest.importorskip("tensorboardX")
-    from fsg.run import train
+    from fsg.train.loop import train
 
     out = tmp_path / "run"
     cfg = TrainConfig(model="small-cnn", width=2, dataset="synthetic",
@@ -318,7 +318,7 @@ def test_paper_pretrained_resnet20_loads():
 
 def test_subset_is_a_fixed_random_sample_not_a_prefix():
     import fsg.data
-    from fsg.run import _subset
+    from fsg.train.loop import _subset
 
     ds = fsg.data.ImageDataset(images=torch.zeros(100, 3, 2, 2, dtype=torch.uint8),
                                labels=torch.arange(10).repeat_interleave(10), classes=[str(i) for i in range(10)],

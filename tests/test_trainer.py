@@ -459,7 +459,7 @@ def test_fsg_stream_layout_is_the_temporal_sequence_as_a_recurrence(slow_net):
 
 def test_fsg_stream_state_buffers_alternate():
     """The new scan state is written into the buffer of two steps ago (no fresh allocation)."""
-    from fsg import scan_cpu
+    from fsg.ssm import cpu as scan_cpu
 
     if not scan_cpu.available():
         pytest.skip("fused kernels unavailable")

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from fsg.config import TrainConfig
-from fsg.run import build_data, split_validation
+from fsg.train.config import TrainConfig
+from fsg.train.loop import build_data, split_validation
 
 from conftest import cli_error, fsg_cli
 

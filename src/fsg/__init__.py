@@ -10,14 +10,18 @@ Fast and Slow Gradient generation (FSG, AAAI 2025) and the baselines it is measu
         trainer.step(x, y)
 """
 
-from . import distributed, estimators, mamba, models, quantizers, ssm, synthetic
-from .binarize import BinaryLayer, BinaryWeight, binarize, binarized_layers, is_binarized
-from .estimators import ESTIMATORS, Estimator, LayerContext, get_estimator, register_estimator
-from .quantizers import QUANTIZERS, Quantizer, get_quantizer, register_quantizer
-from .trainer import StepResult, Trainer, evaluate, make_optimizer
-from .export import ExportError, export_checkpoint, export_model, load_exported, read_exported
-from .summary import ModelSummary, summary
-from . import data, grid, run  # fsg.data.DataLoader, fsg.grid.run_grid, fsg.run.train after `import fsg`
+from fsg import distributed, estimators, models, quantizers, ssm
+from fsg.binarize import BinaryLayer, BinaryWeight, binarize, binarized_layers, is_binarized
+from fsg.estimators import ESTIMATORS, Estimator, LayerContext, get_estimator, register_estimator
+from fsg.quantizers import QUANTIZERS, Quantizer, get_quantizer, register_quantizer
+from fsg.trainer import StepResult, Trainer, evaluate, make_optimizer
+from fsg import data, train, io  # the application layers
+from fsg.io import ExportError, ModelSummary, export_checkpoint, export_model, load_exported, read_exported, summary
+
+# the module names of the flat layout before 0.2, kept as attributes (fsg.grid.run_grid, fsg.run.train, ...)
+from fsg.data import synthetic
+from fsg.ssm import mamba
+from fsg.train import grid, loop as run
 
 __version__ = "0.1.0"
 
@@ -28,6 +32,7 @@ __all__ = [
     "Trainer", "StepResult", "evaluate", "make_optimizer",
     "export_model", "export_checkpoint", "load_exported", "read_exported", "ExportError",
     "summary", "ModelSummary",
-    "data", "distributed", "estimators", "grid", "mamba", "models", "quantizers", "run", "ssm", "synthetic",
+    "data", "distributed", "estimators", "grid", "io", "mamba", "models", "quantizers", "run", "ssm", "synthetic",
+    "train",
     "__version__",
 ]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .quantizers import Quantizer, get_quantizer, sign_ste
+from fsg.quantizers import Quantizer, get_quantizer, sign_ste
 
 __all__ = [
     "BinaryWeight",

@@ -52,10 +52,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from . import distributed as dist
-from .binarize import BinaryLayer, binarized_layers
-from .estimators import Estimator, LayerContext, get_estimator
-from .optim import OPTIMIZERS, make_optimizer, step_with_directions
+from fsg import distributed as dist
+from fsg.binarize import BinaryLayer, binarized_layers
+from fsg.estimators import Estimator, LayerContext, get_estimator
+from fsg.optim import OPTIMIZERS, make_optimizer, step_with_directions
 
 __all__ = ["Trainer", "StepResult", "make_optimizer", "evaluate", "OPTIMIZERS", "check_autocast_dtype",
            "autocast_context", "NonFiniteError", "NONFINITE_POLICIES"]

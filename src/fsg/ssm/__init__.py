@@ -39,8 +39,10 @@ then ``triton``, else the reference with a one-time warning; on the CPU the C ke
 build, else the reference. See :mod:`fsg.ssm.backends` for the details and fallbacks.
 """
 
-from . import backends, cpu, reference
-from .backends import (
+from fsg.ssm import backends
+from fsg.ssm import cpu
+from fsg.ssm import reference
+from fsg.ssm.backends import (
     AUTO,
     Backend,
     causal_conv1d,
@@ -57,8 +59,8 @@ from .backends import (
     unregister_backend,
     use_backend,
 )
-from .reference import causal_conv1d as causal_conv1d_ref
-from .reference import check_conv_shapes, check_scan_shapes, compute_dtype, selective_scan_ref
+from fsg.ssm.reference import causal_conv1d as causal_conv1d_ref
+from fsg.ssm.reference import check_conv_shapes, check_scan_shapes, compute_dtype, selective_scan_ref
 
 __all__ = [
     "AUTO", "Backend", "register_backend", "unregister_backend", "get_backend", "list_backends",

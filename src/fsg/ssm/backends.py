@@ -64,9 +64,9 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
-from . import cpu as _cpu
-from .reference import causal_conv1d as causal_conv1d_ref
-from .reference import check_conv_shapes, compute_dtype, selective_scan_ref
+from fsg.ssm import cpu as _cpu
+from fsg.ssm.reference import causal_conv1d as causal_conv1d_ref
+from fsg.ssm.reference import check_conv_shapes, compute_dtype, selective_scan_ref
 
 __all__ = [
     "AUTO",
@@ -442,7 +442,7 @@ def _mamba_ssm_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_so
 
 
 def _import_triton():
-    from .triton_scan import selective_scan_triton
+    from fsg.ssm.triton_scan import selective_scan_triton
 
     return selective_scan_triton
 

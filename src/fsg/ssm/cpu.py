@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import check_scan_shapes, selective_scan_ref
+from fsg.ssm.reference import check_scan_shapes, selective_scan_ref
 
 __all__ = ["selective_scan_fused", "selective_scan_step", "causal_conv1d_fused", "mamba_low_memory", "mamba_stream",
            "available", "load_library", "CHUNK", "build_error", "STATE_DTYPES", "state_convert"]

@@ -679,7 +679,7 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     buffer to receive the last state (streaming; it must not be needed by anything else).
     ``chunk``, ``block_d``: tiling (powers of two; see :func:`scan_forward`). float64 inputs go
     to the reference."""
-    from .reference import check_scan_shapes, selective_scan_ref
+    from fsg.ssm.reference import check_scan_shapes, selective_scan_ref
 
     check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]

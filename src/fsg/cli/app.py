@@ -54,15 +54,15 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .binarize import binarize
-from .config import AMP_DTYPES, DATASET_NAMES, MODEL_NAMES, RESUME_CHANGEABLE, TrainConfig
-from .estimators import ESTIMATORS
-from .models import SmallCNN
-from .quantizers import QUANTIZERS
-from .run import TrainingInterrupted
-from .synthetic import batches, make_synthetic
-from .optim import ADAM_VARIANTS, OPTIMIZERS
-from .trainer import NonFiniteError, Trainer, evaluate
+from fsg.binarize import binarize
+from fsg.train.config import AMP_DTYPES, DATASET_NAMES, MODEL_NAMES, RESUME_CHANGEABLE, TrainConfig
+from fsg.estimators import ESTIMATORS
+from fsg.models import SmallCNN
+from fsg.quantizers import QUANTIZERS
+from fsg.train.loop import TrainingInterrupted
+from fsg.data.synthetic import batches, make_synthetic
+from fsg.optim import ADAM_VARIANTS, OPTIMIZERS
+from fsg.trainer import NonFiniteError, Trainer, evaluate
 
 __all__ = ["main", "build_parser", "run_demo", "DEMO_DEFAULTS", "DEMO_TASK", "ESTIMATOR_FLAGS", "PRETRAIN_DEFAULTS",
            "config_from_args"]
@@ -165,14 +165,14 @@ def _read_config_file(path: str) -> dict:
 
 def parse_estimators(text: str) -> List[str]:
     """Split a comma list of estimator names; raises ``ValueError`` on an unknown or empty one."""
-    from .grid import parse_list
+    from fsg.train.grid import parse_list
 
     return parse_list(text, "--estimators", list(ESTIMATORS))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fsg`` argument parser (subcommands ``demo`` and ``estimators``)."""
-    from . import __version__
+    from fsg import __version__
 
     parser = _Parser(
         prog="fsg",
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_cmd_eval, command_parser=ev)
 
-    from . import bench as _bench
+    from fsg.cli import bench as _bench
 
     be = sub.add_parser("bench", help="benchmark FSG steps (flat, stream) against STE, and the scan against mambapy",
                         description=_bench.__doc__.split("\n\n", 1)[1] if "\n\n" in _bench.__doc__ else None,
@@ -486,7 +486,7 @@ def config_from_args(args: argparse.Namespace):
     flags given. Raises ``ValueError`` (one line) on bad input."""
     from pathlib import Path
 
-    from .checkpoint import load_checkpoint
+    from fsg.train.checkpoint import load_checkpoint
 
     given = {k: v for k, v in vars(args).items() if k not in _NON_CONFIG and not k.startswith("est_")}
     est_given = {k[4:]: v for k, v in vars(args).items() if k.startswith("est_")}
@@ -533,7 +533,7 @@ def _fmt_pct(x: Optional[float]) -> str:
 
 
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .run import train
+    from fsg.train.loop import train
 
     cfg, resume = config_from_args(args)
     progress = not args.no_progress and sys.stderr.isatty()
@@ -559,7 +559,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .run import evaluate as evaluate_checkpoint
+    from fsg.train.loop import evaluate as evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, args.data_dir, batch_size=args.batch_size,
                             test_subset=args.test_subset, device=args.device)
@@ -575,7 +575,6 @@ def _cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _grid_base_from_args(args: argparse.Namespace) -> Dict[str, object]:
     """The base configuration (a dict of TrainConfig fields, not validated: the grid validates
     each run) of ``fsg grid``: defaults, then ``--config FILE``, then the flags given."""
-    from pathlib import Path
 
     base = TrainConfig().to_dict()
     if args.config:
@@ -593,7 +592,7 @@ def _grid_base_from_args(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def _cmd_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .grid import format_markdown, run_grid, write_report
+    from fsg.train.grid import format_markdown, run_grid, write_report
 
     if args.report_only is not None:
         given = [k[4:] if k.startswith("est_") else k for k in vars(args) if k not in _NON_CONFIG]  # train options
@@ -858,7 +857,7 @@ def _add_export_summary_parsers(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .export import export_checkpoint, read_exported
+    from fsg.io.export import export_checkpoint, read_exported
 
     path = export_checkpoint(args.checkpoint, args.output)
     exp = read_exported(path)
@@ -878,8 +877,8 @@ def _cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def _cmd_summary(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .models import get_model
-    from .summary import summary
+    from fsg.models import get_model
+    from fsg.io.summary import summary
 
     size = None
     if args.input_size:
@@ -955,7 +954,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         sub.exit(2, f"fsg: error: {' '.join(str(e.strerror or e).split())}{where}\n")
     except RuntimeError as e:  # missing or bad data (fsg.data.DataError): one line
-        from .data import DataError
+        from fsg.data import DataError
 
         if isinstance(e, DataError):
             sub.error(str(e))

@@ -243,7 +243,7 @@ def _child(args) -> None:
 
 def _spawn(argv: List[str], timeout: float) -> dict:
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-m", "fsg.bench", "--child", *argv], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "fsg.cli.bench", "--child", *argv], capture_output=True, text=True,
                           timeout=timeout, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("FSG_BENCH_RESULT "):
@@ -464,7 +464,7 @@ def run(args) -> int:
         if getattr(args, name, 1) < 1:
             print(f"fsg: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    from .config import require_device
+    from fsg.train.config import require_device
 
     device = getattr(args, "device", "cpu")
     try:

@@ -31,15 +31,14 @@ with a one-line message for a missing, truncated, corrupted or foreign file, and
 from __future__ import annotations
 
 import collections
-import errno
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Union
 
 import torch
+
+from fsg.files import PathLike, atomic_write, one_line
 
 __all__ = [
     "CheckpointError",
@@ -47,7 +46,6 @@ __all__ = [
     "VERSION",
     "save_checkpoint",
     "load_checkpoint",
-    "atomic_write_text",
     "rng_state",
     "set_rng_state",
     "check_plain",
@@ -57,16 +55,8 @@ FORMAT = "fsg-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("kind", "config", "trainer", "data", "scheduler", "epoch", "step", "history", "rng")
 
-PathLike = Union[str, os.PathLike]
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupted, foreign or incomplete."""
-
-
-def _one_line(text: object, limit: int = 160) -> str:
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,108 +92,6 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
             )
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _RecordingFile:
-    """A writable file that remembers the ``OSError`` its ``write`` raised: ``torch.save`` turns
-    a failed write (a full disk) into ``RuntimeError: ... unexpected pos ...``, hiding the cause."""
-
-    def __init__(self, f):
-        self._f = f
-        self.error: Optional[OSError] = None
-
-    def write(self, data):
-        try:
-            return self._f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-
-#: what ``torch.save``'s writer says when a write to its file failed
-_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
-
-
-def _disk_full(directory: Path) -> bool:
-    try:
-        st = os.statvfs(directory)
-    except (OSError, AttributeError):
-        return False
-    return st.f_bavail * st.f_frsize < (1 << 20)
-
-
-def _write_error(e: BaseException, recorded: Optional[OSError], path: Path, directory: Path) -> Optional[OSError]:
-    """One-line ``OSError`` saying why writing ``path`` failed, for an exception of the writer
-    that is an ``OSError``, hides one (``torch.save``'s ``RuntimeError``), or is torch's
-    write-failure ``RuntimeError`` with no cause attached (then a disk without free space is
-    reported as such); ``None`` for anything else (re-raised as is)."""
-    cause = recorded
-    seen = e
-    while cause is None and seen is not None:
-        if isinstance(seen, OSError):
-            cause = seen
-        seen = seen.__cause__ or seen.__context__
-    if cause is None:
-        if not (isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILURES)):
-            return None
-        if _disk_full(directory):
-            cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        else:
-            return OSError(errno.EIO, f"could not write {path} ({_one_line(e, 100)})")
-    code = cause.errno
-    what = os.strerror(code) if code else (cause.strerror or str(cause))
-    return OSError(code, f"{what[:1].lower()}{what[1:]} writing {path}")
-
-
-def _atomic_write(path: PathLike, write) -> Path:
-    """Write ``path`` atomically: ``write(f)`` into a temporary file beside it, flush, fsync,
-    rename. On any failure the temporary file is removed and ``path`` is left as it was; a failed
-    write (full disk, quota, I/O error — also when ``torch.save`` hides it in a ``RuntimeError``)
-    raises ``OSError`` with one line, e.g. ``no space left on device writing <path>``."""
-    path = Path(path)
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    f = None
-    try:
-        try:
-            os.fchmod(fd, 0o644)
-        except (OSError, AttributeError):
-            pass
-        with os.fdopen(fd, "wb") as raw:
-            f = _RecordingFile(raw)
-            write(f)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, Exception):
-            clean = _write_error(e, f.error if f is not None else None, path, directory)
-            if clean is not None:
-                raise clean from None
-        raise
-    _fsync_dir(directory)
-    return path
-
-
 def save_checkpoint(path: PathLike, payload: Dict[str, Any]) -> Path:
     """Write ``payload`` to ``path`` atomically (temp file + fsync + ``os.replace``).
 
@@ -211,7 +99,7 @@ def save_checkpoint(path: PathLike, payload: Dict[str, Any]) -> Path:
     containers (checked first: a ``TypeError`` names the offending entry and nothing is written).
     On any failure the temporary file is removed and a previous file at ``path`` is left intact.
     """
-    from . import __version__
+    from fsg import __version__
 
     if not isinstance(payload, dict):
         raise TypeError(f"a checkpoint payload must be a dict, got {type(payload).__name__}")
@@ -219,12 +107,7 @@ def save_checkpoint(path: PathLike, payload: Dict[str, Any]) -> Path:
             "torch_version": str(torch.__version__)}
     data.update({k: v for k, v in payload.items() if k not in ("format", "version")})
     check_plain(data)
-    return _atomic_write(path, lambda f: torch.save(data, f))
-
-
-def atomic_write_text(path: PathLike, text: str) -> Path:
-    """Write a text file atomically (same procedure as :func:`save_checkpoint`)."""
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return atomic_write(path, lambda f: torch.save(data, f))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,10 +146,10 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
                 f"{str(p)!r} is not an fsg checkpoint: it holds Python objects other than tensors and "
                 "plain containers (refusing to unpickle them)"
             ) from None
-        raise CheckpointError(f"{str(p)!r} is truncated or corrupted ({_one_line(msg, 80)})") from None
+        raise CheckpointError(f"{str(p)!r} is truncated or corrupted ({one_line(msg, 80)})") from None
     except Exception as e:  # noqa: BLE001 - zip reader, unpickler and storage errors alike
         raise CheckpointError(
-            f"{str(p)!r} is truncated or corrupted ({type(e).__name__}: {_one_line(e, 80)})"
+            f"{str(p)!r} is truncated or corrupted ({type(e).__name__}: {one_line(e, 80)})"
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         what = "a plain state_dict or another program's file" if isinstance(data, dict) else f"a {type(data).__name__}"

@@ -93,7 +93,7 @@ def amp_dtype(amp: Optional[str]):
 
 def estimator_option_names(name: str):
     """Keyword options accepted by the registered estimator ``name`` (its constructor's)."""
-    from .estimators import ESTIMATORS
+    from fsg.estimators import ESTIMATORS
 
     cls = ESTIMATORS[name]
     return [p.name for p in inspect.signature(cls.__init__).parameters.values()
@@ -272,7 +272,7 @@ class TrainConfig:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the JSON configuration atomically."""
-        from .checkpoint import atomic_write_text
+        from fsg.files import atomic_write_text
 
         atomic_write_text(path, self.to_json())
 
@@ -282,11 +282,11 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check every field; raises ``ValueError`` with one line naming the first bad one."""
-        from .estimators import ESTIMATORS, get_estimator
-        from .models import ACTIVATIONS
-        from .quantizers import QUANTIZERS
-        from .optim import ADAM_VARIANTS, OPTIMIZERS
-        from .trainer import NONFINITE_POLICIES
+        from fsg.estimators import ESTIMATORS, get_estimator
+        from fsg.models import ACTIVATIONS
+        from fsg.quantizers import QUANTIZERS
+        from fsg.optim import ADAM_VARIANTS, OPTIMIZERS
+        from fsg.trainer import NONFINITE_POLICIES
 
         def choice(name, options):
             v = getattr(self, name)
@@ -390,7 +390,7 @@ class TrainConfig:
             return
         if self.dataset != "synthetic":
             raise ValueError(f"dataset_options apply to the synthetic dataset only (dataset is {self.dataset!r})")
-        from .synthetic import make_synthetic
+        from fsg.data.synthetic import make_synthetic
 
         accepted = list(inspect.signature(make_synthetic).parameters)
         bad = sorted(k for k in opts if k not in accepted)

@@ -80,8 +80,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .binarize import _BinaryActivation, binarize, binarized_layers
-from .checkpoint import CheckpointError, _atomic_write, load_checkpoint
+from fsg.binarize import _BinaryActivation, binarize, binarized_layers
+from fsg.files import atomic_write
+from fsg.train.checkpoint import CheckpointError, load_checkpoint
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "ExportError", "ExportedModel", "export_model", "export_checkpoint",
@@ -155,7 +156,7 @@ def write_safetensors(path: PathLike, tensors: Dict[str, Tensor], metadata: Opti
     """Write ``tensors`` (name → tensor) and ``metadata`` (str → str) as a safetensors file,
     atomically. A ``data_sha256`` entry (SHA-256 of the data buffer) is added to the metadata."""
     blob = _encode(tensors, dict(metadata or {}))
-    return _atomic_write(path, lambda f: f.write(blob))
+    return atomic_write(path, lambda f: f.write(blob))
 
 
 def read_safetensors(path: PathLike, check_sum: bool = True) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
@@ -268,7 +269,7 @@ def unpack_codes(packed: Tensor, n: int, k: int = 1) -> Tensor:
 def model_spec(model: nn.Module) -> Optional[Dict[str, Any]]:
     """``{"name", "kwargs"}`` such that ``fsg.models.get_model(name, **kwargs)`` rebuilds the
     architecture of ``model`` (binarized or not), for fsg's built-in models; ``None`` otherwise."""
-    from .models import MODELS, CifarResNet, SmallCNN
+    from fsg.models import MODELS, CifarResNet, SmallCNN
 
     spec = None
     if type(model) is SmallCNN:
@@ -292,7 +293,7 @@ def _add_activation(spec: Dict[str, Any], activation: Optional[str]) -> None:
 
 
 def _check_spec(spec: Any, where: str) -> Dict[str, Any]:
-    from .models import MODELS
+    from fsg.models import MODELS
 
     if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("kwargs", {}), dict)):
         raise ExportError(f"{where}: malformed architecture spec {_short(spec, 80)}")
@@ -303,7 +304,7 @@ def _check_spec(spec: Any, where: str) -> Dict[str, Any]:
 
 
 def _build(spec: Dict[str, Any], where: str) -> nn.Module:
-    from .models import get_model
+    from fsg.models import get_model
 
     spec = _check_spec(spec, where)
     try:
@@ -343,7 +344,7 @@ def model_from_checkpoint(checkpoint: PathLike) -> Tuple[nn.Module, Dict[str, An
     ``arch``, ``config``, ``step``, ``epoch``, ``checkpoint``. The architecture comes from the
     checkpoint's ``model_spec`` entry or, for checkpoints written before it existed, from the
     state dict's shapes (first conv's input channels, last linear's output features). Raises :class:`~fsg.checkpoint.CheckpointError`."""
-    from .config import TrainConfig
+    from fsg.train.config import TrainConfig
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -469,7 +470,7 @@ def export_model(model: nn.Module, path: PathLike, *, arch: Union[str, Dict[str,
     ``torch.no_grad()``, which records nothing for the trainer). Raises :class:`ExportError` when
     a binarized layer is not exactly binary (k-bit), naming it; nothing is written then.
     """
-    from . import __version__
+    from fsg import __version__
 
     if not isinstance(model, nn.Module):
         raise ExportError(f"export_model needs an nn.Module, got {type(model).__name__}")
@@ -609,7 +610,7 @@ def read_exported(path: PathLike) -> ExportedModel:
 
 
 def _load_into(model: nn.Module, state: Dict[str, Tensor], where: str) -> None:
-    from .models import _short_list
+    from fsg.models import _short_list
 
     own = model.state_dict()
     missing = [k for k in own if k not in state]

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ssm as _ssm
-from .ssm.backends import Backend, causal_conv1d, selective_scan, selective_scan_step
-from .ssm.reference import check_scan_shapes, compute_dtype, selective_scan_ref
+import fsg.ssm as _ssm
+from fsg.ssm.backends import Backend, causal_conv1d, selective_scan, selective_scan_step
+from fsg.ssm.reference import check_scan_shapes, compute_dtype, selective_scan_ref
 
 __all__ = [
     "selective_scan_ref",

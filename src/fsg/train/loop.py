@@ -60,15 +60,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed as dist
-from .binarize import binarize
-from .checkpoint import (CheckpointError, atomic_write_text, load_checkpoint, rng_state, save_checkpoint,
+from fsg import distributed as dist
+from fsg.binarize import binarize
+from fsg.files import atomic_write_text
+from fsg.train.checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import RESUME_CHANGEABLE, TrainConfig, amp_dtype, require_device
-from .models import SmallCNN, get_model, load_pretrained
-from .runlock import RunLock, remove_stale_temporaries
-from .optim import make_optimizer
-from .trainer import (NonFiniteError, StepResult, Trainer, _accuracy, _StepSnapshot, all_finite, autocast_context,
+from fsg.train.config import RESUME_CHANGEABLE, TrainConfig, amp_dtype, require_device
+from fsg.models import SmallCNN, get_model, load_pretrained
+from fsg.train.runlock import RunLock, remove_stale_temporaries
+from fsg.optim import make_optimizer
+from fsg.trainer import (NonFiniteError, StepResult, Trainer, _accuracy, _StepSnapshot, all_finite, autocast_context,
                       average_over_ranks, check_autocast_dtype, check_nonfinite_policy, evaluate as evaluate_model,
                       nonfinite_names, reject_step)
 
@@ -209,7 +210,7 @@ def build_data(cfg: TrainConfig, splits: Tuple[str, ...] = ("train", "test")):
     ``cfg.augment``; test: in order, never augmented). With ``cfg.val_split`` (and "train" in
     ``splits``) also ``"val"``: images held out of the training split (:func:`split_validation`,
     before ``train_subset`` is drawn from the rest), in order, never augmented."""
-    from .data import DataLoader, load_dataset
+    from fsg.data import DataLoader, load_dataset
 
     out = {}
     for split in splits:
@@ -495,7 +496,7 @@ def _payload(cfg, trainer, loader_state, scheduler, epoch, batch, running, histo
 
 
 def _model_spec(model: nn.Module):
-    from .export import model_spec
+    from fsg.io.export import model_spec
 
     return model_spec(model)
 
@@ -902,9 +903,9 @@ def _ckpt_step(path: Path):
 
 def save_checkpoint_plain(path: PathLike, state: Dict[str, Tensor]) -> Path:
     """Write a plain ``state_dict`` atomically (no format tag: for :func:`load_pretrained`)."""
-    from .checkpoint import _atomic_write
+    from fsg.files import atomic_write
 
-    return _atomic_write(path, lambda f: torch.save(state, f))
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def pretrain(config: TrainConfig, **kwargs) -> TrainResult:

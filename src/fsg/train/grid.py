@@ -48,9 +48,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from . import run as _run
-from .checkpoint import _atomic_write, atomic_write_text, load_checkpoint
-from .config import RESUME_CHANGEABLE, TrainConfig, _takes_any_option, estimator_option_names, require_device
+from fsg.train import loop as _run
+from fsg.files import atomic_write, atomic_write_text
+from fsg.train.checkpoint import load_checkpoint
+from fsg.train.config import RESUME_CHANGEABLE, TrainConfig, _takes_any_option, estimator_option_names, require_device
 
 __all__ = ["run_grid", "write_report", "collect_runs", "run_name", "parse_list", "parse_seeds",
            "GRID_AXES", "DEFAULT_LAST_K"]
@@ -125,7 +126,7 @@ def parse_seeds(value: Union[str, int, Iterable[int]]) -> List[int]:
 
 
 def _options_for(estimator: str, options: Dict[str, Any]) -> Dict[str, Any]:
-    from .estimators import ESTIMATORS
+    from fsg.estimators import ESTIMATORS
 
     if _takes_any_option(ESTIMATORS[estimator]):
         return dict(options)
@@ -135,7 +136,7 @@ def _options_for(estimator: str, options: Dict[str, Any]) -> Dict[str, Any]:
 
 def _plan(out: Path, base: TrainConfig, estimators, quantizers, optimizers, seeds) -> List[Tuple[str, TrainConfig]]:
     """Every run's (name, validated configuration); raises a one-line ``ValueError``."""
-    from .estimators import ESTIMATORS
+    from fsg.estimators import ESTIMATORS
 
     options = dict(base.estimator_options or {})
     if options and not base.full_precision:
@@ -214,9 +215,9 @@ def run_grid(out: PathLike, estimators: Union[str, Sequence[str], None] = None,
     if log is None:
         def log(msg: str) -> None:
             print(msg, file=sys.stderr, flush=True)
-    from .estimators import ESTIMATORS
-    from .quantizers import QUANTIZERS
-    from .optim import OPTIMIZERS
+    from fsg.estimators import ESTIMATORS
+    from fsg.quantizers import QUANTIZERS
+    from fsg.optim import OPTIMIZERS
 
     _check_report_args(last_k, x_axis)
     if config is None:
@@ -621,5 +622,5 @@ def _plot(path: Path, runs, names, groups, x_axis: str, log) -> bool:
         ax_loss.legend(fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    _atomic_write(path, lambda f: f.write(buf.getvalue()))
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
     return True

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .binarize import _BinaryActivation, binarized_layers
+from fsg.binarize import _BinaryActivation, binarized_layers
 
 __all__ = ["summary", "summarize_file", "summarize_table", "default_input_size", "LayerSummary", "ModelSummary"]
 
@@ -124,7 +124,7 @@ def default_input_size(model: nn.Module) -> Optional[Tuple[int, ...]]:
     """The input size (without the batch dimension) used when none is given: 3×32×32 for the
     CIFAR ResNets, ``in_channels``×16×16 for :class:`~fsg.models.SmallCNN` (the demo task's
     images), ``in_features`` for :class:`~fsg.models.MLP`; ``None`` for other models."""
-    from .models import MLP, CifarResNet, SmallCNN
+    from fsg.models import MLP, CifarResNet, SmallCNN
 
     if isinstance(model, CifarResNet):
         return (3, 32, 32)
@@ -302,7 +302,7 @@ def summarize_file(path: PathLike, input_size: Optional[Sequence[int]] = None) -
     file (:func:`fsg.export.load_exported`, the binarized layers read from its metadata; a file
     that records no built-in architecture is summarised from its own layer table,
     :func:`summarize_table`)."""
-    from .export import load_exported, model_from_checkpoint, read_exported
+    from fsg.io.export import load_exported, model_from_checkpoint, read_exported
 
     p = Path(path)
     is_ckpt = p.is_dir()

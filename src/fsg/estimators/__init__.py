@@ -1,0 +1,36 @@
+"""Gradient estimators for binarized layers, registered by name.
+
+Every estimator implements one small interface (:class:`Estimator`). For each binarized layer
+``l`` the trainer hands it a :class:`LayerContext` — the previous step's ``g = ∂L/∂Ŵ`` and
+``W̃``, the current latent ``W``, its calibration ``c(W)`` and the previous ``W.grad`` — and
+receives two tensors shaped like ``W``:
+
+* the **look-ahead direction** ``D_l`` (differentiable in the hypernetwork's parameters): the
+  trainer forwards with ``W_meta = W − η·D_l``, so the task loss trains the hypernetwork;
+* the **update direction** ``U_l`` (detached): the trainer sets ``W.grad = U_l`` and lets the base
+  optimizer take its step.
+
+==============  ==============================================  ==========================================  ===================
+name            hypernetwork output ``G`` (gradient w.r.t. W̃)   ``D`` (look-ahead)                          ``U`` (``W.grad``)
+==============  ==============================================  ==========================================  ===================
+``ste``         — (autograd's clipped STE gradient is kept)      —                                           ``∂L/∂W`` (STE)
+``fc-grad``     ``M(g)``, ``M``: 1→h→1 linear, element-wise      ``c⊙G + (W.grad_prev − c⊙G).detach()``      ``c⊙G``
+``multifc``     ``g ⊙ M(W̃)``, ``M``: 1→h→h→1                   same                                        ``c⊙G``
+``lstmfc``      ``g ⊙ FC(LSTM(W̃))``, LSTM state carried           same                                        ``c⊙G``
+``fsg``         ``G_fast = g ⊙ F(W̃)``; ``G_slow = S([e_l, HGS])``  ``β·G_slow + (1−β)·c⊙G_fast``                ``D`` (combined) or ``c⊙G_fast`` (fast)
+==============  ==============================================  ==========================================  ===================
+
+FSG's LSTM ablation, ``slow_net="lstm-fc"``, has ``G_slow = g ⊙ FC(LSTM(W̃))`` (MetaQuant's
+LSTMFC, :class:`LSTMFC`) instead, with no history and no layer embedding.
+"""
+
+from fsg.estimators.base import ESTIMATORS, STATE_DTYPES, Estimator, LayerContext, get_estimator, register_estimator
+from fsg.estimators.nets import ElementwiseMLP, SlowNet
+from fsg.estimators.ste import STE
+from fsg.estimators.metaquant import LSTMFC, FCGrad, MultiFC
+from fsg.estimators.fsg import FSG
+
+__all__ = [
+    "LayerContext", "Estimator", "ESTIMATORS", "register_estimator", "get_estimator",
+    "STE", "FCGrad", "MultiFC", "LSTMFC", "FSG", "ElementwiseMLP", "SlowNet", "STATE_DTYPES",
+]
