@@ -27,6 +27,11 @@ Then (and with ``--report-only``) ``<report>/results.md``, ``results.json``, ``c
 and ``curves-seconds.png`` are written: per group the mean ± sample std over seeds of the test
 accuracy and the last epoch's training loss, seconds per step, and the equal-compute view (each
 group's training loss at the training time of the fastest group's runs).
+
+Seconds measured by runs that share a machine (with each other, with other work) are not
+comparable between methods. ``--step-seconds BENCH_JSON`` (the output of ``fsg bench --json
+--threads 1``, run alone) puts the seconds on that benchmark's clock instead: a step's time is
+``step × the group's s/step``; the runs' own figures stay in the table as "s/step logged".
 """
 
 from __future__ import annotations
@@ -125,6 +130,43 @@ def value_at(rows: List[Dict[str, Any]], seconds: float, key: str = "loss") -> O
     return best
 
 
+#: which ``fsg bench --json`` step time stands for each group's step (the Adam groups' optimizer step
+#: is a few element-wise operations more than SGD's: negligible beside the forward/backward)
+BENCH_KEYS = {"ste-sgd": "ste_step_s", "ste-sgd-tuned": "ste_step_s", "ste-adam": "ste_step_s",
+              "multifc-sgd": "multifc_step_s", "multifc-adam": "multifc_step_s",
+              "fsg-stream-sgd": "fsg_stream_step_s", "fsg-flat-sgd": "fsg_flat_step_s"}
+
+
+def step_seconds_from_bench(bench: Dict[str, Any]) -> Dict[str, float]:
+    """group → seconds per training step, from an ``fsg bench --json`` result (measured one case
+    after the other on a quiet machine, so the ratios between groups are not distorted by the
+    runs sharing the machine with each other and with other work)."""
+    out = {}
+    for g, key in BENCH_KEYS.items():
+        v = bench.get(key)
+        if not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"the benchmark result has no positive {key!r} (for group {g}); "
+                             "produce it with: fsg bench --json --threads 1 > step-seconds.json")
+        out[g] = float(v)
+    return out
+
+
+def on_clock(rows: List[Dict[str, Any]], s_per_step: float) -> List[Dict[str, Any]]:
+    """The rows with training time re-expressed on a benchmark clock: a step row's ``train_time``
+    is ``step × s_per_step``, an epoch/final row's ``epoch_time`` ``(step − previous end's step) ×
+    s_per_step``; everything else is kept."""
+    out, prev = [], 0
+    for r in rows:
+        r = dict(r)
+        if r.get("kind") == "step":
+            r["train_time"] = r["step"] * s_per_step
+        elif r.get("kind") in ("epoch", "final"):
+            r["epoch_time"] = (r["step"] - prev) * s_per_step
+            prev = r["step"]
+        out.append(r)
+    return out
+
+
 def mean_std(values: Sequence[float]) -> Dict[str, Any]:
     """Mean and sample standard deviation (n − 1; None for a single value)."""
     n = len(values)
@@ -135,9 +177,27 @@ def mean_std(values: Sequence[float]) -> Dict[str, Any]:
     return {"mean": m, "std": sd, "n": n}
 
 
-def build_report(runs: Dict[str, Dict[str, Any]], groups: Dict[str, List[str]], tuning: Dict[str, Any]) -> Dict[str, Any]:
-    """``runs``: name → {"rows", "config"}; ``groups``: group → its finished run names."""
-    summaries = {n: run_summary(r["rows"]) for n, r in runs.items()}
+def retime(runs: Dict[str, Dict[str, Any]], groups: Dict[str, List[str]],
+           step_seconds: Optional[Dict[str, float]]) -> Dict[str, Dict[str, Any]]:
+    """``runs`` with every group's rows put :func:`on_clock` of ``step_seconds[group]`` (as is
+    without ``step_seconds``)."""
+    if not step_seconds:
+        return runs
+    out = dict(runs)
+    for g, names in groups.items():
+        for n in names:
+            out[n] = dict(runs[n], rows=on_clock(runs[n]["rows"], step_seconds[g]))
+    return out
+
+
+def build_report(runs: Dict[str, Dict[str, Any]], groups: Dict[str, List[str]], tuning: Dict[str, Any],
+                 step_seconds: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """``runs``: name → {"rows", "config"}; ``groups``: group → its finished run names.
+    ``step_seconds`` (group → s/step from a quiet benchmark): the equal-compute view and the
+    seconds are on that clock; each run's own logged seconds per step stay in ``logged_s_per_step``."""
+    logged = {n: run_summary(r["rows"])["s_per_step"] for n, r in runs.items()}
+    runs = retime(runs, groups, step_seconds)
+    summaries = {n: dict(run_summary(r["rows"]), logged_s_per_step=logged[n]) for n, r in runs.items()}
     table = {}
     for g, names in groups.items():
         if not names:
@@ -148,6 +208,7 @@ def build_report(runs: Dict[str, Dict[str, Any]], groups: Dict[str, List[str]], 
                     "test_accuracy": mean_std([x["test_accuracy"] for x in s]),
                     "train_loss": mean_std([x["train_loss"] for x in s]),
                     "s_per_step": mean_std([x["s_per_step"] for x in s]),
+                    "logged_s_per_step": mean_std([x["logged_s_per_step"] for x in s]),
                     "train_seconds": mean_std([x["train_seconds"] for x in s])}
     equal = None
     if table:
@@ -159,7 +220,8 @@ def build_report(runs: Dict[str, Dict[str, Any]], groups: Dict[str, List[str]], 
             at = [a for a in at if a is not None]
             equal["groups"][g] = {"loss": mean_std([a["loss"] for a in at]),
                                   "step": mean_std([a["step"] for a in at])}
-    return {"groups": table, "runs": summaries, "tuning": tuning, "equal_compute": equal}
+    return {"groups": table, "runs": summaries, "tuning": tuning, "equal_compute": equal,
+            "clock": "benchmark" if step_seconds else "logged"}
 
 
 def _pm(ms: Dict[str, Any], scale: float = 1.0, fmt: str = ".2f") -> str:
@@ -170,13 +232,15 @@ def _pm(ms: Dict[str, Any], scale: float = 1.0, fmt: str = ".2f") -> str:
 
 
 def format_markdown(report: Dict[str, Any]) -> str:
-    lines = ["| group | lr | seeds | steps | test accuracy (%) | train loss, last epoch | s/step |",
-             "|---|---|---:|---|---:|---:|---:|"]
+    bench = report.get("clock") == "benchmark"
+    lines = ["| group | lr | seeds | steps | test accuracy (%) | train loss, last epoch | s/step |"
+             + (" s/step logged |" if bench else ""), "|---|---|---:|---|---:|---:|---:|" + ("---:|" if bench else "")]
     for g, v in report["groups"].items():
         lr = ", ".join(f"{x:g}" for x in v["lr"])
         steps = ", ".join(str(x) for x in v["steps"])
         lines.append(f"| {g} | {lr} | {v['seeds']} | {steps} | {_pm(v['test_accuracy'], 100)} | "
-                     f"{_pm(v['train_loss'], 1, '.3f')} | {_pm(v['s_per_step'], 1, '.3f')} |")
+                     f"{_pm(v['train_loss'], 1, '.3f')} | {_pm(v['s_per_step'], 1, '.3f')} |"
+                     + (f" {_pm(v['logged_s_per_step'], 1, '.3f')} |" if bench else ""))
     eq = report.get("equal_compute")
     if eq:
         lines += ["", f"Equal compute: at {eq['seconds']:.0f} s of training (the mean training time of "
@@ -190,10 +254,15 @@ def format_markdown(report: Dict[str, Any]) -> str:
                   ", ".join(f"lr {lr}: {acc * 100:.2f}%" for lr, acc in t["val_accuracy"].items()) +
                   (f" → {t['best']}" if t.get("best") is not None else "")]
     lines += ["", "Mean ± sample standard deviation over seeds (no ± with one seed)."]
+    if bench:
+        lines += ["Seconds (s/step, equal compute, the seconds figure) are on the benchmark clock: step × the "
+                  "group's s/step from `fsg bench --json` on a quiet machine; 's/step logged' is what the runs "
+                  "measured while sharing the machine."]
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: Dict[str, Dict[str, Any]], groups: Dict[str, List[str]], path: Path, x: str) -> bool:
+def plot(runs: Dict[str, Dict[str, Any]], groups: Dict[str, List[str]], path: Path, x: str,
+         seconds_label: str = "training seconds (this machine)") -> bool:
     """Training loss (step rows) and test accuracy (evaluations) against ``x`` = "step" or
     "train_time"; one colour per group, one line per seed. False without matplotlib."""
     try:
@@ -219,7 +288,7 @@ def plot(runs: Dict[str, Dict[str, Any]], groups: Dict[str, List[str]], path: Pa
                         ends.append((r["step"] if x == "step" else t, r["test_accuracy"] * 100))
             if ends:
                 a2.plot(*zip(*ends), color=colour, marker="o", lw=1, label=g if j == 0 else None)
-    label = "training step" if x == "step" else "training seconds (this machine)"
+    label = "training step" if x == "step" else seconds_label
     a1.set(xlabel=label, ylabel="training loss (window mean)", yscale="log", title="training loss")
     a2.set(xlabel=label, ylabel="test accuracy (%)", title="test accuracy")
     for a in (a1, a2):
@@ -244,6 +313,7 @@ class Comparison:
     threads: int
     groups: List[Group] = field(default_factory=lambda: list(PROTOCOL))
     log: Any = print
+    step_seconds: Optional[Dict[str, float]] = None  # group → s/step of a quiet benchmark
 
     def record_dir(self, name: str) -> Path:
         return self.report_dir / "records" / name
@@ -357,12 +427,14 @@ class Comparison:
         groups = {g: n for g, n in self.group_runs().items() if n}
         runs = {n: {"rows": self.rows(n), "config": json.loads((self.record_dir(n) / "config.json").read_text())}
                 for names in groups.values() for n in names}
-        report = build_report(runs, groups, self.tuning())
+        report = build_report(runs, groups, self.tuning(), self.step_seconds)
+        runs = retime(runs, groups, self.step_seconds)
         self.report_dir.mkdir(parents=True, exist_ok=True)
         (self.report_dir / "results.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
         (self.report_dir / "results.md").write_text(format_markdown(report))
         for x, f in (("step", "curves-steps.png"), ("train_time", "curves-seconds.png")):
-            plot(runs, groups, self.report_dir / f, x)
+            plot(runs, groups, self.report_dir / f, x, "training seconds (quiet-benchmark clock: step × s/step)"
+                 if self.step_seconds else "training seconds (as logged, machine shared)")
         return report
 
 
@@ -379,6 +451,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--groups", default=None, help=f"comma list of groups to run (default: all): {', '.join(GROUPS)}")
     p.add_argument("--report-only", action="store_true", help="only write the report from finished runs")
+    p.add_argument("--step-seconds", default=None, metavar="BENCH_JSON",
+                   help="put seconds on a quiet benchmark's clock: the JSON of `fsg bench --json --threads 1` "
+                        "(default: the seconds each run logged)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="override a base training option for every run (e.g. max_steps=20, test_subset=500)")
     a = p.parse_args(argv)
@@ -397,7 +472,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             base[k] = json.loads(v)
         except json.JSONDecodeError:
             base[k] = v
-    cmp = Comparison(Path(a.out), Path(a.report or a.out), base, a.epochs, a.threads, groups)
+    step_seconds = None
+    if a.step_seconds:
+        try:
+            step_seconds = step_seconds_from_bench(json.loads(Path(a.step_seconds).read_text()))
+        except (OSError, ValueError) as e:
+            p.error(f"--step-seconds {a.step_seconds}: {e}")
+    cmp = Comparison(Path(a.out), Path(a.report or a.out), base, a.epochs, a.threads, groups,
+                     step_seconds=step_seconds)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from fsg.train.config import TrainConfig
 

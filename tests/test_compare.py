@@ -47,6 +47,37 @@ def test_report_means_sample_std_and_equal_compute():
     assert "| b | 0.001 | 1 | 40 | 90.00 | 20.500 | 10.000 |" in md
 
 
+def test_benchmark_clock_retimes_rows_and_equal_compute():
+    """With quiet-benchmark seconds per step, time = step × s/step (written out by hand here):
+    a at 1 s/step logged but 0.5 on the benchmark, b at 10 logged but 2 on the benchmark."""
+    runs = {
+        "a-s0": {"rows": rows([1.0] * 40, 40.0, 0.50), "config": {"lr": 1e-3}},
+        "b-s0": {"rows": rows([float(40 - i) for i in range(40)], 400.0, 0.90), "config": {"lr": 1e-3}},
+    }
+    rep = compare.build_report(runs, {"a": ["a-s0"], "b": ["b-s0"]}, {}, step_seconds={"a": 0.5, "b": 2.0})
+    assert rep["clock"] == "benchmark"
+    a, b = rep["groups"]["a"], rep["groups"]["b"]
+    assert a["s_per_step"]["mean"] == 0.5 and b["s_per_step"]["mean"] == 2.0
+    assert a["logged_s_per_step"]["mean"] == 1.0 and b["logged_s_per_step"]["mean"] == 10.0
+    assert a["train_seconds"]["mean"] == 20.0 and b["train_seconds"]["mean"] == 80.0
+    eq = rep["equal_compute"]
+    # a's 40 steps take 20 s; b reaches step 10 at 20 s (logged every 10th step: step 10, loss 31)
+    assert eq["fastest"] == "a" and eq["seconds"] == 20.0
+    assert eq["groups"]["b"]["step"]["mean"] == 10 and eq["groups"]["b"]["loss"]["mean"] == 31.0
+    assert runs["b-s0"]["rows"][0]["train_time"] == 100.0  # the caller's rows are not modified
+    md = compare.format_markdown(rep)
+    assert "| b | 0.001 | 1 | 40 | 90.00 | 20.500 | 2.000 | 10.000 |" in md and "benchmark clock" in md
+
+
+def test_step_seconds_from_bench_maps_groups_and_rejects_missing_keys():
+    bench = {"ste_step_s": 0.4, "multifc_step_s": 0.6, "fsg_flat_step_s": 10.0, "fsg_stream_step_s": 2.0}
+    s = compare.step_seconds_from_bench(bench)
+    assert s["ste-adam"] == s["ste-sgd-tuned"] == 0.4 and s["multifc-adam"] == 0.6
+    assert s["fsg-flat-sgd"] == 10.0 and s["fsg-stream-sgd"] == 2.0 and set(s) == set(compare.GROUPS)
+    with pytest.raises(ValueError, match="multifc_step_s"):
+        compare.step_seconds_from_bench({k: v for k, v in bench.items() if k != "multifc_step_s"})
+
+
 def test_value_at_takes_the_last_row_not_after_the_time():
     r = rows([5.0, 4.0, 3.0, 2.0], 4.0, 0.1, log_every=1)
     assert compare.value_at(r, 2.5) == {"step": 2, "loss": 4.0, "train_time": 2.0}
