@@ -108,10 +108,10 @@ def test_summary_leaves_the_model_unchanged_and_prints():
 
 
 def test_binary_activation_hooks_are_left_as_they_were():
-    from fsg.binarize import _BinaryActivation
+    from fsg.binarize import BinaryActivation
 
     model = fsg.binarize(SmallCNN(), "sign", activations=True)
-    hooks = [h for m in model.modules() for h in m._forward_pre_hooks.values() if isinstance(h, _BinaryActivation)]
+    hooks = [h for m in model.modules() for h in m._forward_pre_hooks.values() if isinstance(h, BinaryActivation)]
     before = [dict(vars(h)) for h in hooks]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

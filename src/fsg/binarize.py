@@ -27,6 +27,7 @@ from fsg.quantizers import Quantizer, get_quantizer, sign_ste
 __all__ = [
     "BinaryWeight",
     "BinaryLayer",
+    "BinaryActivation",
     "binarize",
     "binarized_layers",
     "is_binarized",
@@ -66,7 +67,7 @@ class BinaryWeight(nn.Module):
         return f"quantizer={self.quantizer!r}"
 
 
-class _BinaryActivation:
+class BinaryActivation:
     """Forward pre-hook replacing a layer's input ``x`` by ``sign(x)`` (clipped STE:
     ``∂sign(x)/∂x := 1[|x| ≤ 1]``). On its first call it warns when ``x`` has no negative entry:
     ``sign`` of a non-negative input (a ReLU output) is ``+1`` everywhere and carries nothing."""
@@ -86,6 +87,9 @@ class _BinaryActivation:
                     "sign, e.g. hardtanh (fsg's models: activation='hardtanh', the default with activations=True "
                     "in fsg train)", stacklevel=2)
         return (sign_ste(x),) + tuple(args[1:])
+
+
+_BinaryActivation = BinaryActivation  # the old name, for models pickled with their hooks
 
 
 @dataclass
@@ -190,5 +194,5 @@ def binarize(
     for name, m in selected:
         parametrize.register_parametrization(m, "weight", BinaryWeight(q), unsafe=True)
         if activations and (m is not first or binarize_first_input):
-            m.register_forward_pre_hook(_BinaryActivation(name))
+            m.register_forward_pre_hook(BinaryActivation(name))
     return model

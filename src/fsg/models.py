@@ -6,13 +6,13 @@ All are plain ``nn.Module``\\ s; :func:`fsg.binarize` turns them into BNNs.
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["SmallCNN", "MLP", "BasicBlock", "CifarResNet", "resnet", "MODELS", "get_model", "load_pretrained",
-           "PretrainedError", "ACTIVATIONS"]
+           "PretrainedError", "ACTIVATIONS", "model_spec", "arch_spec", "short_list"]
 
 #: Hidden-layer nonlinearities of the built-in models. ``relu`` is the paper's. With 1-bit
 #: activations (``fsg.binarize(..., activations=True)``) a binarized layer sees ``sign(input)``,
@@ -157,6 +157,36 @@ def get_model(name: str, **kwargs) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
+# architecture specs: how to rebuild a model (stored in checkpoints and exported files)
+
+
+def arch_spec(name: str, activation: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+    """The architecture spec ``{"name": name, "kwargs": {...}}`` for :func:`get_model`.
+    ``activation`` is recorded only when it is not the default ``"relu"`` (``hardtanh`` for 1W1A
+    models), so that specs of ReLU models stay loadable by an fsg that predates the option."""
+    spec: Dict[str, Any] = {"name": name, "kwargs": dict(kwargs)}
+    if isinstance(activation, str) and activation != "relu":
+        spec["kwargs"]["activation"] = activation
+    return spec
+
+
+def model_spec(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """``{"name", "kwargs"}`` such that ``get_model(name, **kwargs)`` rebuilds the architecture of
+    ``model`` (binarized or not), for fsg's built-in models (:class:`SmallCNN`, the CIFAR ResNets
+    of :data:`MODELS`); ``None`` otherwise."""
+    activation = getattr(model, "activation", None)
+    if type(model) is SmallCNN:
+        return arch_spec("small-cnn", activation, in_channels=int(model.conv1.in_channels),
+                         num_classes=int(model.fc.out_features), width=int(model.conv1.out_channels))
+    if type(model) is CifarResNet and f"resnet{int(model.depth)}" in MODELS:
+        kwargs: Dict[str, Any] = {"num_classes": int(model.fc.out_features)}
+        if not model.classifier_bn:  # recorded only when off: specs stay loadable by older fsg versions
+            kwargs["classifier_bn"] = False
+        return arch_spec(f"resnet{int(model.depth)}", activation, **kwargs)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
 # pre-trained full-precision weights
 
 _PARAMETRIZED = ".parametrizations.weight.original"
@@ -166,7 +196,8 @@ class PretrainedError(ValueError):
     """Pre-trained weights that cannot be loaded into the model (one-line message)."""
 
 
-def _short_list(keys: Sequence[str], limit: int = 6) -> str:
+def short_list(keys: Sequence[str], limit: int = 6) -> str:
+    """``keys`` joined by commas for a one-line message: the first ``limit``, then ``(+N more)``."""
     keys = list(keys)
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -228,11 +259,11 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike],
     ]
     problems = []
     if required_missing:
-        problems.append(f"missing {_short_list(required_missing)}")
+        problems.append(f"missing {short_list(required_missing)}")
     if unexpected:
-        problems.append(f"unexpected {_short_list(unexpected)}")
+        problems.append(f"unexpected {short_list(unexpected)}")
     if shape_bad:
-        problems.append(f"shape mismatch {_short_list(shape_bad, 4)}")
+        problems.append(f"shape mismatch {short_list(shape_bad, 4)}")
     if problems:
         raise PretrainedError(
             f"pre-trained weights {p!r} do not fit {type(model).__name__}: {'; '.join(problems)}"

@@ -58,7 +58,7 @@ from fsg.estimators import Estimator, LayerContext, get_estimator
 from fsg.optim import OPTIMIZERS, make_optimizer, step_with_directions
 
 __all__ = ["Trainer", "StepResult", "make_optimizer", "evaluate", "OPTIMIZERS", "check_autocast_dtype",
-           "autocast_context", "NonFiniteError", "NONFINITE_POLICIES"]
+           "autocast_context", "NonFiniteError", "NONFINITE_POLICIES", "StepSnapshot", "accuracy"]
 
 #: What a trainer does with a step whose loss or gradients are not finite (``Trainer(nonfinite=...)``).
 NONFINITE_POLICIES = ("raise", "skip")
@@ -120,7 +120,7 @@ def nonfinite_names(named: Iterable[Tuple[Union[str, Tuple[str, ...]], Tensor]],
     return bad[:limit] + ([f"+{len(bad) - limit} more"] if len(bad) > limit else [])
 
 
-class _StepSnapshot:
+class StepSnapshot:
     """What a step's forward and backward change before the non-finite check, kept so that a
     rejected step leaves the trainer exactly as it was: references to every parameter's
     ``.grad`` and to the recorded ``∂L/∂Ŵ``/``W̃`` (the step replaces them, never writes into
@@ -174,10 +174,17 @@ class _StepSnapshot:
                 c[:] = v
 
 
-def _accuracy(out: Tensor, y: Tensor) -> Optional[float]:
+def accuracy(out: Tensor, y: Tensor) -> Optional[float]:
+    """Top-1 accuracy of classifier logits ``out`` (``[N, C]``) against integer labels ``y`` (``[N]``),
+    as a float in [0, 1]; ``None`` when the output is not a classification (other shapes, float targets)."""
     if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
         return (out.argmax(1) == y).float().mean().item()
     return None
+
+
+# Old private names, still imported by fsg.train.loop (to be switched to the public ones).
+_StepSnapshot = StepSnapshot
+_accuracy = accuracy
 
 
 class Trainer:
@@ -366,7 +373,7 @@ class Trainer:
         # 3. backward: hypernetwork grads, new ∂L/∂Ŵ, natural grads of everything else
         self._zero_grad()
         loss.backward()
-        acc = _accuracy(out.detach(), y)
+        acc = accuracy(out.detach(), y)
         loss_value, samples = loss.detach(), int(y.shape[0])
         if self.distributed:  # the same gradients, ∂L/∂Ŵ and statistics on every rank
             loss_value, acc, samples = self._average_over_ranks(loss_value, acc, samples)
@@ -417,8 +424,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # non-finite steps
 
-    def _snapshot(self) -> _StepSnapshot:
-        return _StepSnapshot(self._params, [l.parametrization for l in self.layers], list(self.model.buffers()),
+    def _snapshot(self) -> StepSnapshot:
+        return StepSnapshot(self._params, [l.parametrization for l in self.layers], list(self.model.buffers()),
                              self.estimator, copy_in_place_state=self.nonfinite == "skip")
 
     def _checked_tensors(self, updates: List[Tensor]) -> List[Tuple[Tuple[str, str], Tensor]]:

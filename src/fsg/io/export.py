@@ -80,8 +80,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from fsg.binarize import _BinaryActivation, binarize, binarized_layers
+from fsg.binarize import BinaryActivation, binarize, binarized_layers
 from fsg.files import atomic_write
+from fsg.models import MODELS, arch_spec, get_model, model_spec, short_list
 from fsg.train.checkpoint import CheckpointError, load_checkpoint
 
 __all__ = [
@@ -266,35 +267,7 @@ def unpack_codes(packed: Tensor, n: int, k: int = 1) -> Tensor:
 # architecture specs
 
 
-def model_spec(model: nn.Module) -> Optional[Dict[str, Any]]:
-    """``{"name", "kwargs"}`` such that ``fsg.models.get_model(name, **kwargs)`` rebuilds the
-    architecture of ``model`` (binarized or not), for fsg's built-in models; ``None`` otherwise."""
-    from fsg.models import MODELS, CifarResNet, SmallCNN
-
-    spec = None
-    if type(model) is SmallCNN:
-        spec = {"name": "small-cnn", "kwargs": {"in_channels": int(model.conv1.in_channels),
-                                                "num_classes": int(model.fc.out_features),
-                                                "width": int(model.conv1.out_channels)}}
-    elif type(model) is CifarResNet and f"resnet{int(model.depth)}" in MODELS:
-        spec = {"name": f"resnet{int(model.depth)}", "kwargs": {"num_classes": int(model.fc.out_features)}}
-        if not model.classifier_bn:  # recorded only when off: files stay loadable by older fsg versions
-            spec["kwargs"]["classifier_bn"] = False
-    if spec is not None:
-        _add_activation(spec, getattr(model, "activation", None))
-    return spec
-
-
-def _add_activation(spec: Dict[str, Any], activation: Optional[str]) -> None:
-    """Record the model's hidden nonlinearity when it is not the default ReLU (``hardtanh`` for
-    1W1A models), so that files of ReLU models stay loadable by an fsg that predates the option."""
-    if isinstance(activation, str) and activation != "relu":
-        spec["kwargs"]["activation"] = activation
-
-
 def _check_spec(spec: Any, where: str) -> Dict[str, Any]:
-    from fsg.models import MODELS
-
     if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("kwargs", {}), dict)):
         raise ExportError(f"{where}: malformed architecture spec {_short(spec, 80)}")
     if spec["name"] not in MODELS:
@@ -304,8 +277,6 @@ def _check_spec(spec: Any, where: str) -> Dict[str, Any]:
 
 
 def _build(spec: Dict[str, Any], where: str) -> nn.Module:
-    from fsg.models import get_model
-
     spec = _check_spec(spec, where)
     try:
         return get_model(spec["name"], **spec["kwargs"])
@@ -326,16 +297,15 @@ def _infer_spec(cfg, state: Dict[str, Tensor], where: str) -> Dict[str, Any]:
     if not convs or not linears:
         raise CheckpointError(f"{where}: cannot infer the architecture (no conv or linear weight in the model state)")
     in_channels, classes = int(convs[0].shape[1]), int(linears[-1].shape[0])
+    activation = getattr(cfg, "model_activation", None)
     if cfg.model == "small-cnn":
-        spec = {"name": "small-cnn", "kwargs": {"in_channels": in_channels, "num_classes": classes, "width": cfg.width}}
-    elif in_channels != 3:
+        return arch_spec("small-cnn", activation, in_channels=in_channels, num_classes=classes, width=cfg.width)
+    if in_channels != 3:
         raise CheckpointError(f"{where}: {cfg.model} takes 3-channel images, the state has {in_channels}")
-    else:
-        spec = {"name": cfg.model, "kwargs": {"num_classes": classes}}
-        if not getattr(cfg, "classifier_bn", True):
-            spec["kwargs"]["classifier_bn"] = False
-    _add_activation(spec, getattr(cfg, "model_activation", None))
-    return spec
+    kwargs: Dict[str, Any] = {"num_classes": classes}
+    if not getattr(cfg, "classifier_bn", True):
+        kwargs["classifier_bn"] = False
+    return arch_spec(cfg.model, activation, **kwargs)
 
 
 def model_from_checkpoint(checkpoint: PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -389,7 +359,7 @@ def _join(prefix: str, name: str) -> str:
 
 def _binary_activation_modules(model: nn.Module) -> List[str]:
     return [name for name, m in model.named_modules()
-            if any(isinstance(h, _BinaryActivation) for h in m._forward_pre_hooks.values())]
+            if any(isinstance(h, BinaryActivation) for h in m._forward_pre_hooks.values())]
 
 
 def _quantize_layer(name: str, w: Tensor, bits: int, quantizer: str) -> Tuple[str, Dict[str, Tensor]]:
@@ -610,8 +580,6 @@ def read_exported(path: PathLike) -> ExportedModel:
 
 
 def _load_into(model: nn.Module, state: Dict[str, Tensor], where: str) -> None:
-    from fsg.models import _short_list
-
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -619,21 +587,21 @@ def _load_into(model: nn.Module, state: Dict[str, Tensor], where: str) -> None:
            for k in own if k in state and state[k].shape != own[k].shape]
     problems = []
     if missing:
-        problems.append(f"missing {_short_list(missing)}")
+        problems.append(f"missing {short_list(missing)}")
     if unexpected:
-        problems.append(f"unexpected {_short_list(unexpected)}")
+        problems.append(f"unexpected {short_list(unexpected)}")
     if bad:
-        problems.append(f"shape mismatch {_short_list(bad, 4)}")
+        problems.append(f"shape mismatch {short_list(bad, 4)}")
     if problems:
         raise ExportError(f"{where} does not fit {type(model).__name__}: {'; '.join(problems)}")
     model.load_state_dict(state)
 
 
-def _sign_hook(name: str) -> _BinaryActivation:
+def _sign_hook(name: str) -> BinaryActivation:
     try:
-        return _BinaryActivation(name)  # type: ignore[call-arg]  # the hook names its layer in warnings
+        return BinaryActivation(name)  # type: ignore[call-arg]  # the hook names its layer in warnings
     except TypeError:  # pragma: no cover - a hook class without a name
-        return _BinaryActivation()
+        return BinaryActivation()
 
 
 def load_exported(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
@@ -663,6 +631,6 @@ def load_exported(path: PathLike, model: Optional[nn.Module] = None) -> nn.Modul
         if name not in modules:
             raise ExportError(f"{where}: module {name!r} (binarized input) is not in {type(model).__name__}")
         m = modules[name]
-        if not any(isinstance(h, _BinaryActivation) for h in m._forward_pre_hooks.values()):
+        if not any(isinstance(h, BinaryActivation) for h in m._forward_pre_hooks.values()):
             m.register_forward_pre_hook(_sign_hook(name))
     return model.eval()

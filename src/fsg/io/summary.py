@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from fsg.binarize import _BinaryActivation, binarized_layers
+from fsg.binarize import BinaryActivation, binarized_layers
 
 __all__ = ["summary", "summarize_file", "summarize_table", "default_input_size", "LayerSummary", "ModelSummary"]
 
@@ -240,7 +240,7 @@ def summary(model: Union[nn.Module, PathLike], input_size: Optional[Sequence[int
         is_layer = isinstance(m, _CONV + (nn.Linear,))
         input_bits = None
         if is_layer:
-            input_bits = 1 if any(isinstance(h, _BinaryActivation) for h in m._forward_pre_hooks.values()) else 32
+            input_bits = 1 if any(isinstance(h, BinaryActivation) for h in m._forward_pre_hooks.values()) else 32
         rows.append(LayerSummary(
             name=name, type=_type_name(m), binarized=b is not None, quantizer=None if b is None else b["quantizer"],
             bits=bits, input_bits=input_bits, params_1bit=p1, params_32bit=p32,
@@ -274,7 +274,7 @@ def _measure_macs(model: nn.Module, entries: List[Tuple[str, nn.Module]], input_
     modes = {m: m.training for m in model.modules()}
     # the sign pre-hooks may keep state (a one-time check of their input, which a zero input would
     # trip with a warning): silence them and restore their state afterwards
-    hooks = [h for m in model.modules() for h in m._forward_pre_hooks.values() if isinstance(h, _BinaryActivation)]
+    hooks = [h for m in model.modules() for h in m._forward_pre_hooks.values() if isinstance(h, BinaryActivation)]
     hook_state = [dict(vars(h)) for h in hooks]
     model.eval()
     try:
