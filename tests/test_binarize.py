@@ -122,3 +122,32 @@ def test_binary_activations_except_first_input():
     # STE on activations: gradient reaches the first layer, clipped at |h| <= 1
     m(x).sum().backward()
     assert lin1.bias.grad is not None and lin1.bias.grad.abs().sum() > 0
+
+
+def test_binarize_passes_quantizer_options_and_rejects_unknown_ones():
+    from fsg.quantizers import QUANTIZERS, Quantizer, register_quantizer, sign_ste
+
+    with pytest.raises(ValueError, match="quantizer 'bwn' has no option 'foo'"):
+        fsg.binarize(SmallCNN(), "bwn", foo=1)
+    with pytest.raises(ValueError, match="1-bit only"):
+        fsg.binarize(SmallCNN(), "sign", bits=2)
+    with pytest.raises(ValueError, match="instance"):
+        fsg.binarize(SmallCNN(), fsg.quantizers.DoReFa(2), bits=2)
+    assert fsg.binarized_layers(fsg.binarize(SmallCNN(), "dorefa", bits=3))[0].quantizer.bits == 3
+
+    @register_quantizer("test-scaled-sign2")
+    class ScaledSign(Quantizer):
+        def __init__(self, alpha: float = 1.0):  # no bits option at all
+            self.alpha = alpha
+
+        def quantize(self, wt):
+            return self.alpha * sign_ste(wt)
+
+    try:
+        m = fsg.binarize(SmallCNN(), "test-scaled-sign2", alpha=0.5)
+        assert {l.quantizer.alpha for l in fsg.binarized_layers(m)} == {0.5}
+        assert set(m.conv1.weight.detach().abs().unique().tolist()) == {0.5}
+        with pytest.raises(ValueError, match="has no option 'bits'"):
+            fsg.binarize(SmallCNN(), "test-scaled-sign2", bits=1)
+    finally:
+        del QUANTIZERS["test-scaled-sign2"]

@@ -130,3 +130,49 @@ def test_all_zero_weight_does_not_produce_nan():
     q = DoReFa(1)
     out = q(w)
     assert torch.isfinite(out).all() and torch.isfinite(q.calibration(w)).all()
+
+
+def test_unknown_option_is_rejected_not_dropped():
+    for name in ("bwn", "sign", "dorefa"):
+        with pytest.raises(ValueError, match=rf"quantizer '{name}' has no option 'foo' \(its options: bits\)"):
+            get_quantizer(name, foo=1)
+    with pytest.raises(ValueError, match="1-bit only"):
+        get_quantizer("sign", bits=3)
+    assert isinstance(get_quantizer("sign", bits=1), Sign)
+    with pytest.raises(ValueError, match="instance"):
+        get_quantizer(DoReFa(2), bits=2)
+
+
+def test_registered_quantizer_gets_its_options():
+    from fsg.quantizers import QUANTIZERS, Quantizer, quantizer_options, register_quantizer
+
+    @register_quantizer("test-scaled-sign")
+    class ScaledSign(Quantizer):
+        def __init__(self, bits: int = 1, alpha: float = 1.0):
+            super().__init__(bits)
+            self.alpha = alpha
+
+        def quantize(self, wt):
+            return self.alpha * sign_ste(wt)
+
+    try:
+        assert QUANTIZERS["test-scaled-sign"] is ScaledSign and ScaledSign.name == "test-scaled-sign"
+        assert quantizer_options(ScaledSign) == ("bits", "alpha")
+        q = get_quantizer("test-scaled-sign", alpha=0.25)
+        assert q.alpha == 0.25
+        assert torch.equal(q(torch.tensor([-2.0, 3.0])), torch.tensor([-0.25, 0.25]))
+        with pytest.raises(ValueError, match="is 1-bit only"):
+            get_quantizer("test-scaled-sign", bits=2, alpha=0.25)
+    finally:
+        del QUANTIZERS["test-scaled-sign"]
+
+
+def test_builtin_quantizers_register_with_the_decorator():
+    import inspect
+
+    import fsg.quantizers as quantizers
+
+    src = inspect.getsource(quantizers)
+    for cls in (DoReFa, BWN, Sign):
+        assert f'@register_quantizer("{cls.name}")\nclass {cls.__name__}(' in src
+        assert fsg.QUANTIZERS[cls.name] is cls

@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -141,19 +141,23 @@ def binarize(
     model: nn.Module,
     quantizer: Union[str, Quantizer] = "dorefa",
     *,
-    bits: int = 1,
+    bits: Optional[int] = None,
     keep_first: bool = False,
     keep_last: bool = False,
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
     activations: bool = False,
     binarize_first_input: bool = False,
+    **quantizer_options: Any,
 ) -> nn.Module:
     """Binarize the weights of ``model``'s conv and linear layers, in place; returns ``model``.
 
     Args:
-        quantizer: ``"dorefa"``, ``"bwn"``, ``"sign"`` or a :class:`Quantizer`.
-        bits: bits of the dorefa quantizer (1 = binary).
+        quantizer: ``"dorefa"``, ``"bwn"``, ``"sign"`` (any name of
+            :data:`fsg.quantizers.QUANTIZERS`) or a :class:`Quantizer`.
+        bits: bits of the quantizer (default 1 = binary; only ``dorefa`` takes more).
+        **quantizer_options: further options of a quantizer named by string, passed to its
+            constructor with ``bits`` (:func:`fsg.quantizers.get_quantizer`).
         keep_first / keep_last: keep the first / last conv-or-linear layer (in registration
             order) in full precision. The paper binarizes every layer (both ``False``).
         include: glob patterns of qualified module names to binarize (default: all).
@@ -164,9 +168,12 @@ def binarize(
             the model with a sign-keeping nonlinearity (fsg's models: ``activation="hardtanh"``).
 
     Raises:
-        ValueError: when nothing would be binarized, or a layer is already binarized.
+        ValueError: when nothing would be binarized, a layer is already binarized, or the
+            quantizer does not take an option given (or options come with a :class:`Quantizer`
+            instance).
     """
-    q = get_quantizer(quantizer, bits=bits) if isinstance(quantizer, str) else quantizer
+    options = dict(quantizer_options) if bits is None else {"bits": bits, **quantizer_options}
+    q = get_quantizer(quantizer, **options)
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, _BINARIZABLE)]
     if not candidates:
         raise ValueError(

@@ -24,7 +24,8 @@ learning rates transfer).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Type
+import inspect
+from typing import Callable, Dict, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -37,6 +38,7 @@ __all__ = [
     "QUANTIZERS",
     "get_quantizer",
     "register_quantizer",
+    "quantizer_options",
     "sign_ste",
     "round_ste",
     "binary_sign",
@@ -86,14 +88,37 @@ def round_ste(x: Tensor, levels: int) -> Tensor:
     return _RoundSTE.apply(x, levels)
 
 
+QUANTIZERS: Dict[str, Type["Quantizer"]] = {}
+
+
+def register_quantizer(name: str) -> Callable[[Type["Quantizer"]], Type["Quantizer"]]:
+    """Class decorator adding a :class:`Quantizer` subclass to the registry under ``name`` (as
+    :func:`fsg.estimators.register_estimator` does for estimators). The constructor's keyword
+    arguments are the quantizer's options (:func:`get_quantizer`)."""
+
+    def deco(cls: Type[Quantizer]) -> Type[Quantizer]:
+        QUANTIZERS[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
 class Quantizer:
     """A weight quantizer: ``Ŵ = Q(A(W))`` plus the calibration ``c(W)``.
 
     Subclasses implement :meth:`pre` (``A``), :meth:`quantize` (``Q``, with an STE backward) and
-    :meth:`calibration`. Instances are stateless and cheap.
+    :meth:`calibration`. Instances are stateless and cheap. The base constructor takes the one
+    option every quantizer understands, ``bits``, and accepts only ``1`` (a 1-bit quantizer);
+    k-bit quantizers override it.
     """
 
     name: str = ""
+    bits: int = 1
+
+    def __init__(self, bits: int = 1):
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits != 1:
+            raise ValueError(f"quantizer {self.name or type(self).__name__!r} is 1-bit only; bits={bits!r} needs 'dorefa'")
 
     def pre(self, w: Tensor) -> Tensor:
         """``W̃ = A(W)``, differentiable."""
@@ -118,6 +143,7 @@ class Quantizer:
         return f"{type(self).__name__}()"
 
 
+@register_quantizer("dorefa")
 class DoReFa(Quantizer):
     """DoReFa-Net weight quantizer with ``bits`` bits (1 in the paper's experiments).
 
@@ -125,8 +151,6 @@ class DoReFa(Quantizer):
     ``Ŵ = 2·round((2^k−1)·W̃)/(2^k−1) − 1`` (``{−1, +1}`` for ``k = 1``),
     ``c(W) = (1 − tanh²W)/max|tanh W|``.
     """
-
-    name = "dorefa"
 
     def __init__(self, bits: int = 1):
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
@@ -154,13 +178,12 @@ class DoReFa(Quantizer):
         return f"DoReFa(bits={self.bits})"
 
 
+@register_quantizer("bwn")
 class BWN(Quantizer):
     """Binary-weight-network quantizer: ``Ŵ = s·sign(W)``, ``s = mean|W|``.
 
     Backward: ``∂L/∂W = ∂L/∂Ŵ · 1[|W| ≤ 1]`` (``s`` is a constant, and the STE passes the
     gradient unscaled, so that ``c(W) = 1``)."""
-
-    name = "bwn"
 
     def quantize(self, wt: Tensor) -> Tensor:
         # forward s·sign(W̃); backward the clipped identity, *not* scaled by s (s is a constant
@@ -172,47 +195,39 @@ class BWN(Quantizer):
         return w.detach().abs().mean()
 
 
+@register_quantizer("sign")
 class Sign(Quantizer):
     """Plain ``sign(W)`` (the FSG reference code's BWN without the scale)."""
-
-    name = "sign"
 
     def quantize(self, wt: Tensor) -> Tensor:
         return sign_ste(wt)
 
 
-QUANTIZERS: Dict[str, Type[Quantizer]] = {}
+def quantizer_options(cls: Type[Quantizer]) -> Tuple[str, ...]:
+    """The option names a registered quantizer class takes (its constructor's parameters)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
-def register_quantizer(name: str) -> Callable[[Type[Quantizer]], Type[Quantizer]]:
-    """Class decorator adding a :class:`Quantizer` subclass to the registry under ``name``."""
-
-    def deco(cls: Type[Quantizer]) -> Type[Quantizer]:
-        QUANTIZERS[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
-
-
-for _cls in (DoReFa, BWN, Sign):
-    register_quantizer(_cls.name)(_cls)
-
-
-def get_quantizer(name, **kwargs) -> Quantizer:
-    """Build a quantizer from its registered name (``"dorefa"``, ``"bwn"``, ``"sign"``).
-
-    A :class:`Quantizer` instance is returned unchanged.
+def get_quantizer(name, **options) -> Quantizer:
+    """Build a quantizer from its registered name (``"dorefa"``, ``"bwn"``, ``"sign"``) and its
+    options (``bits=...``), every option passed to its constructor. An option the quantizer does
+    not take raises ``ValueError`` (one line), as do ``bits != 1`` for a 1-bit quantizer and an
+    unknown name. A :class:`Quantizer` instance is returned unchanged (then no option may be given).
     """
     if isinstance(name, Quantizer):
+        if options:
+            raise ValueError(f"quantizer options {', '.join(sorted(options))} given with a {type(name).__name__} "
+                             "instance: pass the options to its constructor instead")
         return name
     if name not in QUANTIZERS:
         raise ValueError(
             f"unknown quantizer {name!r}: choose one of {', '.join(sorted(QUANTIZERS))}"
         )
     cls = QUANTIZERS[name]
-    if cls is DoReFa:
-        return cls(**kwargs)
-    if kwargs.get("bits", 1) != 1:
-        raise ValueError(f"quantizer {name!r} is 1-bit only; bits={kwargs['bits']} needs 'dorefa'")
-    return cls()
+    known = quantizer_options(cls)
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        raise ValueError(f"quantizer {name!r} has no option {', '.join(map(repr, unknown))}"
+                         f" (its options: {', '.join(known) or 'none'})")
+    return cls(**options)
