@@ -114,7 +114,7 @@ def test_invalid_input_is_one_line_exit_2(capsys, args, fragment):
 
 
 def test_library_value_error_is_one_line(capsys, monkeypatch):
-    import fsg.cli.app as cli
+    import fsg.cli.demo as cli
 
     def boom(*a, **k):
         raise ValueError("bad option\nfrom the library")
@@ -150,7 +150,7 @@ def test_python_m_fsg_help():
 
 
 def test_non_finite_numbers_are_null_in_json_and_readable_in_table():
-    from fsg.cli.app import _jsonable, format_table
+    from fsg.cli.demo import format_table, jsonable
 
     report = {
         "config": {"model": "SmallCNN(width=8)", "quantizer": "dorefa", "optimizer": "sgd", "lr": 1e9,
@@ -163,7 +163,7 @@ def test_non_finite_numbers_are_null_in_json_and_readable_in_table():
                             "sec_per_step": 0.5, "time_vs_ste": 50.0, "steps": 2}},
         "wall_time_s": 1.0,
     }
-    fixed = _jsonable(report)
+    fixed = jsonable(report)
     assert fixed["results"]["ste"]["train_loss"] is None and fixed["results"]["ste"]["test_loss"] is None
     json.dumps(fixed, allow_nan=False)
     table = format_table(report)
@@ -171,7 +171,7 @@ def test_non_finite_numbers_are_null_in_json_and_readable_in_table():
 
 
 def test_run_demo_api_validates():
-    from fsg.cli.app import run_demo
+    from fsg.cli.demo import run_demo
 
     for kwargs in ({"steps": 0}, {"batch_size": 0}, {"width": 0}, {"noise": -1.0}, {"schedule": "step"},
                    {"lr": 0.0}, {"quantizer": "ternary"}, {"optimizer": "rmsprop"}):

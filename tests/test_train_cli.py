@@ -10,7 +10,8 @@ import torch
 import fsg
 import fsg.data
 from fsg.train.checkpoint import load_checkpoint, save_checkpoint
-from fsg.cli.app import ESTIMATOR_FLAGS, main
+from fsg.cli.app import main
+from fsg.cli.options import ESTIMATOR_FLAGS
 from fsg.train.config import TrainConfig, estimator_option_names
 from fsg.estimators import ESTIMATORS
 from fsg.models import PretrainedError, SmallCNN, load_pretrained, resnet

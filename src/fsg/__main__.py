@@ -2,7 +2,7 @@
 
 import sys
 
-from fsg.cli.app import main
+from fsg.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
