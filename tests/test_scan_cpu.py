@@ -236,3 +236,71 @@ def test_mamba_stream_continues_the_sequence_exactly(impl, pieces):
             t += p
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-6)
     assert state[0].shape == (3, 3, 1) and state[1].shape == (3, 20, 16)
+
+
+@pytest.fixture
+def float64_default():
+    """``torch.set_default_dtype(torch.float64)`` for one test (restored after it)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch,dim,length,dstate", [(2, 5, CHUNK + 3, 16), (7, 5, 1, 3)])
+def test_fused_scan_under_float64_default_dtype(float64_default, batch, dim, length, dstate):
+    """Every buffer handed to the C kernels is float32 whatever the default dtype: the float32 scan
+    (a multi-chunk scan, a single step, an empty one) and all its gradients match the reference."""
+    inp = {k: (v.float() if v is not None else None)
+           for k, v in make_inputs(batch, dim, length, dstate, seed=3).items()}
+    g = torch.Generator().manual_seed(1)
+    grads_out = (torch.randn(batch, dim, length, generator=g, dtype=torch.float32),
+                 torch.randn(batch, dim, dstate, generator=g, dtype=torch.float32))
+    y, last, gf = run(selective_scan_fused, inp, torch.float32, True, grads_out)
+    y64, last64, g64 = run(selective_scan_ref, inp, torch.float64, True, grads_out)
+    assert y.dtype == last.dtype == torch.float32
+    assert rel(y, y64) <= 1e-5 and rel(last, last64) <= 1e-5
+    for k in g64:
+        assert gf[k].dtype == torch.float32, k
+        assert rel(gf[k], g64[k]) <= 1e-5, (k, rel(gf[k], g64[k]))
+
+
+@needs_kernel
+def test_fused_causal_conv_under_float64_default_dtype(float64_default):
+    g = torch.Generator().manual_seed(5)
+    x, w, b = (torch.randn(*s, generator=g, dtype=torch.float32) for s in ((2, 5, 40), (5, 4), (5,)))
+    dy = torch.randn(2, 5, 40, generator=g, dtype=torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    grads = torch.autograd.grad((scan_cpu.causal_conv1d_fused(*leaves) * dy).sum(), leaves)
+    leaves64 = [t.double().requires_grad_() for t in (x, w, b)]
+    with use_scan_impl("ref"):
+        grads64 = torch.autograd.grad((mamba.causal_conv1d(*leaves64) * dy.double()).sum(), leaves64)
+    for a, r in zip(grads, grads64):
+        assert a.dtype == torch.float32 and rel(a, r) <= 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("pieces", [[1] * 4, [3, 1]])
+def test_mamba_stream_under_float64_default_dtype(pieces):
+    """A float32 block streamed while the default dtype is float64 (its step kernel's output
+    buffer) continues the sequence as the float32 forward does."""
+    torch.manual_seed(0)
+    m = Mamba(1, d_state=16, d_conv=4, expand=20)
+    x = torch.randn(3, sum(pieces), 1)
+    with torch.no_grad():
+        full = m(x)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with use_scan_impl("auto"), torch.no_grad():
+            outs, state, t = [], None, 0
+            for p in pieces:
+                y, state = m.stream(x[:, t:t + p], state, low_memory=True)[:2]
+                outs.append(y)
+                t += p
+    finally:
+        torch.set_default_dtype(old)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-6)

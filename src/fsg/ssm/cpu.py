@@ -221,7 +221,7 @@ def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool, dfac=N
                             _p(last), _p(dfw), _p(dfx), _p(zfw), _p(zfx), torch.get_num_threads()):
             raise MemoryError("fused selective scan forward: out of memory for its work buffers")
     else:
-        last = h0_.clone() if h0_ is not None else torch.zeros(batch, dim, n)
+        last = h0_.clone() if h0_ is not None else torch.zeros(batch, dim, n, dtype=torch.float32)
     return out, states, last
 
 
@@ -242,17 +242,18 @@ def _scan_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states, softplus: bool, do
     dlast_ = None if dlast is None else dlast.to(torch.float32).contiguous()
     du = torch.empty_like(u_)
     ddelta = torch.empty_like(d_) if d_ is not None else None
-    ddw = torch.zeros(dim) if dfx is not None else None
-    ddx = torch.zeros(batch, length) if dfx is not None else None
-    dzw = torch.zeros(dim) if zfx is not None else None
-    dzx = torch.zeros(batch, length) if zfx is not None else None
+    f32 = torch.float32  # explicit: the kernels read and write float32 whatever the default dtype
+    ddw = torch.zeros(dim, dtype=f32) if dfx is not None else None
+    ddx = torch.zeros(batch, length, dtype=f32) if dfx is not None else None
+    dzw = torch.zeros(dim, dtype=f32) if zfx is not None else None
+    dzx = torch.zeros(batch, length, dtype=f32) if zfx is not None else None
     dA = torch.zeros_like(A_)
-    dB = torch.zeros(batch, length, n)
-    dC = torch.zeros(batch, length, n)
-    dD = torch.zeros(dim)
+    dB = torch.zeros(batch, length, n, dtype=f32)
+    dC = torch.zeros(batch, length, n, dtype=f32)
+    dD = torch.zeros(dim, dtype=f32)
     dz = torch.empty_like(u_) if z_ is not None else None
-    dbias = torch.zeros(dim)
-    dh0 = torch.zeros(batch, dim, n) if want_h0 else None
+    dbias = torch.zeros(dim, dtype=f32)
+    dh0 = torch.zeros(batch, dim, n, dtype=f32) if want_h0 else None
     y = torch.empty_like(u_) if want_y else None
     if length == 1:  # one step (streaming); `states` is h0 or None
         fmt = _FMT[states.dtype] if states is not None else 0
@@ -497,7 +498,7 @@ def _stream_scan(block, window: Tensor, h: Optional[Tensor], h_new: Optional[Ten
             pre = block.stream_pre_scan(window[sl], weights, factored=_factored(block))
             u_, d_, A_, B_, C_, D_, z_, bias_, dfac, zfac = _stream_kernel_inputs(*pre, scan_params)
             if t_new == 1:
-                y = torch.empty(u_.shape) if want_out else None
+                y = torch.empty(u_.shape, dtype=torch.float32) if want_out else None
                 _step_fwd_kernel(u_, d_, A_, B_, C_, D_, z_, bias_, dfac, zfac, None if h is None else h[sl], y,
                                  None if h_new is None else h_new[sl])
             else:  # the general kernel (float32): the old rows widened, the last state rounded
@@ -744,7 +745,7 @@ class _FusedCausalConv(torch.autograd.Function):
         x_, w_, b_ = ctx.saved_tensors
         batch, dim, length = x_.shape
         g = dout.to(torch.float32).contiguous()
-        dx, dw, db = torch.empty_like(x_), torch.empty_like(w_), torch.empty(dim)
+        dx, dw, db = torch.empty_like(x_), torch.empty_like(w_), torch.empty(dim, dtype=torch.float32)
         if lib.fsg_conv_bwd(batch, dim, length, w_.shape[1], _p(x_), _p(w_), _p(b_ if ctx.has_bias else None),
                             _p(g), int(ctx.silu), _p(dx), _p(dw), _p(db), torch.get_num_threads()):
             raise MemoryError("fused causal conv backward: out of memory")
