@@ -49,15 +49,36 @@ class ElementwiseMLP(nn.Module):
 
 
 def run_lstm(lstm: nn.LSTM, x: Tensor, state=None):
-    """``lstm(x, state)``; on the CPU without oneDNN, whose LSTM rebuilds its kernels for every
-    new input shape (the binarized layers differ in size) and is then slower."""
-    if x.device.type != "cpu" or not torch.backends.mkldnn.enabled:
+    """``lstm(x, state)``, on the CPU without oneDNN (whose LSTM rebuilds its kernels for every new
+    input shape — the binarized layers differ in size — and is then slower) and without touching
+    the process-global ``torch.backends.mkldnn.enabled`` (another thread may be running).
+
+    On the CPU a one-layer, unidirectional LSTM without projection runs here as ATen's own
+    non-oneDNN LSTM does, op for op (one ``linear`` for the input projection of all steps, then
+    per step ``linear_hh(h) + x_t``, the gates ``i, f, g, o``, ``c' = f·c + i·g``, ``h' = o·tanh c'``),
+    so that outputs and gradients are bit-identical to ``lstm(x, state)`` with oneDNN disabled.
+    Other LSTMs and devices call ``lstm(x, state)``. Returns ``(output, (h, c))``."""
+    if (x.device.type != "cpu" or x.dim() != 3 or lstm.num_layers != 1 or lstm.bidirectional
+            or lstm.proj_size != 0):
         return lstm(x, state)
-    torch.backends.mkldnn.enabled = False
-    try:
-        return lstm(x, state)
-    finally:
-        torch.backends.mkldnn.enabled = True
+    F = torch.nn.functional
+    seq = x.transpose(0, 1) if lstm.batch_first else x  # (T, B, input)
+    if state is None:
+        zeros = torch.zeros(1, seq.shape[1], lstm.hidden_size, dtype=x.dtype, device=x.device)
+        state = (zeros, zeros)
+    h, c = state[0][0], state[1][0]
+    w_ih, w_hh = lstm.weight_ih_l0, lstm.weight_hh_l0
+    b_ih, b_hh = (lstm.bias_ih_l0, lstm.bias_hh_l0) if lstm.bias else (None, None)
+    outputs = []
+    for x_w in F.linear(seq, w_ih, b_ih).unbind(0):
+        gates = F.linear(h, w_hh, b_hh).add_(x_w)
+        i, f, g, o = gates.unsafe_chunk(4, 1)
+        i, f, g, o = i.sigmoid_(), f.sigmoid_(), g.tanh_(), o.sigmoid_()
+        c = (f * c).add_(i * g)
+        h = o * c.tanh()
+        outputs.append(h)
+    out = torch.stack(outputs, 0) if outputs else seq.new_empty(0, seq.shape[1], lstm.hidden_size)
+    return (out.transpose(0, 1) if lstm.batch_first else out), (h.unsqueeze(0), c.unsqueeze(0))
 
 
 class SlowNet(nn.Module):
