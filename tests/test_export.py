@@ -384,3 +384,61 @@ def test_cli_errors_leave_no_output(tmp_path, capsys, run_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
     with pytest.raises(CheckpointError):
         export_checkpoint(bad, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# files written before (by the exporter's own byte-level writer)
+
+OLD_FILES = Path(__file__).parent / "data" / "export-v1"
+
+
+@pytest.mark.parametrize("name,bits", [("old-1w1a", 1), ("old-2bit", 2)])
+def test_files_written_by_the_old_exporter_still_load(name, bits):
+    from safetensors.torch import load_file
+
+    expected = load_file(str(OLD_FILES / f"{name}.expected.safetensors"))
+    out = expected.pop("__output__")
+    exp = read_exported(OLD_FILES / f"{name}.safetensors")
+    assert exp.metadata["format"] == "fsg-binary" and "data_sha256" in exp.metadata
+    assert {r["bits"] for r in exp.layers} == {bits}
+    model = load_exported(OLD_FILES / f"{name}.safetensors")
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    for k, v in expected.items():
+        assert state[k].dtype == v.dtype and torch.equal(state[k], v), k
+    torch.manual_seed(0)
+    assert torch.equal(outputs(model, torch.randn(2, 1, 8, 8)), out)
+
+
+def test_old_file_damaged_gives_one_line_errors(tmp_path):
+    raw = (OLD_FILES / "old-1w1a.safetensors").read_bytes()
+    for damage, message in [(raw[:-1] + bytes([raw[-1] ^ 4]), "checksum"), (raw[:-3], "truncated"),
+                            (raw + b"x", "bytes after the last tensor")]:
+        (tmp_path / "d.safetensors").write_bytes(damage)
+        with pytest.raises(ExportError) as info:
+            load_exported(tmp_path / "d.safetensors")
+        assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_written_with_the_safetensors_package(tmp_path, monkeypatch):
+    """export_model writes through safetensors.torch.save, read_exported reads through
+    safetensors.torch.load; the checksum covers the data buffer the package wrote."""
+    import hashlib
+
+    import safetensors.torch
+
+    calls = []
+    for fn in ("save", "load"):
+        real = getattr(safetensors.torch, fn)
+        monkeypatch.setattr(safetensors.torch, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(_fn) or _real(*a, **k))
+    model, x, _ = trained("small-cnn", "dorefa", False, steps=1)
+    path = export_model(model, tmp_path / "m.safetensors")
+    assert "save" in calls and "load" not in calls
+    assert torch.equal(outputs(load_exported(path), x), outputs(model, x))
+    assert "load" in calls
+    _, meta, buffer = read_header(path)
+    assert meta["data_sha256"] == hashlib.sha256(buffer).hexdigest()
+    with pytest.raises(ExportError, match="metadata must map strings to strings"):
+        fsg.io.export.write_safetensors(tmp_path / "x.safetensors", {"w": torch.ones(1)}, {"a": 1})
+    with pytest.raises(ExportError, match="cannot hold"):
+        fsg.io.export.write_safetensors(tmp_path / "x.safetensors", {"w": torch.ones(1, dtype=torch.complex64)})

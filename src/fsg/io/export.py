@@ -9,7 +9,7 @@ from the file alone (for fsg's built-in models) or loads it into an architecture
 File format (``fsg-binary``, version 1)
 ---------------------------------------
 The file is a `safetensors <https://github.com/huggingface/safetensors>`_ file, written and
-read by this module's own code (no dependency; the ``safetensors`` package reads it too)::
+read with the ``safetensors`` package (``safetensors.torch.save`` / ``load``)::
 
     8 bytes         N, the header length, unsigned 64-bit little-endian
     N bytes         the header: UTF-8 JSON, padded with spaces to a multiple of 8 bytes
@@ -70,12 +70,13 @@ import hashlib
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -105,12 +106,11 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # safetensors layout
 
-_DTYPES: Dict[torch.dtype, Tuple[str, str]] = {  # torch dtype -> (safetensors name, numpy little-endian)
-    torch.float64: ("F64", "<f8"), torch.float32: ("F32", "<f4"), torch.float16: ("F16", "<f2"),
-    torch.bfloat16: ("BF16", "<i2"), torch.int64: ("I64", "<i8"), torch.int32: ("I32", "<i4"),
-    torch.int16: ("I16", "<i2"), torch.int8: ("I8", "i1"), torch.uint8: ("U8", "u1"), torch.bool: ("BOOL", "?"),
+#: safetensors' dtype names (recorded per binarized layer in the ``layers`` metadata)
+_DTYPE_NAMES: Dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
-_BY_NAME = {name: (dt, np_dt) for dt, (name, np_dt) in _DTYPES.items()}
 
 
 def _short(text: object, limit: int = 120) -> str:
@@ -118,54 +118,70 @@ def _short(text: object, limit: int = 120) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
-def _to_bytes(name: str, t: Tensor) -> Tuple[str, bytes]:
-    if t.dtype not in _DTYPES:
-        raise ExportError(f"tensor {name!r} has dtype {t.dtype}, which the file format cannot hold")
-    st_name, np_dt = _DTYPES[t.dtype]
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return st_name, np.ascontiguousarray(t.numpy()).astype(np.dtype(np_dt), copy=False).tobytes()
-
-
-def _encode(tensors: Dict[str, Tensor], metadata: Dict[str, str]) -> bytes:
-    """The bytes of a safetensors file (tensors ordered by decreasing item size, then name, so that
-    every tensor is aligned to its item size; header padded to 8 bytes)."""
-    for k, v in metadata.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise ExportError(f"metadata must map strings to strings (entry {k!r})")
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    header: Dict[str, Any] = {}
-    chunks: List[bytes] = []
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        st_name, data = _to_bytes(name, t)
-        header[name] = {"dtype": st_name, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    buffer = b"".join(chunks)
-    meta = dict(metadata)
-    meta["data_sha256"] = hashlib.sha256(buffer).hexdigest()
-    header = {"__metadata__": meta, **header}
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + buffer
+def _data_start(blob: bytes) -> int:
+    """Where the data buffer of a safetensors file starts: after the 8-byte header length and the header."""
+    return 8 + int.from_bytes(blob[:8], "little")
 
 
 def write_safetensors(path: PathLike, tensors: Dict[str, Tensor], metadata: Optional[Dict[str, str]] = None) -> Path:
-    """Write ``tensors`` (name → tensor) and ``metadata`` (str → str) as a safetensors file,
-    atomically. A ``data_sha256`` entry (SHA-256 of the data buffer) is added to the metadata."""
-    blob = _encode(tensors, dict(metadata or {}))
+    """Write ``tensors`` (name → tensor) and ``metadata`` (str → str) as a safetensors file
+    (``safetensors.torch.save``), atomically. A ``data_sha256`` entry (SHA-256 of the data buffer)
+    is added to the metadata. Raises :class:`ExportError` (one line)."""
+    meta = dict(metadata or {})
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ExportError(f"metadata must map strings to strings (entry {k!r})")
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPE_NAMES:
+            raise ExportError(f"tensor {name!r} has dtype {t.dtype}, which the file format cannot hold")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    try:
+        # the data buffer does not depend on the metadata: hash it, then write it with its checksum
+        first = safetensors.torch.save(tensors, meta)
+        buffer = memoryview(first)[_data_start(first):]
+        meta["data_sha256"] = hashlib.sha256(buffer).hexdigest()
+        blob = safetensors.torch.save(tensors, meta)
+    except (safetensors.SafetensorError, ValueError, RuntimeError) as e:
+        raise ExportError(f"cannot write {str(path)!r}: {_short(e, 120)}") from None
+    if memoryview(blob)[_data_start(blob):] != buffer:  # pragma: no cover - a safetensors invariant
+        raise ExportError(f"cannot write {str(path)!r}: the data buffer changed with the metadata")
     return atomic_write(path, lambda f: f.write(blob))
 
 
+def _diagnose(raw: bytes, where: str, error: Exception) -> ExportError:
+    """A one-line error for a file ``safetensors`` refused: truncated, trailing bytes, a bad
+    header, or (else) ``safetensors``' own reason."""
+    if len(raw) < 8:
+        return ExportError(f"{where} is truncated or not an exported model ({len(raw)} bytes)")
+    n = int.from_bytes(raw[:8], "little")
+    if n < 2 or n > MAX_HEADER:
+        return ExportError(f"{where} is not an exported model (no safetensors header)")
+    if 8 + n > len(raw):
+        return ExportError(f"{where} is truncated (header of {n} bytes, file of {len(raw)})")
+    try:
+        header = json.loads(raw[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return ExportError(f"{where} is corrupted or not an exported model (bad header: {_short(e, 60)})")
+    if not isinstance(header, dict):
+        return ExportError(f"{where} is corrupted or not an exported model (the header is not a JSON object)")
+    size = len(raw) - 8 - n
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        end = None
+    if end is not None and end > size:
+        return ExportError(f"{where} is truncated (its tensors end at byte {end} of a {size}-byte data buffer)")
+    if end is not None and end < size:
+        return ExportError(f"{where} is corrupted: {size - end} bytes after the last tensor")
+    return ExportError(f"{where} is corrupted ({_short(error, 100)})")
+
+
 def read_safetensors(path: PathLike, check_sum: bool = True) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    """Read a safetensors file: ``(tensors, metadata)``. Strict: the header must be valid JSON,
-    every tensor's byte range must match its dtype and shape, the ranges must tile the data
-    buffer exactly (a truncated file or trailing bytes are errors), and when the metadata holds a
-    ``data_sha256`` it must match (``check_sum``). Raises :class:`ExportError` (one line).
-    Never unpickles anything."""
+    """Read a safetensors file: ``(tensors, metadata)``, with ``safetensors.torch.load``, which is
+    strict (valid JSON header, every tensor's byte range matching its dtype and shape, the ranges
+    tiling the data buffer exactly: a truncated file or trailing bytes are errors); when the
+    metadata holds a ``data_sha256`` it must match (``check_sum``). Raises :class:`ExportError`
+    (one line). Never unpickles anything."""
     p = Path(path)
     if not p.exists():
         raise ExportError(f"file not found: {str(p)!r}")
@@ -179,59 +195,13 @@ def read_safetensors(path: PathLike, check_sum: bool = True) -> Tuple[Dict[str, 
     if raw[:4] == b"PK\x03\x04":
         raise ExportError(f"{where} is a PyTorch zip file (a training checkpoint?), not an exported model: "
                           "run 'fsg export' on it first")
-    if len(raw) < 8:
-        raise ExportError(f"{where} is truncated or not an exported model ({len(raw)} bytes)")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n < 2 or n > MAX_HEADER:
-        raise ExportError(f"{where} is not an exported model (no safetensors header)")
-    if 8 + n > len(raw):
-        raise ExportError(f"{where} is truncated (header of {n} bytes, file of {len(raw)})")
     try:
-        header = json.loads(raw[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportError(f"{where} is corrupted or not an exported model (bad header: {_short(e, 60)})") from None
-    if not isinstance(header, dict):
-        raise ExportError(f"{where} is corrupted or not an exported model (the header is not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise ExportError(f"{where} is corrupted: __metadata__ must map strings to strings")
-    buffer = memoryview(raw)[8 + n:]
-    spans = []
-    tensors: Dict[str, Tensor] = {}
-    for name, info in header.items():
-        try:
-            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = (dtype_name in _BY_NAME and isinstance(shape, list)
-                  and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-                  and all(isinstance(o, int) and not isinstance(o, bool) for o in (begin, end)) and 0 <= begin <= end)
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise ExportError(f"{where} is corrupted: bad header entry for tensor {name!r}")
-        dt, np_dt = _BY_NAME[dtype_name]
-        count = math.prod(shape)
-        itemsize = np.dtype(np_dt).itemsize
-        if end - begin != count * itemsize:
-            raise ExportError(f"{where} is corrupted: tensor {name!r} has {end - begin} bytes for shape {shape} "
-                              f"of {dtype_name}")
-        if end > len(buffer):
-            raise ExportError(f"{where} is truncated (tensor {name!r} ends at byte {end} of a "
-                              f"{len(buffer)}-byte data buffer)")
-        spans.append((begin, end, name))
-        arr = np.frombuffer(buffer, dtype=np.dtype(np_dt), count=count, offset=begin).astype(
-            np.dtype(np_dt).newbyteorder("="), copy=True)
-        t = torch.from_numpy(arr).reshape(shape)
-        if dt == torch.bfloat16:
-            t = t.view(torch.bfloat16)
-        tensors[name] = t
-    pos = 0
-    for begin, end, name in sorted(spans):
-        if begin != pos:
-            raise ExportError(f"{where} is corrupted: tensor {name!r} starts at byte {begin}, expected {pos}")
-        pos = end
-    if pos != len(buffer):
-        raise ExportError(f"{where} is corrupted: {len(buffer) - pos} bytes after the last tensor")
-    if check_sum and "data_sha256" in meta and hashlib.sha256(buffer).hexdigest() != meta["data_sha256"]:
+        tensors = safetensors.torch.load(raw)
+    except Exception as e:  # noqa: BLE001 - SafetensorError, or anything a malformed header raises
+        raise _diagnose(raw, where, e) from None
+    start = _data_start(raw)
+    meta = json.loads(raw[8:start].decode("utf-8")).get("__metadata__") or {}  # validated by load
+    if check_sum and "data_sha256" in meta and hashlib.sha256(memoryview(raw)[start:]).hexdigest() != meta["data_sha256"]:
         raise ExportError(f"{where} is corrupted: its data does not match the checksum in its header")
     return tensors, meta
 
@@ -417,7 +387,7 @@ def _exported_tensors(model: nn.Module) -> Tuple[Dict[str, Tensor], List[Dict[st
                     names[part] = f"{canon}.{part}"
                 records.append({"name": owner, "shape": list(value.shape), "quantizer": qname, "bits": bits,
                                 "activations": owner in hooked, "encoding": encoding,
-                                "dtype": _DTYPES.get(value.dtype, (str(value.dtype),))[0], "tensors": names})
+                                "dtype": _DTYPE_NAMES.get(value.dtype, str(value.dtype)), "tensors": names})
                 continue
         else:
             canon = key
