@@ -9,9 +9,11 @@ import json
 import math
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from itertools import islice
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm import tqdm
 
 from fsg.binarize import binarize
 from fsg.cli.options import HelpFormatter, finite_or_none, nonnegative_float, nonnegative_int, parse_estimators, \
@@ -84,53 +86,41 @@ def add_parser(sub) -> None:
     demo.set_defaults(func=cmd_demo, command_parser=demo)
 
 
-def _cosine(lr: float, step: int, steps: int) -> float:
-    return 0.5 * lr * (1.0 + math.cos(math.pi * step / steps))
+def endless_batches(data, batch_size: int, order: torch.Generator) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled mini-batches of ``data``, epoch after epoch, in the order ``order`` draws."""
+    while True:
+        yield from batches(data, batch_size, generator=order)
 
 
 def _train_one(name: str, *, train, test, quantizer: str, optimizer: str, lr: float, schedule: str,
                steps: int, batch_size: int, seed: int, width: int, progress: bool) -> Dict[str, object]:
+    """One estimator's run: a fresh binarized SmallCNN trained ``steps`` steps by :class:`fsg.Trainer`,
+    then evaluated on ``test``."""
     torch.manual_seed(seed)  # same initial CNN (and hypernetwork init) for every estimator
     model = binarize(SmallCNN(in_channels=train.x.shape[1], num_classes=train.num_classes, width=width), quantizer)
     trainer = Trainer(model, name, optimizer=optimizer, lr=lr)
     order = torch.Generator().manual_seed(seed)  # same batch order for every estimator
 
     losses: List[float] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, desc=f"{name:>8s}", file=sys.stderr, leave=True)
     elapsed = 0.0
-    try:
-        while len(losses) < steps:
-            for x, y in batches(train, batch_size, generator=order):
-                if schedule == "cosine":
-                    for group in trainer.optimizer.param_groups:
-                        group["lr"] = _cosine(lr, len(losses), steps)
-                t0 = time.perf_counter()
-                result = trainer.step(x, y)
-                elapsed += time.perf_counter() - t0
-                losses.append(result.loss)
-                if bar is not None:
-                    window = losses[-TRAIN_LOSS_WINDOW:]
-                    bar.set_postfix(loss=f"{sum(window) / len(window):.3f}", refresh=False)
-                    bar.update(1)
-                if len(losses) >= steps:
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
+    with tqdm(total=steps, desc=f"{name:>8s}", file=sys.stderr, disable=not progress) as bar:
+        for step, (x, y) in enumerate(islice(endless_batches(train, batch_size, order), steps)):
+            if schedule == "cosine":  # annealed from lr to 0 over the run
+                for group in trainer.optimizer.param_groups:
+                    group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / steps))
+            t0 = time.perf_counter()
+            losses.append(trainer.step(x, y).loss)
+            elapsed += time.perf_counter() - t0
+            bar.set_postfix(loss=f"{_mean(losses[-TRAIN_LOSS_WINDOW:]):.3f}", refresh=False)
+            bar.update(1)
 
     test_loss, test_acc = evaluate(model, batches(test, 512, shuffle=False))
-    window = losses[-TRAIN_LOSS_WINDOW:]
-    return {
-        "train_loss": sum(window) / len(window),
-        "test_loss": test_loss,
-        "test_accuracy": test_acc,
-        "sec_per_step": elapsed / steps,
-        "steps": steps,
-    }
+    return {"train_loss": _mean(losses[-TRAIN_LOSS_WINDOW:]), "test_loss": test_loss, "test_accuracy": test_acc,
+            "sec_per_step": elapsed / steps, "steps": steps}
+
+
+def _mean(values: List[float]) -> float:
+    return sum(values) / len(values)
 
 
 def run_demo(estimators: Sequence[str] = ("ste", "multifc", "fsg"), *, quantizer: str = "dorefa",

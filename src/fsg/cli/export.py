@@ -75,17 +75,9 @@ def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 def cmd_summary(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``fsg summary``: the per-layer table of a file or of a built-in model."""
-    from fsg.models import get_model
     from fsg.io.summary import summary
 
-    size = None
-    if args.input_size:
-        try:
-            size = tuple(int(v) for v in args.input_size.replace("x", ",").split(","))
-        except ValueError:
-            raise ValueError(f"--input-size must be comma-separated integers like 3,32,32, got {args.input_size!r}") from None
-        if any(v < 1 for v in size):
-            raise ValueError(f"--input-size must be positive integers, got {args.input_size!r}")
+    size = _input_size(args.input_size) if args.input_size else None
     model_flags = [f for f in ("num_classes", "in_channels", "width", "quantizer", "bits", "keep_first", "keep_last",
                                "activations", "full_precision") if getattr(args, f) not in (None, False)]
     if args.source is not None:
@@ -96,24 +88,42 @@ def cmd_summary(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     else:
         if args.model is None:
             raise ValueError("give a checkpoint, run directory or exported file, or --model NAME")
-        kwargs = {"num_classes": args.num_classes or 10}
-        if args.model == "small-cnn":
-            kwargs.update(in_channels=args.in_channels or 1, width=args.width or 8)
-        elif args.in_channels not in (None, 3) or args.width is not None:
-            raise ValueError(f"--in-channels and --width are small-cnn options ({args.model} takes 3 channels)")
-        if args.activations:  # as fsg train builds it: sign() of a ReLU output would be constant
-            kwargs["activation"] = "hardtanh"
-        model = get_model(args.model, **kwargs)
-        if args.full_precision:
-            if any(f in model_flags for f in ("quantizer", "bits", "keep_first", "keep_last", "activations")):
-                raise ValueError("--full-precision excludes the binarization options")
-        else:
-            binarize(model, args.quantizer or "dorefa", bits=args.bits or 1, keep_first=args.keep_first,
-                     keep_last=args.keep_last, activations=args.activations)
-        result = summary(model, size)
+        result = summary(_builtin_model(args, model_flags), size)
         result.model = f"{result.model} ({args.model})"
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(result)
     return 0
+
+
+def _input_size(text: str) -> tuple:
+    """``--input-size C,H,W`` (or ``CxHxW``) as a tuple of positive integers."""
+    try:
+        size = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ValueError(f"--input-size must be comma-separated integers like 3,32,32, got {text!r}") from None
+    if any(v < 1 for v in size):
+        raise ValueError(f"--input-size must be positive integers, got {text!r}")
+    return size
+
+
+def _builtin_model(args: argparse.Namespace, model_flags: list):
+    """The ``--model`` network, binarized as the flags say (unless ``--full-precision``)."""
+    from fsg.models import get_model
+
+    kwargs = {"num_classes": args.num_classes or 10}
+    if args.model == "small-cnn":
+        kwargs.update(in_channels=args.in_channels or 1, width=args.width or 8)
+    elif args.in_channels not in (None, 3) or args.width is not None:
+        raise ValueError(f"--in-channels and --width are small-cnn options ({args.model} takes 3 channels)")
+    if args.activations:  # as fsg train builds it: sign() of a ReLU output would be constant
+        kwargs["activation"] = "hardtanh"
+    model = get_model(args.model, **kwargs)
+    if args.full_precision:
+        if any(f in model_flags for f in ("quantizer", "bits", "keep_first", "keep_last", "activations")):
+            raise ValueError("--full-precision excludes the binarization options")
+    else:
+        binarize(model, args.quantizer or "dorefa", bits=args.bits or 1, keep_first=args.keep_first,
+                 keep_last=args.keep_last, activations=args.activations)
+    return model

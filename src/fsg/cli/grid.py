@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from fsg.cli.options import NON_CONFIG, add_train_options, flag, grid_base_from_args, positive_int
+from fsg.cli.options import CONFIG_FIELDS, add_train_options, config_dict_from_args, flag, positive_int
 from fsg.estimators import ESTIMATORS
 from fsg.optim import OPTIMIZERS
 from fsg.quantizers import QUANTIZERS
@@ -52,7 +52,8 @@ def cmd_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from fsg.train.grid import format_markdown, run_grid, write_report
 
     if args.report_only is not None:
-        given = [k[4:] if k.startswith("est_") else k for k in vars(args) if k not in NON_CONFIG]  # train options
+        given = [k[4:] if k.startswith("est_") else k for k in vars(args)  # train options
+                 if k in CONFIG_FIELDS or k.startswith("est_")]
         given += [k for k in ("config", "dataset_option", "estimator_option", "estimators", "quantizers",
                               "optimizers", "seeds") if getattr(args, k)]
         if args.grid_out != "runs/grid":
@@ -65,7 +66,7 @@ def cmd_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     else:
         progress = not args.no_progress and sys.stderr.isatty()
         report = run_grid(args.grid_out, args.estimators, args.quantizers, args.optimizers, args.seeds,
-                          config=grid_base_from_args(args), last_k=args.last_k, x_axis=args.x_axis,
+                          config=config_dict_from_args(args), last_k=args.last_k, x_axis=args.x_axis,
                           progress=progress)
         out = args.grid_out
     if args.json:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 from fsg.estimators import ESTIMATORS
 from fsg.optim import ADAM_VARIANTS, OPTIMIZERS
@@ -15,7 +16,7 @@ from fsg.quantizers import QUANTIZERS
 from fsg.train.config import AMP_DTYPES, DATASET_NAMES, MODEL_NAMES, RESUME_CHANGEABLE, TrainConfig
 
 __all__ = ["ESTIMATOR_FLAGS", "PRETRAIN_DEFAULTS", "Parser", "HelpFormatter", "add_train_options",
-           "config_from_args", "grid_base_from_args", "parse_estimators"]
+           "config_from_args", "config_dict_from_args", "merge_config", "parse_estimators"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,8 +70,6 @@ def _amp(text: str) -> Optional[str]:
 
 def read_config_file(path: str) -> dict:
     """The fields of a JSON configuration file (``config.json`` of a run); one-line errors."""
-    from pathlib import Path
-
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -174,9 +173,7 @@ def add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = F
     ``fsg grid``, without ``--resume``, ``--out``, ``--seed``, ``--quantizer``, ``--optimizer`` and
     ``--estimator``, which the grid sets per run)."""
     S = argparse.SUPPRESS
-    dflt = TrainConfig().to_dict()
-    if pretrain:
-        dflt.update(PRETRAIN_DEFAULTS)
+    dflt = default_config(pretrain)
 
     bool_kw = dict(action=argparse.BooleanOptionalAction)
     g = p.add_argument_group("run")
@@ -281,77 +278,94 @@ def add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = F
                    metavar="KEY=VALUE", help="any other estimator option (value as JSON); repeatable")
 
 
-NON_CONFIG = {"command", "func", "command_parser", "pretrain", "config", "resume", "no_progress", "json",
-               "dataset_option", "estimator_option",
-               # fsg grid
-               "estimators", "quantizers", "optimizers", "seeds", "grid_out", "last_k", "x_axis", "report_only"}
+#: The configuration fields (:class:`TrainConfig`'s); a train option's ``dest`` is its field.
+CONFIG_FIELDS = frozenset(TrainConfig().to_dict())
+
+#: The fields that are dicts of options: a layer adds to them key by key instead of replacing them.
+OPTION_DICTS = ("estimator_options", "dataset_options")
 
 
-def config_from_args(args: argparse.Namespace):
+def default_config(pretrain: bool = False) -> Dict[str, object]:
+    """The defaults of ``fsg train`` (``pretrain``: of ``fsg pretrain``) as configuration fields."""
+    cfg = TrainConfig().to_dict()
+    if pretrain:
+        cfg.update(PRETRAIN_DEFAULTS)
+    return cfg
+
+
+def merge_config(base: Dict[str, object], *layers: Dict[str, object]) -> Dict[str, object]:
+    """``base`` with each layer over it in turn, later layers winning field by field; the option
+    dicts (:data:`OPTION_DICTS`) merge key by key. ``base`` is not changed."""
+    cfg = dict(base)
+    for layer in layers:
+        for key, value in layer.items():
+            if key in OPTION_DICTS:
+                value = {**(cfg.get(key) or {}), **(value or {})}
+            cfg[key] = value
+    return cfg
+
+
+def given_options(args: argparse.Namespace) -> Dict[str, object]:
+    """The configuration fields set by the flags given on the command line (the train options
+    default to ``argparse.SUPPRESS``, so a flag not given is absent): the estimator flags and
+    ``-E`` go into ``estimator_options``, ``--dataset-option`` into ``dataset_options``."""
+    given = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS}
+    est = {k[4:]: v for k, v in vars(args).items() if k.startswith("est_")}
+    est.update(dict(getattr(args, "estimator_option", None) or []))
+    datasets = dict(getattr(args, "dataset_option", None) or [])
+    if est:
+        given["estimator_options"] = est
+    if datasets:
+        given["dataset_options"] = datasets
+    return given
+
+
+def command_line_layers(args: argparse.Namespace) -> List[Dict[str, object]]:
+    """What the command line puts over the defaults (or a resumed checkpoint's configuration), in
+    order: the ``--config FILE`` fields (``fsg pretrain``: with ``full_precision`` forced on),
+    then the flags given (:func:`given_options`)."""
+    layers = [read_config_file(args.config) if args.config else {}]
+    if getattr(args, "pretrain", False):
+        layers.append({"full_precision": True})
+    return layers + [given_options(args)]
+
+
+def config_dict_from_args(args: argparse.Namespace) -> Dict[str, object]:
+    """The configuration of parsed ``fsg train``/``pretrain``/``grid`` arguments as a dict of
+    fields, not validated (``fsg grid`` validates each run): defaults < ``--config FILE`` < flags."""
+    return merge_config(default_config(getattr(args, "pretrain", False)), *command_line_layers(args))
+
+
+def resume_path(resume: str, out: str) -> Path:
+    """The checkpoint ``--resume [CHECKPOINT]`` names: CHECKPOINT (a run directory: its
+    ``last.pt``), or ``<out>/last.pt`` when none is given."""
+    path = Path(resume) if resume else Path(out) / "last.pt"
+    return path / "last.pt" if path.is_dir() else path
+
+
+def checkpoint_config(path: Path, pretrain: bool) -> Dict[str, object]:
+    """The configuration a checkpoint was written with (read without its tensors), its ``out``
+    the checkpoint's directory; a ``ValueError`` when it is not a checkpoint of this verb."""
+    from fsg.train.checkpoint import read_config
+
+    cfg = read_config(path)
+    cfg["out"] = str(path.parent)
+    if bool(cfg.get("full_precision")) != bool(pretrain):
+        made, asked = ("pretrain" if x else "train" for x in (cfg.get("full_precision"), pretrain))
+        raise ValueError(f"{str(path)!r} is a checkpoint of 'fsg {made}', not of 'fsg {asked}'")
+    return cfg
+
+
+def config_from_args(args: argparse.Namespace) -> Tuple[TrainConfig, Optional[Path]]:
     """``(TrainConfig, resume_path or None)`` from parsed ``fsg train/pretrain`` arguments: the
-    defaults (or the checkpoint's configuration when resuming), then ``--config FILE``, then the
-    flags given. Raises ``ValueError`` (one line) on bad input."""
-    from pathlib import Path
-
-    from fsg.train.checkpoint import load_checkpoint
-
-    given = {k: v for k, v in vars(args).items() if k not in NON_CONFIG and not k.startswith("est_")}
-    est_given = {k[4:]: v for k, v in vars(args).items() if k.startswith("est_")}
-    est_given.update(dict(getattr(args, "estimator_option", []) or []))
-    ds_given = dict(args.dataset_option or [])
-    file_cfg = {}
-    if args.config:
-        file_cfg = read_config_file(args.config)
-        if args.pretrain:
-            file_cfg["full_precision"] = True
-
-    resume = None
-    if args.resume is not None:
-        if args.resume:
-            resume = Path(args.resume)
-        else:
-            out = given.get("out") or file_cfg.get("out") or (PRETRAIN_DEFAULTS["out"] if args.pretrain
-                                                             else TrainConfig.out)
-            resume = Path(out) / "last.pt"
-        if resume.is_dir():
-            resume = resume / "last.pt"
-        base = dict(load_checkpoint(resume)["config"])
-        if "out" not in given and "out" not in file_cfg:
-            base["out"] = str(resume.parent)
-        if bool(base.get("full_precision")) != bool(args.pretrain):
-            raise ValueError(f"{str(resume)!r} is a checkpoint of 'fsg {'pretrain' if base.get('full_precision') else 'train'}'"
-                             f", not of 'fsg {'pretrain' if args.pretrain else 'train'}'")
-        base.update(file_cfg)
-    else:
-        base = TrainConfig().to_dict()
-        if args.pretrain:
-            base.update(PRETRAIN_DEFAULTS)
-        base.update(file_cfg)
-    base.update(given)
-    if est_given:
-        base["estimator_options"] = {**(base.get("estimator_options") or {}), **est_given}
-    if ds_given:
-        base["dataset_options"] = {**(base.get("dataset_options") or {}), **ds_given}
-    return TrainConfig.from_dict(base), resume
-
-
-def grid_base_from_args(args: argparse.Namespace) -> Dict[str, object]:
-    """The base configuration (a dict of TrainConfig fields, not validated: the grid validates
-    each run) of ``fsg grid``: defaults, then ``--config FILE``, then the flags given."""
-
-    base = TrainConfig().to_dict()
-    if args.config:
-        file_cfg = read_config_file(args.config)
-        base.update(file_cfg)
-    base.update({k: v for k, v in vars(args).items() if k not in NON_CONFIG and not k.startswith("est_")})
-    est_given = {k[4:]: v for k, v in vars(args).items() if k.startswith("est_")}
-    est_given.update(dict(args.estimator_option or []))
-    if est_given:
-        base["estimator_options"] = {**(base.get("estimator_options") or {}), **est_given}
-    ds_given = dict(args.dataset_option or [])
-    if ds_given:
-        base["dataset_options"] = {**(base.get("dataset_options") or {}), **ds_given}
-    return base
+    defaults (the checkpoint's configuration when resuming) < ``--config FILE`` < the flags given
+    (:func:`merge_config`). Raises ``ValueError`` (one line) on bad input."""
+    layers = command_line_layers(args)
+    cfg = merge_config(default_config(args.pretrain), *layers)
+    if args.resume is None:
+        return TrainConfig.from_dict(cfg), None
+    resume = resume_path(args.resume, cfg["out"])
+    return TrainConfig.from_dict(merge_config(checkpoint_config(resume, args.pretrain), *layers)), resume
 
 
 def fmt_pct(x: Optional[float]) -> str:

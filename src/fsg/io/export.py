@@ -289,7 +289,7 @@ def model_from_checkpoint(checkpoint: PathLike) -> Tuple[nn.Module, Dict[str, An
     path = Path(checkpoint)
     if path.is_dir():
         path = path / "last.pt"
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, mmap=True)  # only the model's tensors are read
     where = repr(str(path))
     try:
         cfg = TrainConfig.from_dict(ckpt["config"])
