@@ -14,6 +14,10 @@ Step ``t ≥ 1``::
     5. weight update    W.grad ← U_l;  base optimizer π ∈ {SGD, SGD-M, Adam} steps every parameter,
                         p ← p − η_t·d_p; the applied directions d_p are kept for the next step's
                         look-ahead (W.grad_prev and b.grad_prev above are these d_p: fsg.optim)
+    (between 4 and 5, with the new observation g⁽ᵗ⁾, W̃⁽ᵗ⁾ → estimator.observe)
+                        estimator.commit(): the carried state computed in 1 (LSTMFC's (h, c), FSG's
+                        stream state) becomes current; directions() itself changes no state, so a
+                        step rejected by the non-finite check (below) commits nothing
 
 STE (and any estimator with ``lookahead = False``) is plain training: forward at ``W``,
 backward, optional replacement of ``W.grad`` by ``U_l``, optimizer step.
@@ -408,6 +412,7 @@ class Trainer:
         for i, layer in enumerate(self.layers):
             p = layer.parametrization
             est.observe(i, p.grad, p.w_tilde)
+        est.commit()  # the carried state (LSTMFC's (h, c), FSG's stream state) computed by directions()
 
         # 5. weight update
         if meta or not est.lookahead:

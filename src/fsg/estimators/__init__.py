@@ -20,17 +20,26 @@ name            hypernetwork output ``G`` (gradient w.r.t. W̃)   ``D`` (look-ah
 ``fsg``         ``G_fast = g ⊙ F(W̃)``; ``G_slow = S([e_l, HGS])``  ``β·G_slow + (1−β)·c⊙G_fast``                ``D`` (combined) or ``c⊙G_fast`` (fast)
 ==============  ==============================================  ==========================================  ===================
 
+Every estimator's options are one frozen dataclass (``FSGConfig`` etc., :mod:`fsg.estimators.config`),
+registered with it; :func:`check_options` validates a dict of options without building anything,
+:func:`options_table_markdown` renders the README's table of them.
+
 FSG's LSTM ablation, ``slow_net="lstm-fc"``, has ``G_slow = g ⊙ FC(LSTM(W̃))`` (MetaQuant's
 LSTMFC, :class:`LSTMFC`) instead, with no history and no layer embedding.
 """
 
-from fsg.estimators.base import ESTIMATORS, STATE_DTYPES, Estimator, LayerContext, get_estimator, register_estimator
+from fsg.estimators.base import (ESTIMATORS, STATE_DTYPES, Estimator, LayerContext, check_options, estimator_config,
+                                  get_estimator, option_names, options_table_markdown, register_estimator,
+                                  takes_any_option)
+from fsg.estimators.config import EstimatorConfig, OptionSpec, option
 from fsg.estimators.nets import ElementwiseMLP, SlowNet
-from fsg.estimators.ste import STE
-from fsg.estimators.metaquant import LSTMFC, FCGrad, MultiFC
-from fsg.estimators.fsg import FSG
+from fsg.estimators.ste import STE, STEConfig
+from fsg.estimators.metaquant import LSTMFC, FCGrad, FCGradConfig, LSTMFCConfig, MultiFC, MultiFCConfig
+from fsg.estimators.fsg import FSG, FSGConfig
 
 __all__ = [
     "LayerContext", "Estimator", "ESTIMATORS", "register_estimator", "get_estimator",
     "STE", "FCGrad", "MultiFC", "LSTMFC", "FSG", "ElementwiseMLP", "SlowNet", "STATE_DTYPES",
+    "EstimatorConfig", "OptionSpec", "option", "STEConfig", "FCGradConfig", "MultiFCConfig", "LSTMFCConfig",
+    "FSGConfig", "estimator_config", "option_names", "takes_any_option", "check_options", "options_table_markdown",
 ]

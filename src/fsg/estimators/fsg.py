@@ -7,20 +7,90 @@ gradients with a learned per-layer embedding (METHOD.md §5).
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Deque, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from fsg.estimators.base import (STATE_DTYPES, Estimator, LayerContext, check_choice, check_int, check_lr,
-                                  register_estimator)
+from fsg.estimators.base import STATE_DTYPES, Estimator, LayerContext, register_estimator
+from fsg.estimators.config import EstimatorConfig, option
 from fsg.estimators.metaquant import LSTMFC
 from fsg.estimators.nets import ElementwiseMLP, SlowNet
 
-__all__ = ["FSG"]
+__all__ = ["FSG", "FSGConfig"]
+
+_LR = dict(kind="float", low=0, low_open=True)
+_SIZE = dict(kind="int", low=1)
 
 
-@register_estimator("fsg")
+@dataclass(frozen=True)
+class FSGConfig(EstimatorConfig):
+    """Options of FSG; ``None`` (history, lre, layout, lstm_hidden) means "unset": the value that
+    follows from the slow-net (:meth:`resolved`). Cross-field rules (:meth:`check`): the
+    ``lstm-fc`` slow-net takes no ``history``/``lre``/``layout``; ``state_dtype`` other than
+    float32 needs ``slow_net="mamba"`` and ``layout="stream"``."""
+
+    beta: float = option(0.9, "weight β of the slow gradient, D = β·G_slow + (1−β)·c⊙G_fast",
+                         kind="float", low=0, high=1)
+    history: Optional[int] = option(None, "length L of the gradient history HGS, mamba slow-net (1 = no history)",
+                                    default_text="5 (mamba slow-net)", **_SIZE)
+    update: str = option("combined", "weight update U: combined = D (the paper), fast = c⊙G_fast (the reference code)",
+                         kind="choice", choices=("combined", "fast"))
+    lre: Optional[bool] = option(None, "learned layer embedding, the first slow-net token (mamba slow-net)",
+                                 kind="bool", default_text="on (mamba slow-net)")
+    slow_net: str = option("mamba", "slow-net: mamba = a Mamba block reading the gradient history (the paper); "
+                           "lstm-fc = MetaQuant's LSTMFC on W̃, no history, no layer embedding (the paper's LSTM "
+                           "ablation; history, lre and layout must stay unset)",
+                           kind="choice", choices=("mamba", "lstm-fc"))
+    layout: Optional[str] = option(None, "mamba slow-net input: flat = one sequence per layer (the paper), temporal = "
+                                   "one per weight, stream = the temporal layout as a recurrence with per-weight state",
+                                   kind="choice", choices=("flat", "temporal", "stream"), optional=True,
+                                   default_text="flat (mamba slow-net)")
+    fast_hidden: int = option(100, "fast-net hidden width h (1→h→h→1)", **_SIZE)
+    fast_nonlinearity: Optional[str] = option(None, "fast-net nonlinearity (None: linear)",
+                                              kind="choice", choices=(None, "relu", "tanh"))
+    d_state: int = option(16, "Mamba state size", **_SIZE)
+    d_conv: int = option(8, "Mamba causal convolution width", **_SIZE)
+    expand: int = option(100, "Mamba channels d_inner = expand (d_model = 1)", **_SIZE)
+    lstm_hidden: Optional[int] = option(None, "hidden size of the lstm-fc slow-net's LSTM",
+                                        default_text="fast_hidden", **_SIZE)
+    recompute: bool = option(True, "recompute each layer's slow-net activations in the backward pass instead of "
+                             "keeping them (bounded memory)", kind="bool")
+    fast_lr: float = option(1e-2, "Adam learning rate of the fast-net", **_LR)
+    slow_lr: float = option(1e-3, "Adam learning rate of the slow-net", **_LR)
+    lre_lr: float = option(1e-3, "Adam learning rate of the layer embedding", **_LR)
+    state_dtype: str = option("float32", "layout stream: dtype of the carried per-weight Mamba state; 16 bits halve "
+                              "it and keep one copy (float32 arithmetic, rounded to nearest even when stored)",
+                              kind="choice", choices=tuple(STATE_DTYPES))
+
+    def validate(self) -> "FSGConfig":
+        if self.slow_net == "lstm":
+            raise ValueError("slow_net='lstm' (an LSTM scanning the flat gradient history) was removed; the "
+                             "paper's LSTM ablation is slow_net='lstm-fc' (MetaQuant's LSTMFC on W̃)")
+        return super().validate()
+
+    def check(self) -> None:
+        if self.slow_net == "lstm-fc":
+            given = [k for k in ("history", "lre", "layout") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"slow_net='lstm-fc' reads W̃, not the gradient history, and has no layer "
+                                 f"embedding: leave {', '.join(given)} unset")
+        if self.state_dtype != "float32" and (self.slow_net != "mamba" or self.resolved()["layout"] != "stream"):
+            raise ValueError(f"state_dtype={self.state_dtype!r} stores the carried Mamba state of layout='stream': "
+                             f"it needs slow_net='mamba' and layout='stream'")
+
+    def resolved(self) -> Dict[str, object]:
+        """The unset options' values: ``history`` (L; 0 with lstm-fc: no HGS), ``lre``, ``layout``
+        (``None`` with lstm-fc) and ``lstm_hidden``."""
+        if self.slow_net == "lstm-fc":
+            return {"history": 0, "lre": False, "layout": None,
+                    "lstm_hidden": self.fast_hidden if self.lstm_hidden is None else self.lstm_hidden}
+        return {"history": 5 if self.history is None else self.history, "lre": True if self.lre is None else self.lre,
+                "layout": "flat" if self.layout is None else self.layout, "lstm_hidden": self.lstm_hidden}
+
+
+@register_estimator("fsg", config=FSGConfig)
 class FSG(Estimator):
     """Fast and Slow Gradient generation (AAAI 2025).
 
@@ -65,66 +135,34 @@ class FSG(Estimator):
       copy exists instead of two) and, with ``recompute``, the step keeps nothing of the
       slow-net's activations for the backward pass (see :meth:`fsg.mamba.Mamba.stream`); the
       float32 state keeps the previous behaviour exactly (two alternating state buffers).
+    * carried state (the stream layout's per-weight Mamba state ``s⁽ᵗ⁾``; the lstm-fc slow-net's
+      ``(h, c)``): :meth:`directions` computes ``(G_slow, s⁽ᵗ⁾)`` from ``s⁽ᵗ⁻¹⁾`` and leaves ``s⁽ᵗ⁾``
+      pending (:attr:`pending_stream`); :meth:`commit`, called by the trainer after the step's
+      backward pass, makes it the carried state. A 16-bit in-place state is the exception the
+      memory saving needs: the backward pass through ``G_slow`` overwrites it with ``s⁽ᵗ⁾``.
+    * options: :class:`FSGConfig` (``FSG(**options)`` = ``FSG(FSGConfig(**options))``).
     """
 
-    def __init__(
-        self,
-        beta: float = 0.9,
-        history: Optional[int] = None,
-        update: str = "combined",
-        lre: Optional[bool] = None,
-        slow_net: str = "mamba",
-        layout: Optional[str] = None,
-        fast_hidden: int = 100,
-        fast_nonlinearity: Optional[str] = None,
-        d_state: int = 16,
-        d_conv: int = 8,
-        expand: int = 100,
-        lstm_hidden: Optional[int] = None,
-        recompute: bool = True,
-        fast_lr: float = 1e-2,
-        slow_lr: float = 1e-3,
-        lre_lr: float = 1e-3,
-        state_dtype: str = "float32",
-    ):
+    def __init__(self, config: Optional[FSGConfig] = None, **options):
         super().__init__()
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
-        self.beta = float(beta)
-        if slow_net == "lstm":
-            raise ValueError("slow_net='lstm' (an LSTM scanning the flat gradient history) was removed; the "
-                             "paper's LSTM ablation is slow_net='lstm-fc' (MetaQuant's LSTMFC on W̃)")
-        check_choice("slow_net", slow_net, ("mamba", "lstm-fc"))
-        self.slow_net = slow_net
-        check_choice("update", update, ("combined", "fast"))
-        self.update = update
-        self.recompute = bool(recompute)
-        self.fast = ElementwiseMLP(fast_hidden, depth=3, nonlinearity=fast_nonlinearity)
-        if slow_net == "lstm-fc":
-            given = [k for k, v in (("history", history), ("lre", lre), ("layout", layout)) if v is not None]
-            if given:
-                raise ValueError(f"slow_net='lstm-fc' reads W̃, not the gradient history, and has no layer "
-                                 f"embedding: leave {', '.join(given)} unset")
-            # no HGS (a FIFO of length 0 keeps nothing), no LRE
-            self.history_len, self.layout, self.use_lre = 0, None, False
+        cfg = self.config = FSGConfig.from_options(config, **options)
+        unset = cfg.resolved()
+        self.beta = float(cfg.beta)
+        self.slow_net, self.update, self.recompute = cfg.slow_net, cfg.update, bool(cfg.recompute)
+        self.fast = ElementwiseMLP(cfg.fast_hidden, depth=3, nonlinearity=cfg.fast_nonlinearity)
+        self.history_len, self.layout, self.use_lre = unset["history"], unset["layout"], unset["lre"]
+        if cfg.slow_net == "lstm-fc":
             # MetaQuant's LSTMFC module, G_slow = its refined(ctx); its own meta_lr is unused here
-            self.slow = LSTMFC(hidden=check_int("lstm_hidden", fast_hidden if lstm_hidden is None else lstm_hidden))
+            self.slow = LSTMFC(hidden=unset["lstm_hidden"])
         else:
-            self.history_len = check_int("history (L)", 5 if history is None else history)
-            self.layout = "flat" if layout is None else layout
-            check_choice("layout", self.layout, ("flat", "temporal", "stream"))
-            self.use_lre = True if lre is None else bool(lre)
-            self.slow = SlowNet(d_state=d_state, d_conv=d_conv, expand=expand)
-        check_choice("state_dtype", state_dtype, tuple(STATE_DTYPES))
-        if state_dtype != "float32" and (self.slow_net != "mamba" or self.layout != "stream"):
-            raise ValueError(f"state_dtype={state_dtype!r} stores the carried Mamba state of layout='stream': "
-                             f"it needs slow_net='mamba' and layout='stream'")
-        self.state_dtype = state_dtype
-        self.fast_lr = check_lr("fast_lr", fast_lr)
-        self.slow_lr = check_lr("slow_lr", slow_lr)
-        self.lre_lr = check_lr("lre_lr", lre_lr)
+            self.slow = SlowNet(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand)
+        self.state_dtype = cfg.state_dtype
+        self.fast_lr, self.slow_lr, self.lre_lr = float(cfg.fast_lr), float(cfg.slow_lr), float(cfg.lre_lr)
         self.lre: Optional[nn.Embedding] = None
         self.hgs: List[Deque[Tensor]] = []
+        self.stream_states: List[Optional[tuple]] = []
+        self._stream_spare: List[Optional[Tensor]] = []
+        self.pending_stream: Dict[int, tuple] = {}
 
     def setup(self, layer_names, layer_shapes) -> None:
         super().setup(layer_names, layer_shapes)
@@ -139,21 +177,24 @@ class FSG(Estimator):
         # per layer, the scan-state tensor of two steps ago: free once the previous step's
         # backward is done, so the next state is written into it (no 1.7 GB allocation per step)
         self._stream_spare: List[Optional[Tensor]] = [None] * n
-        # 16-bit state, updated in place: per layer, the pending update's finish() (see observe)
-        self._stream_finish: List[Optional[Callable[[], None]]] = [None] * n
+        #: per layer index, what this step's slow_gradient computed and commit() will carry:
+        #: ``(new state, the next spare buffer, finish)`` — ``finish`` completes a 16-bit in-place update
+        self.pending_stream: Dict[int, tuple] = {}
 
     def observe(self, index: int, grad: Tensor, w_tilde: Tensor) -> None:
         self.hgs[index].append(grad.detach())
-        self._finish_stream(index)  # after the backward pass: the in-place state update is complete
 
-    def _finish_stream(self, index: Optional[int] = None) -> None:
-        """Complete the pending in-place state updates (one layer, or all): normally the step's
-        backward pass has written the new state already and this only drops the handle."""
-        pending = getattr(self, "_stream_finish", None) or []
-        for i in range(len(pending)) if index is None else [index]:
-            if pending[i] is not None:
-                pending[i]()
-                pending[i] = None
+    def commit(self) -> None:
+        """Carry this step's new states: LSTMFC's ``(h, c)`` (slow_net ``lstm-fc``) and, with the
+        stream layout, each layer's Mamba state ``s⁽ᵗ⁾`` (after the backward pass: a 16-bit state's
+        in-place update is completed here)."""
+        if self.slow_net == "lstm-fc":
+            self.slow.commit()
+        for i, (state, spare, finish) in self.pending_stream.items():
+            if finish is not None:
+                finish()
+            self.stream_states[i], self._stream_spare[i] = state, spare
+        self.pending_stream.clear()
 
     def slow_gradient(self, index: int) -> Tensor:
         """``G_slow`` of layer ``index`` from its history (the last entry is ``g⁽ᵗ⁻¹⁾``)."""
@@ -163,19 +204,7 @@ class FSG(Estimator):
         shape = hist[-1].shape
         n = hist[-1].numel()
         if self.layout == "stream":
-            seq = hist[-1].reshape(n, 1, 1)
-            self._finish_stream(index)  # (normally done by observe)
-            state = self.stream_states[index]
-            if state is None and self.lre is not None:  # the stream starts with the layer's token
-                seq = torch.cat([self.lre.weight[index].view(1, 1, 1).expand(n, 1, 1).to(seq.dtype), seq], dim=1)
-            if self.state_dtype == "float32":
-                out, new_state = self.slow.stream(seq, state, state_buffer=self._stream_spare[index])
-                self._stream_spare[index] = state[-1] if (state is not None and self.slow.kind == "mamba") else None
-            else:  # 16 bits, one copy: the step's backward pass writes the new state over the old
-                out, new_state, self._stream_finish[index] = self.slow.mamba.stream(
-                    seq, state, state_dtype=STATE_DTYPES[self.state_dtype], low_memory=self.recompute, in_place=True)
-            self.stream_states[index] = new_state
-            return out[:, -1, 0].reshape(shape)
+            return self.stream_gradient(index, hist[-1].reshape(n, 1, 1)).reshape(shape)
         if self.layout == "flat":
             seq = torch.cat([h.reshape(-1) for h in hist]).view(1, -1, 1)
             first = self.lre.weight[index].view(1, 1, 1) if self.lre is not None else None
@@ -190,6 +219,26 @@ class FSG(Estimator):
         out = self.slow(seq, low_memory=self.recompute)
         g_slow = out[0, -n:, 0] if self.layout == "flat" else out[:, -1, 0]
         return g_slow.reshape(shape)
+
+    def stream_gradient(self, index: int, seq: Tensor) -> Tensor:
+        """Layout ``stream``: ``G_slow`` (n,) from the carried state ``s⁽ᵗ⁻¹⁾`` and the new token
+        ``seq = g⁽ᵗ⁻¹⁾`` (n, 1, 1): ``(y, s⁽ᵗ⁾) = S.stream(seq, s⁽ᵗ⁻¹⁾)``, ``G_slow = y`` at the last
+        position. ``s⁽ᵗ⁾`` is left pending for :meth:`commit`; the carried state is not changed
+        (a 16-bit state is overwritten in place later, by the backward pass through ``y``)."""
+        n = seq.shape[0]
+        state = self.stream_states[index]
+        if state is None and self.lre is not None:  # the stream starts with the layer's token
+            seq = torch.cat([self.lre.weight[index].view(1, 1, 1).expand(n, 1, 1).to(seq.dtype), seq], dim=1)
+        if self.state_dtype == "float32":
+            # the new state goes into the spare buffer (free: two steps old); the old one becomes the next spare
+            out, new_state = self.slow.stream(seq, state, state_buffer=self._stream_spare[index])
+            spare, finish = (state[-1] if (state is not None and self.slow.kind == "mamba") else None), None
+        else:  # 16 bits, one copy: the step's backward pass writes the new state over the old
+            out, new_state, finish = self.slow.mamba.stream(
+                seq, state, state_dtype=STATE_DTYPES[self.state_dtype], low_memory=self.recompute, in_place=True)
+            spare = self._stream_spare[index]
+        self.pending_stream[index] = (new_state, spare, finish)
+        return out[:, -1, 0]
 
     def directions(self, ctx: LayerContext) -> Tuple[Tensor, Tensor]:
         g_fast = ctx.grad * self.fast(ctx.w_tilde)
@@ -213,7 +262,6 @@ class FSG(Estimator):
         return groups
 
     def get_extra_state(self):
-        self._finish_stream()
         return {"hgs": [list(h) for h in self.hgs],
                 "stream": [list(s) if s is not None else None for s in self.stream_states]}
 
@@ -222,4 +270,4 @@ class FSG(Estimator):
         streams = state.get("stream") or [None] * len(self.hgs)
         self.stream_states = [tuple(s) if s is not None else None for s in streams]
         self._stream_spare = [None] * len(self.stream_states)
-        self._stream_finish = [None] * len(self.stream_states)
+        self.pending_stream = {}

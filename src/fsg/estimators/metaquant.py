@@ -4,23 +4,53 @@ the look-ahead rule ``D = c⊙G + (W.grad_prev − c⊙G).detach()``, ``U = c⊙
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
-from fsg.estimators.base import Estimator, LayerContext, check_int, check_lr, register_estimator
+from fsg.estimators.base import Estimator, LayerContext, register_estimator
+from fsg.estimators.config import EstimatorConfig, option
 from fsg.estimators.nets import ElementwiseMLP, run_lstm
 
 
-__all__ = ["FCGrad", "MultiFC", "LSTMFC"]
+__all__ = ["FCGrad", "MultiFC", "LSTMFC", "FCGradConfig", "MultiFCConfig", "LSTMFCConfig"]
+
+_NONLINEARITY = dict(kind="choice", choices=(None, "relu", "tanh"))
+_META_LR = dict(kind="float", low=0, low_open=True)
+
+
+@dataclass(frozen=True)
+class FCGradConfig(EstimatorConfig):
+    """Options of FC-Grad, ``G = M(g)``, ``M``: ``1→h→1``."""
+
+    hidden: int = option(100, "hidden width h of the hypernetwork M", kind="int", low=1)
+    nonlinearity: Optional[str] = option(None, "nonlinearity between M's layers (None: M is linear)",
+                                         **_NONLINEARITY)
+    meta_lr: float = option(1e-3, "Adam learning rate of the hypernetwork", **_META_LR)
+
+
+@dataclass(frozen=True)
+class MultiFCConfig(FCGradConfig):
+    """Options of MultiFC, ``G = g ⊙ M(W̃)``, ``M``: ``1→h→h→1`` (those of FC-Grad)."""
+
+
+@dataclass(frozen=True)
+class LSTMFCConfig(EstimatorConfig):
+    """Options of LSTMFC, ``G = g ⊙ FC(LSTM(W̃))``."""
+
+    hidden: int = option(100, "hidden size of the LSTM (MetaQuant's paper and scripts; earlier fsg versions used 20)",
+                         kind="int", low=1)
+    meta_lr: float = option(1e-3, "Adam learning rate of the hypernetwork", **_META_LR)
 
 
 class _MetaQuant(Estimator):
     """Common MetaQuant look-ahead rule: ``D = c⊙G + (W.grad_prev − c⊙G).detach()``, ``U = c⊙G``."""
 
-    def __init__(self, meta_lr: float = 1e-3):
+    def __init__(self, config: EstimatorConfig):
         super().__init__()
-        self.meta_lr = check_lr("meta_lr", meta_lr)
+        self.config = config
+        self.meta_lr = float(config.meta_lr)
 
     def refined(self, ctx: LayerContext) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -34,31 +64,33 @@ class _MetaQuant(Estimator):
         return [{"name": "meta", "params": list(self.parameters()), "lr": self.meta_lr}]
 
 
-@register_estimator("fc-grad")
+@register_estimator("fc-grad", config=FCGradConfig)
 class FCGrad(_MetaQuant):
     """MetaQuant FC-Grad: ``G = M(g)``, ``M`` two bias-free linear layers ``1→h→1``."""
 
-    def __init__(self, hidden: int = 100, nonlinearity: Optional[str] = None, meta_lr: float = 1e-3):
-        super().__init__(meta_lr)
-        self.net = ElementwiseMLP(hidden, depth=2, nonlinearity=nonlinearity)
+    def __init__(self, config: Optional[FCGradConfig] = None, **options):
+        cfg = FCGradConfig.from_options(config, **options)
+        super().__init__(cfg)
+        self.net = ElementwiseMLP(cfg.hidden, depth=2, nonlinearity=cfg.nonlinearity)
 
     def refined(self, ctx: LayerContext) -> Tensor:
         return self.net(ctx.grad)
 
 
-@register_estimator("multifc")
+@register_estimator("multifc", config=MultiFCConfig)
 class MultiFC(_MetaQuant):
     """MetaQuant MultiFC: ``G = g ⊙ M(W̃)``, ``M`` three bias-free linear layers ``1→h→h→1``."""
 
-    def __init__(self, hidden: int = 100, nonlinearity: Optional[str] = None, meta_lr: float = 1e-3):
-        super().__init__(meta_lr)
-        self.net = ElementwiseMLP(hidden, depth=3, nonlinearity=nonlinearity)
+    def __init__(self, config: Optional[MultiFCConfig] = None, **options):
+        cfg = MultiFCConfig.from_options(config, **options)
+        super().__init__(cfg)
+        self.net = ElementwiseMLP(cfg.hidden, depth=3, nonlinearity=cfg.nonlinearity)
 
     def refined(self, ctx: LayerContext) -> Tensor:
         return ctx.grad * self.net(ctx.w_tilde)
 
 
-@register_estimator("lstmfc")
+@register_estimator("lstmfc", config=LSTMFCConfig)
 class LSTMFC(_MetaQuant):
     """MetaQuant LSTMFC: ``G = g ⊙ FC(LSTM(W̃))``.
 
@@ -67,24 +99,37 @@ class LSTMFC(_MetaQuant):
     one number per element; the LSTM's ``(h, c)`` per binarized layer is carried (detached) from
     step to step and is part of the module's state (``get_extra_state``). FSG's
     ``slow_net="lstm-fc"`` uses this module as its slow-net (G_slow = :meth:`refined`).
+
+    :meth:`refined` (and so :meth:`directions`) reads the carried ``(h, c)⁽ᵗ⁻¹⁾`` of the layer,
+    computes ``(h, c)⁽ᵗ⁾ = LSTM(W̃, (h, c)⁽ᵗ⁻¹⁾)`` and keeps it in :attr:`pending_states`;
+    :meth:`commit` carries it (``states[l] ← (h, c)⁽ᵗ⁾``).
     """
 
-    def __init__(self, hidden: int = 100, meta_lr: float = 1e-3):
-        super().__init__(meta_lr)
-        self.hidden = check_int("hidden", hidden)
-        self.lstm = nn.LSTM(1, hidden)
-        self.fc = nn.Linear(hidden, 1)
+    def __init__(self, config: Optional[LSTMFCConfig] = None, **options):
+        cfg = LSTMFCConfig.from_options(config, **options)
+        super().__init__(cfg)
+        self.hidden = cfg.hidden
+        self.lstm = nn.LSTM(1, cfg.hidden)
+        self.fc = nn.Linear(cfg.hidden, 1)
         self.states: List[Optional[Tuple[Tensor, Tensor]]] = []
+        #: per layer index, the ``(h, c)`` computed by this step's :meth:`refined`, not yet committed
+        self.pending_states: Dict[int, Tuple[Tensor, Tensor]] = {}
 
     def setup(self, layer_names, layer_shapes) -> None:
         super().setup(layer_names, layer_shapes)
         self.states = [None] * len(self.layer_names)
+        self.pending_states = {}
 
     def refined(self, ctx: LayerContext) -> Tensor:
         x = ctx.w_tilde.reshape(1, -1, 1)
         _, (h, c) = run_lstm(self.lstm, x, self.states[ctx.index])
-        self.states[ctx.index] = (h.detach(), c.detach())
+        self.pending_states[ctx.index] = (h.detach(), c.detach())
         return ctx.grad * self.fc(h[0]).view_as(ctx.grad)
+
+    def commit(self) -> None:
+        for i, state in self.pending_states.items():
+            self.states[i] = state
+        self.pending_states.clear()
 
     def get_extra_state(self):
         return {"states": self.states}
