@@ -15,7 +15,7 @@ from fsg.optim import ADAM_VARIANTS, OPTIMIZERS
 from fsg.quantizers import QUANTIZERS
 from fsg.train.config import AMP_DTYPES, DATASET_NAMES, MODEL_NAMES, RESUME_CHANGEABLE, TrainConfig
 
-__all__ = ["ESTIMATOR_FLAGS", "PRETRAIN_DEFAULTS", "Parser", "HelpFormatter", "add_train_options",
+__all__ = ["ESTIMATOR_FLAGS", "estimator_flags", "PRETRAIN_DEFAULTS", "Parser", "HelpFormatter", "add_train_options",
            "config_from_args", "config_dict_from_args", "merge_config", "parse_estimators"]
 
 
@@ -109,45 +109,59 @@ def choices_or_none(options):
     return parse
 
 
-#: Estimator options as flags: option name -> (argparse keywords, help). The option names are the
-#: estimators' constructor keywords (``--slow-net`` sets ``slow_net``).
-ESTIMATOR_FLAGS = {
-    "beta": (dict(type=unit_float), "fsg: weight β of the slow gradient (default 0.9)"),
-    "history": (dict(type=positive_int), "fsg (mamba slow-net): length L of the gradient history HGS "
-                "(default 5; 1 = no history)"),
-    "update": (dict(choices=["combined", "fast"]),
-               "fsg: weight update, combined = the paper's β·G_slow + (1-β)·c·G_fast, fast = the reference "
-               "code's c·G_fast (default combined)"),
-    "lre": (dict(action=argparse.BooleanOptionalAction), "fsg (mamba slow-net): learned layer embedding (default on)"),
-    "slow_net": (dict(choices=["mamba", "lstm-fc"]),
-                 "fsg: slow-net, mamba = a Mamba block reading the gradient history (the paper), lstm-fc = "
-                 "MetaQuant's LSTMFC on the pre-quantized weight, no history, no layer embedding (the paper's "
-                 "LSTM ablation; --history, --lre and --layout do not apply) (default mamba)"),
-    "layout": (dict(choices=["flat", "temporal", "stream"]),
-               "fsg (mamba slow-net): slow-net input, flat = one sequence per layer (the paper), temporal = one "
-               "per weight, stream = the temporal layout as a recurrence with per-weight state (default flat)"),
-    "fast_hidden": (dict(type=positive_int), "fsg: fast-net hidden width (default 100)"),
-    "fast_nonlinearity": (dict(type=choices_or_none(["relu", "tanh"]), metavar="{none,relu,tanh}"),
-                          "fsg: fast-net nonlinearity (default none)"),
-    "d_state": (dict(type=positive_int), "fsg: Mamba state size (default 16)"),
-    "d_conv": (dict(type=positive_int), "fsg: Mamba causal conv width (default 8)"),
-    "expand": (dict(type=positive_int), "fsg: Mamba channels d_inner = expand (d_model = 1; default 100)"),
-    "lstm_hidden": (dict(type=positive_int), "fsg: hidden size of the lstm-fc slow-net's LSTM "
-                    "(default: --fast-hidden, 100)"),
-    "recompute": (dict(action=argparse.BooleanOptionalAction),
-                  "fsg: recompute each layer's slow-net activations in the backward pass instead of "
-                  "keeping them (bounded memory; default on)"),
-    "state_dtype": (dict(choices=["float32", "bfloat16", "float16"]),
-                    "fsg, layout stream: dtype of the carried per-weight Mamba state; 16 bits halve it and keep "
-                    "one copy (float32 arithmetic, rounded to nearest even when stored; default float32)"),
-    "fast_lr": (dict(type=positive_float), "fsg: Adam lr of the fast-net (default 1e-2)"),
-    "slow_lr": (dict(type=positive_float), "fsg: Adam lr of the slow-net (default 1e-3)"),
-    "lre_lr": (dict(type=positive_float), "fsg: Adam lr of the layer embedding (default 1e-3)"),
-    "hidden": (dict(type=positive_int), "fc-grad, multifc, lstmfc: hypernetwork hidden size (default 100)"),
-    "nonlinearity": (dict(type=choices_or_none(["relu", "tanh"]), metavar="{none,relu,tanh}"),
-                     "fc-grad, multifc: hypernetwork nonlinearity (default none)"),
-    "meta_lr": (dict(type=positive_float), "fc-grad, multifc, lstmfc: Adam lr of the hypernetwork (default 1e-3)"),
-}
+def flag_kwargs(spec) -> dict:
+    """The argparse keywords of an estimator option (an :class:`fsg.estimators.OptionSpec`): its
+    kind and allowed values as ``type``/``choices``/``action``."""
+    if spec.kind == "bool":
+        return dict(action=argparse.BooleanOptionalAction)
+    if spec.kind == "choice":
+        names = [c for c in spec.choices if c is not None]
+        if None in spec.choices:
+            return dict(type=choices_or_none(names), metavar="{" + ",".join(["none"] + names) + "}")
+        return dict(choices=names)
+    if spec.kind == "int":
+        return dict(type=positive_int if spec.low == 1 else nonnegative_int if spec.low == 0 else int)
+    if spec.low == 0 and spec.low_open and spec.high is None:
+        return dict(type=positive_float)
+    if (spec.low, spec.high) == (0, 1) and not spec.low_open:
+        return dict(type=unit_float)
+    return dict(type=float)
+
+
+def flag_default(spec) -> str:
+    """An option's default as the help shows it: ``on``/``off``, ``none``, ``mamba``, ``0.9``."""
+    if spec.default is None:
+        return spec.default_text or "none"
+    if isinstance(spec.default, bool):
+        return "on" if spec.default else "off"
+    return str(spec.default)
+
+
+def estimator_flags() -> Dict[str, tuple]:
+    """Estimator options as flags, from the registered estimators' option dataclasses: option name
+    -> (argparse keywords, help). An option several estimators take has one flag; its help names
+    them, grouped by help text and default (``fc-grad, multifc: ... (default 100); lstmfc: ...``).
+    ``--slow-net`` sets ``slow_net``."""
+    from fsg.estimators import estimator_config
+
+    by_name: Dict[str, list] = {}
+    for est in ESTIMATORS:
+        config = estimator_config(est)
+        for spec in config.specs() if config is not None else []:
+            by_name.setdefault(spec.name, []).append((est, spec))
+    flags = {}
+    for name, uses in by_name.items():
+        groups: Dict[tuple, List[str]] = {}
+        for est, spec in uses:
+            groups.setdefault((spec.help, flag_default(spec)), []).append(est)
+        help = "; ".join(f"{', '.join(ests)}: {h} (default {d})" for (h, d), ests in groups.items())
+        flags[name] = (flag_kwargs(uses[0][1]), help.replace("%", "%%"))
+    return flags
+
+
+#: The flags of the built-in estimators' options (:func:`estimator_flags`, which ``fsg train``
+#: calls when it builds its parser, so that estimators registered later get flags too).
+ESTIMATOR_FLAGS = estimator_flags()
 
 
 def key_value(text: str):
@@ -270,7 +284,7 @@ def add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = F
     if not grid:
         opt_in(g, "estimator", "gradient estimator", choices=list(ESTIMATORS))
     opt_in(g, "update_on_observe", "also update the weights in the observe step 0", **bool_kw)
-    for name, (kw, help) in ESTIMATOR_FLAGS.items():
+    for name, (kw, help) in estimator_flags().items():
         if "type" in kw and "metavar" not in kw and "choices" not in kw:
             kw = dict(kw, metavar=name.upper())
         g.add_argument(flag(name), dest="est_" + name, default=S, help=help, **kw)
