@@ -448,3 +448,142 @@ def test_trainer_load_state_dict_rejects_other_trainers():
         b.load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="lacks"):
         a.load_state_dict({"model": {}})
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints written by earlier versions
+
+#: A checkpoint of fsg 7ad17b2 (before the run loop became fsg.train.loop.Run), stopped by
+#: --max-steps 3 in the middle of epoch 1 (64 images, batch 16: 4 steps an epoch), and its
+#: metrics.jsonl. Written by: fsg train --model small-cnn --dataset synthetic --dataset-option
+#: n_train=64 --dataset-option n_test=32 --batch-size 16 --epochs 2 --max-steps 3 --estimator
+#: multifc --hidden 8 --width 2 --log-every 1
+OLD_RUN = os.path.join(os.path.dirname(__file__), "data", "old-7ad17b2")
+VERSION_FIELDS = ("fsg_version", "torch_version")
+
+
+def _tensor_leaves(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensor_leaves(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensor_leaves(v, f"{prefix}/{i}")
+
+
+def _no_tensors(obj):
+    """``obj`` with its tensors replaced by their place, and times dropped from rows."""
+    if isinstance(obj, torch.Tensor):
+        return "tensor"
+    if isinstance(obj, dict):
+        return {k: _no_tensors(v) for k, v in obj.items() if k not in TIME_FIELDS}
+    if isinstance(obj, (list, tuple)):
+        return [_no_tensors(v) for v in obj]
+    return obj
+
+
+def _assert_same_tensors(a, b):
+    ta, tb = dict(_tensor_leaves(a)), dict(_tensor_leaves(b))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+
+
+def _old_config(out, **changes):
+    from fsg.train.checkpoint import read_config
+
+    return TrainConfig.from_dict(read_config(os.path.join(OLD_RUN, "last.pt"))).replace(out=str(out), **changes)
+
+
+def test_this_version_writes_the_old_checkpoint(tmp_path):
+    """The same run now writes the same checkpoint: the same entries in the same order, the
+    same values (times and version strings aside), every tensor bit for bit."""
+    old = load_checkpoint(os.path.join(OLD_RUN, "last.pt"))
+    train(_old_config(tmp_path / "new"), progress=False, log=lambda m: None)
+    new = load_checkpoint(tmp_path / "new" / "last.pt")
+    assert list(new) == list(old)
+    assert list(new["running"]) == list(old["running"])
+    for k in old:
+        if k not in VERSION_FIELDS + ("elapsed", "config"):
+            assert _no_tensors(new[k]) == _no_tensors(old[k]), k
+    assert {k: new["config"][k] for k in old["config"] if k != "out"} == \
+        {k: v for k, v in old["config"].items() if k != "out"}
+    _assert_same_tensors(new, old)
+
+
+def test_an_old_checkpoint_resumes_exactly(tmp_path):
+    """Resuming the old checkpoint continues exactly like an uninterrupted run of this version:
+    the same losses, the same rows, the same final checkpoint, tensor for tensor."""
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    resumed = train(_old_config(run, max_steps=None), resume=run / "last.pt", progress=False, log=lambda m: None)
+    straight = train(_old_config(tmp_path / "straight", max_steps=None), progress=False, log=lambda m: None)
+    assert resumed.stopped == straight.stopped == "epochs" and resumed.steps == straight.steps == 8
+    assert len(straight.losses) == 8 and resumed.losses == straight.losses[3:]
+    assert (resumed.test_loss, resumed.test_accuracy) == (straight.test_loss, straight.test_accuracy)
+    # the old run's rows up to step 3 are kept (its "final" row too), then the same rows as straight
+    rows = [_no_tensors(r) for r in fsg.train.loop.MetricsLog.read(run / "metrics.jsonl")]
+    straight_rows = [_no_tensors(r) for r in fsg.train.loop.MetricsLog.read(tmp_path / "straight" / "metrics.jsonl")]
+    assert [r for r in rows if r["kind"] != "final"] == straight_rows
+    a, b = load_checkpoint(run / "last.pt"), load_checkpoint(tmp_path / "straight" / "last.pt")
+    for k in ("data", "scheduler", "epoch", "batch", "step", "running"):
+        assert _no_tensors(a[k]) == _no_tensors(b[k]), k
+    _assert_same_tensors(a["trainer"], b["trainer"])
+    _assert_same_tensors(a["rng"], b["rng"])
+
+
+def test_read_header_and_config_skip_the_tensors(tmp_path, monkeypatch):
+    """read_header / read_config: the light entries, from a memory-mapped file; bad files fail
+    as load_checkpoint does."""
+    from fsg.train.checkpoint import read_config, read_header
+
+    path = os.path.join(OLD_RUN, "last.pt")
+    full = load_checkpoint(path)
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("mmap")) or real_load(*a, **k))
+    head = read_header(path)
+    assert calls == [True]
+    assert "trainer" not in head and "rng" not in head
+    for k in ("config", "epoch", "batch", "step", "history", "data", "scheduler", "running", "kind"):
+        assert _no_tensors(head[k]) == _no_tensors(full[k]), k
+    assert read_config(path) == full["config"]
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(open(path, "rb").read()[:1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        read_config(bad)
+
+
+def test_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    """train(resume=...) reads the whole checkpoint once (the CLI reads only its config)."""
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    cfg = _old_config(run, max_steps=4)
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("mmap")) or real_load(*a, **k))
+    train(cfg, resume=run / "last.pt", progress=False, log=lambda m: None)
+    assert calls == [False]
+
+
+def test_run_state_round_trip():
+    """RunState / EpochSums: state_dict → load_state_dict gives the same entries; "skipped"
+    appears in "running" only once a step was skipped; stop reasons are checked."""
+    from fsg.train.state import RunState
+
+    st = RunState(epoch=2, batch=3, history=[{"kind": "epoch", "epoch": 2, "epoch_time": 1.5}], elapsed=7.0)
+    st.sums.add(0.5, 0.25, 16)
+    assert "skipped" not in st.state_dict()["running"]
+    st.sums.skipped = 2
+    saved = st.state_dict()
+    assert saved["running"]["skipped"] == 2 and saved["elapsed"] == 7.0
+    back = RunState()
+    back.load_state_dict(saved)
+    assert back.state_dict() == saved
+    assert back.trained_seconds() == 1.5
+    with pytest.raises(ValueError, match="stop reason"):
+        back.stop("bored")
+    back.next_epoch()
+    assert (back.epoch, back.batch, back.sums.n) == (3, 0, 0)

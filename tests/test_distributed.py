@@ -201,3 +201,29 @@ def test_fsg_train_under_torchrun(tmp_path):
         for k, v in _leaves(a):
             if isinstance(v, torch.Tensor):
                 assert torch.equal(v, dict(_leaves(b))[k]), (where, k)
+
+
+def test_fsg_train_under_torchrun_with_a_skipped_last_batch(tmp_path):
+    """65 images in global batches of 16 over 2 processes: the last batch (1 image) is smaller than
+    the number of processes and every rank skips it, so an epoch is 4 steps, not 5 batches. The
+    run still trains both epochs (no "final" row after epoch 1), its checkpoint stands at the
+    start of epoch 3, and a run stopped mid-epoch 2 and resumed ends exactly there too."""
+    out, part = tmp_path / "run", tmp_path / "part"
+    args = [a for a in TORCHRUN_TINY if a not in ("--train-subset", "64")]
+    args[args.index("--epochs") + 1] = "2"
+    args += ["--train-subset", "65"]
+    _torchrun_train(*args, "--out", str(out))
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows if r["kind"] != "step"] == ["epoch", "epoch"]
+    assert [r["step"] for r in rows if r["kind"] == "step"] == list(range(1, 9))
+    assert [r["step"] for r in rows if r["kind"] == "epoch"] == [4, 8]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (2, 0, 8)
+    assert (ckpt["data"]["epoch"], ckpt["data"]["batch"]) == (2, 0)  # the loader agrees with the epoch
+
+    _torchrun_train(*args, "--max-steps", "6", "--out", str(part))
+    _torchrun_train("--resume", str(part / "last.pt"), "--max-steps", "100")
+    resumed = torch.load(part / "last.pt", weights_only=True)
+    assert (resumed["epoch"], resumed["batch"], resumed["step"]) == (2, 0, 8)
+    a, b = dict(_leaves(resumed["trainer"]["model"])), dict(_leaves(ckpt["trainer"]["model"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -3,7 +3,9 @@
 * :mod:`fsg.train.config` — :class:`TrainConfig`, one run's settings (validated, JSON round trip).
 * :mod:`fsg.train.loop` — :func:`train` / :func:`pretrain` / :func:`evaluate`: data and model from a
   config, epochs of :meth:`fsg.Trainer.step`, metrics, checkpoints, exact resume.
-* :mod:`fsg.train.checkpoint` — the checkpoint file format (safe reads, atomic writes).
+* :mod:`fsg.train.state` — :class:`~fsg.train.state.RunState`, where a run stands between steps.
+* :mod:`fsg.train.checkpoint` — the checkpoint file format (safe reads, atomic writes; the config
+  and counters read cheaply with ``read_header`` / ``read_config``).
 * :mod:`fsg.train.runlock` — one process per run directory.
 * :mod:`fsg.train.grid` — grids of runs (estimators × quantizers × optimizers × seeds) and their report.
 

@@ -26,6 +26,8 @@ fsyncs it, then renames it over the destination (``os.replace``), so a reader se
 old file or the new one, never a partial one; the temporary file is removed on any failure
 (Ctrl-C included). :func:`load_checkpoint` raises :class:`CheckpointError` (a ``ValueError``)
 with a one-line message for a missing, truncated, corrupted or foreign file, and changes nothing.
+:func:`read_header` and :func:`read_config` read the light entries (configuration, counters,
+history) without reading the tensors: the file is memory-mapped.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ __all__ = [
     "VERSION",
     "save_checkpoint",
     "load_checkpoint",
+    "read_header",
+    "read_config",
     "rng_state",
     "set_rng_state",
     "check_plain",
@@ -114,8 +118,12 @@ def save_checkpoint(path: PathLike, payload: Dict[str, Any]) -> Path:
 # reading
 
 
-def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu", *,
+                    mmap: bool = False) -> Dict[str, Any]:
     """Read an fsg checkpoint with ``torch.load(..., weights_only=True)``.
+
+    ``mmap``: map the file's tensors into memory instead of reading them (their pages are read
+    only when touched; for reading a few entries of a large checkpoint, see :func:`read_header`).
 
     Raises :class:`CheckpointError` with a one-line message when the file is missing, is not a
     file, is truncated or corrupted, is not an fsg checkpoint (a plain ``state_dict``, another
@@ -138,7 +146,7 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
             f"{str(p)!r} is not an fsg checkpoint (not a PyTorch zip archive: another program's file, or corrupted)"
         )
     try:
-        data = torch.load(p, map_location=map_location, weights_only=True)
+        data = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "weights_only" in msg or "Weights only load failed" in msg:
@@ -167,6 +175,25 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     if not isinstance(data["config"], dict) or not isinstance(data["trainer"], dict):
         raise CheckpointError(f"{str(p)!r} is malformed: config and trainer must be dicts")
     return data
+
+
+#: The entries :func:`read_header` leaves out: the tensors of the trainer and the generators.
+HEAVY_KEYS = ("trainer", "rng")
+
+
+def read_header(path: PathLike) -> Dict[str, Any]:
+    """The light entries of a checkpoint (format, kind, config, data, scheduler, epoch, batch,
+    step, running, history, elapsed, model_spec — everything but ``trainer`` and ``rng``),
+    checked as by :func:`load_checkpoint`, without reading its tensors: the file is
+    memory-mapped, so even a checkpoint of gigabytes costs a few pages."""
+    data = load_checkpoint(path, mmap=True)
+    return {k: v for k, v in data.items() if k not in HEAVY_KEYS}
+
+
+def read_config(path: PathLike) -> Dict[str, Any]:
+    """A checkpoint's configuration (the ``TrainConfig.to_dict()`` it was written with), read
+    cheaply (:func:`read_header`). Raises :class:`CheckpointError` as :func:`load_checkpoint`."""
+    return dict(read_header(path)["config"])
 
 
 # ----------------------------------------------------------------------------------------------

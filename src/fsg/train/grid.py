@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from fsg.train import loop as _run
 from fsg.files import atomic_write, atomic_write_text
-from fsg.train.checkpoint import load_checkpoint
+from fsg.train.checkpoint import read_header
 from fsg.train.config import RESUME_CHANGEABLE, TrainConfig, _takes_any_option, estimator_option_names, require_device
 
 __all__ = ["run_grid", "write_report", "collect_runs", "run_name", "parse_list", "parse_seeds",
@@ -173,7 +173,7 @@ def _state(name: str, cfg: TrainConfig) -> Tuple[str, Optional[int]]:
     last = Path(cfg.out) / "last.pt"
     if not last.exists():
         return "new", None
-    ckpt = load_checkpoint(last)
+    ckpt = read_header(last)  # config, epoch, step and history only: the tensors are not read
     saved, given = dict(ckpt["config"]), cfg.to_dict()
     for k in given:
         if k not in RESUME_CHANGEABLE and saved.get(k) != given[k]:

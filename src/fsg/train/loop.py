@@ -17,6 +17,13 @@ checkpoints, exact resume.
               for full-precision runs also <out>/model.pt, a plain state_dict for
               :func:`fsg.models.load_pretrained`
 
+**Structure.** :class:`Run` holds the components of one run — data loaders, trainer, schedule,
+metrics log and :class:`fsg.train.state.RunState` (epoch, batch, the epoch's sums, history,
+clock, why the run stopped) — each of which saves and restores itself; its methods build them,
+train an epoch, end an epoch, stop mid-epoch, save. An epoch ends when its training steps are
+done: the loader's batches less a last global batch smaller than the number of processes,
+which every rank skips; only ``max_steps`` stops a run inside an epoch (``state.stopped``).
+
 **The run directory** is locked (:class:`fsg.runlock.RunLock`, ``<out>/.lock``) by rank 0 from
 before its first write there to the end of the run: a second run on it stops with one line,
 having written nothing; the holder removes the temporaries of interrupted saves it finds there.
@@ -63,11 +70,12 @@ from torch import Tensor, nn
 from fsg import distributed as dist
 from fsg.binarize import binarize
 from fsg.files import atomic_write_text
-from fsg.train.checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
+from fsg.train.checkpoint import (CheckpointError, load_checkpoint, read_header, rng_state, save_checkpoint,
+                                  set_rng_state)
 from fsg.train.config import RESUME_CHANGEABLE, TrainConfig, amp_dtype, require_device
 from fsg.models import SmallCNN, get_model, load_pretrained
 from fsg.train.runlock import RunLock, remove_stale_temporaries
+from fsg.train.state import EpochSums, RunState
 from fsg.optim import make_optimizer
 from fsg.trainer import (NonFiniteError, StepResult, Trainer, _accuracy, _StepSnapshot, all_finite, autocast_context,
                       average_over_ranks, check_autocast_dtype, check_nonfinite_policy, evaluate as evaluate_model,
@@ -75,7 +83,7 @@ from fsg.trainer import (NonFiniteError, StepResult, Trainer, _accuracy, _StepSn
 
 __all__ = [
     "train", "pretrain", "evaluate", "TrainResult", "TrainingInterrupted", "FullPrecisionTrainer",
-    "build_data", "build_model", "build_trainer", "MetricsLog", "METRIC_COLUMNS",
+    "build_data", "build_model", "build_trainer", "MetricsLog", "METRIC_COLUMNS", "Run",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -476,34 +484,10 @@ def _check_resume_config(saved: TrainConfig, given: TrainConfig) -> TrainConfig:
     return given
 
 
-def _payload(cfg, trainer, loader_state, scheduler, epoch, batch, running, history, elapsed) -> Dict[str, Any]:
-    return {
-        "kind": "pretrain" if cfg.full_precision else "train",
-        "config": cfg.to_dict(),
-        "trainer": trainer.state_dict(),
-        "data": dict(loader_state),
-        "scheduler": scheduler.state_dict(),
-        "epoch": int(epoch),
-        "batch": int(batch),
-        "step": int(trainer.step_count),
-        "running": dict(running),
-        "history": [dict(r) for r in history],
-        "elapsed": float(elapsed),
-        "rng": rng_state(),
-        # the architecture without the dataset (fsg export / summary): {"name", "kwargs"} or None
-        "model_spec": _model_spec(trainer.model),
-    }
-
-
 def _model_spec(model: nn.Module):
     from fsg.io.export import model_spec
 
     return model_spec(model)
-
-
-def _new_running() -> Dict[str, float]:
-    return {"loss_sum": 0.0, "acc_sum": 0.0, "n": 0, "batches": 0, "win_loss": 0.0, "win_acc": 0.0,
-            "win_steps": 0, "train_time": 0.0, "lr": None}
 
 
 def _plain_model_state(model: nn.Module) -> Dict[str, Tensor]:
@@ -619,198 +603,276 @@ def _take_run_dir(lock: "RunLock", cfg: TrainConfig, ckpt, last: Path, resume_st
         log(f"fsg: removed {len(removed)} temporary file{'s' * (len(removed) > 1)} of an interrupted save: "
             f"{', '.join(removed)}")
 
-
 def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log, lock=None, resume_stat=None) -> TrainResult:
-    _seed_everything(cfg.seed)
-    data = build_data(cfg)
-    train_ds, loader = data["train"]
-    _, test_loader = data["test"]
-    if ckpt is None:
-        model = build_model(cfg, train_ds, log=log)
-    else:
-        model = build_model(cfg, train_ds, pretrained=False)  # every weight comes from the checkpoint
-    trainer = build_trainer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    run = Run(cfg, out, progress, log)
+    run.build(ckpt)
+    run.open(ckpt, lock, resume_stat)
+    return run.run()
 
-    epoch, batch = 0, 0
-    running = _new_running()
-    history: List[Dict[str, Any]] = []
-    if ckpt is not None:
+
+def _steps_per_epoch(loader) -> int:
+    """The training steps of one epoch of ``loader``: its batches, less a last global batch
+    smaller than the number of processes, which every rank skips (:class:`fsg.data.DataLoader`)."""
+    k = len(loader)
+    last = len(loader.dataset) - (k - 1) * loader.batch_size if k else 0
+    return k - 1 if k and loader.train and last < loader.world_size else k
+
+
+class Run:
+    """One call of :func:`train`: the components of a run (data loaders, trainer, schedule,
+    metrics log, :class:`~fsg.train.state.RunState`) and the loop over them.
+
+    :meth:`build` makes the components (and restores them from a checkpoint), :meth:`open` takes
+    the run directory, :meth:`run` trains epoch after epoch (:meth:`train_epoch`, then
+    :meth:`end_epoch`, or :meth:`stop_mid_epoch` when ``max_steps`` stops the run inside an
+    epoch) and returns the :class:`TrainResult`; :meth:`save` writes ``last.pt``. Why the run
+    stopped is kept explicitly in ``state.stopped``. ``safe`` is what a checkpoint written now
+    would hold of the loader and the run state: updated after every completed step, so an
+    interrupt during data loading saves the state after the last step.
+    """
+
+    def __init__(self, cfg: TrainConfig, out: Path, progress: Optional[bool], log: Callable[[str], None]):
+        self.cfg, self.out, self.last, self.log = cfg, out, out / "last.pt", log
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.main = dist.is_main_process()  # in a process group only rank 0 writes
+        self.state = RunState()
+        self.metrics: Any = _NoLog()
+        self.guard = _InterruptGuard()
+        self.losses: List[float] = []            # per-step losses of this call
+        self.val_metrics: Dict[str, float] = {}  # the last validation figures (cfg.val_split), merged into rows
+        self.bar = None
+        self.last_save = time.monotonic()
+
+    # -- setup
+
+    def build(self, ckpt: Optional[Dict[str, Any]]) -> None:
+        """Seed, then build data, model, trainer and schedule; restore them from ``ckpt`` if given."""
+        cfg = self.cfg
+        _seed_everything(cfg.seed)
+        data = build_data(cfg)
+        train_ds, self.loader = data["train"]
+        self.test_loader = data["test"][1]
+        self.val_loader = data["val"][1] if "val" in data else None
+        if ckpt is None:
+            model = build_model(cfg, train_ds, log=self.log)
+        else:
+            model = build_model(cfg, train_ds, pretrained=False)  # every weight comes from the checkpoint
+        self.trainer = build_trainer(cfg, model)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.trainer.optimizer, step_size=cfg.lr_step,
+                                                         gamma=cfg.lr_gamma)
+        if ckpt is not None:
+            self.restore(ckpt)
+
+    def restore(self, ckpt: Dict[str, Any]) -> None:
+        """Each component takes its state from the checkpoint; then the random number generators."""
         try:
-            trainer.load_state_dict(ckpt["trainer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            loader.load_state_dict(ckpt["data"])
+            self.trainer.load_state_dict(ckpt["trainer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.loader.load_state_dict(ckpt["data"])
+            self.state.load_state_dict(ckpt)
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint does not fit this run: {' '.join(str(e).split())}") from None
-        epoch, batch = int(ckpt["epoch"]), int(ckpt.get("batch", 0))
-        running.update(ckpt.get("running") or {})
-        history = [dict(r) for r in ckpt["history"]]
         set_rng_state(ckpt["rng"])
 
-    main = dist.is_main_process()  # in a process group only rank 0 writes
-    if main:
-        if lock is not None:
-            _take_run_dir(lock, cfg, ckpt, last, resume_stat, log)
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.json")
-        metrics = MetricsLog(out, resume_step=None if ckpt is None else trainer.step_count, tensorboard=cfg.tensorboard)
-    else:
-        metrics = _NoLog()
-    if progress is None:
-        progress = sys.stderr.isatty()
-    t_start = time.perf_counter() - (float(ckpt.get("elapsed") or 0.0) if ckpt is not None else 0.0)
-    losses: List[float] = []
-    val_metrics: Dict[str, float] = {}  # the last validation figures (cfg.val_split), merged into the rows
-    trained_before = sum(r.get("epoch_time") or 0.0 for r in history if r.get("kind") == "epoch")
-    final: Dict[str, Any] = {"test_loss": None, "test_accuracy": None}
-    stopped = "epochs"
-    bar = None
-    safe = {"loader": loader.state_dict(), "epoch": epoch, "batch": batch, "running": dict(running)}
+    def open(self, ckpt, lock: Optional[RunLock] = None, resume_stat=None) -> None:
+        """Rank 0 locks and checks the run directory, writes ``config.json`` and opens the metrics
+        log (keeping the rows up to the checkpoint's step); the run's clock starts."""
+        if self.main:
+            if lock is not None:
+                _take_run_dir(lock, self.cfg, ckpt, self.last, resume_stat, self.log)
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.out / "config.json")
+            self.metrics = MetricsLog(self.out, resume_step=None if ckpt is None else self.trainer.step_count,
+                                      tensorboard=self.cfg.tensorboard)
+        self.state.start_clock()
+        self.mark_safe()
+        self.last_save = time.monotonic()
 
-    last_save = time.monotonic()
+    # -- the loop
 
-    def save(epoch_, batch_, loader_state, running_) -> Path:
-        nonlocal last_save
-        if not main:
-            return last
-        bad = _nonfinite_state(trainer)
-        if bad:
-            raise NonFiniteError(f"refusing to write a checkpoint holding non-finite values ({', '.join(bad)})")
-        path = save_checkpoint(last, _payload(cfg, trainer, loader_state, scheduler, epoch_, batch_, running_, history,
-                                              time.perf_counter() - t_start))
-        last_save = time.monotonic()
-        return path
+    def run(self) -> TrainResult:
+        """Train until the epochs are done or ``max_steps`` is reached; see the module doc for
+        Ctrl-C, SIGTERM and non-finite steps."""
+        try:
+            with self.guard:
+                self.check_done()
+                while self.state.stopped is None:
+                    if self.train_epoch():
+                        self.end_epoch()
+                    else:
+                        self.stop_mid_epoch()
+        except KeyboardInterrupt:
+            self.close_bar()
+            self.interrupted()
+        except NonFiniteError as e:  # nothing was updated, nothing is saved: the last checkpoint stays
+            hint = ""
+            if e.step is not None and self.cfg.nonfinite == "raise" and self.last.exists():
+                hint = f"; to skip such steps: fsg {_cmd(self.cfg)} --resume {self.last} --nonfinite skip"
+            raise NonFiniteError(f"{e}; {_kept(self.last)}{hint}", e.step) from None
+        finally:
+            self.close_bar()
+            self.metrics.close()
+        return self.result()
 
-    def run_eval() -> Tuple[float, float, float]:
+    def at_max(self) -> bool:
+        """Whether ``max_steps`` training steps are done."""
+        return self.cfg.max_steps is not None and self.trainer.step_count >= self.cfg.max_steps
+
+    def check_done(self) -> None:
+        """Stop with "done" when a resumed run has nothing left: its epochs are done, or it is
+        at ``max_steps`` (unless the checkpoint was written after an epoch's last step but before
+        that epoch's end, which is then still to do)."""
+        st = self.state
+        pending_end = st.batch > 0 and st.batch >= _steps_per_epoch(self.loader)
+        if st.epoch >= self.cfg.epochs or (self.at_max() and not pending_end):
+            st.stop("done")
+
+    def train_epoch(self) -> bool:
+        """Train the rest of the current epoch; ``False`` when ``max_steps`` stopped it before its
+        last step, ``True`` when all its steps are done."""
+        st, loader = self.state, self.loader
+        steps = _steps_per_epoch(loader)
+        if st.batch == 0:
+            st.sums = EpochSums()
+            loader.set_epoch(st.epoch)
+        st.sums.lr = self.trainer.lr
+        self.open_bar(steps)
+        stopped_early = False
+        if st.batch < steps:
+            t_last = time.perf_counter()
+            for x, y in loader:
+                with self.guard.critical():
+                    self.step(x, y, t_last, steps)
+                self.advance_bar()
+                if self.at_max():
+                    stopped_early = st.batch < steps
+                    break
+                t_last = time.perf_counter()
+        self.close_bar()
+        return not stopped_early
+
+    def step(self, x: Tensor, y: Tensor, t_last: float, steps: int) -> None:
+        """One training step and its bookkeeping: the epoch's sums, a "step" row every
+        ``log_every`` steps, the safe state, a mid-epoch checkpoint when one is due."""
+        st, cfg = self.state, self.cfg
+        r = self.trainer.step(x, y)
+        now = time.perf_counter()
+        st.sums.train_time += now - t_last
+        st.batch += 1  # the batch is consumed, even by a skipped step
+        step = self.trainer.step_count
+        if r.skipped:  # non-finite, nonfinite="skip": nothing was updated
+            st.sums.skipped += 1
+            self.log(f"fsg: {r.nonfinite}")
+        else:
+            acc = r.accuracy if r.accuracy is not None else float("nan")
+            st.sums.add(r.loss, acc, r.samples or int(y.shape[0]))  # r.samples: the global batch
+            self.losses.append(r.loss)
+            if step % cfg.log_every == 0:
+                self.metrics.write({"kind": "step", "epoch": st.epoch + 1, "step": step, **st.sums.take_window(),
+                                    "lr": r.lr, "elapsed": st.seconds(), "train_time": st.trained_seconds()})
+        self.mark_safe()
+        # --save-every / --save-every-seconds: last.pt mid-epoch (an epoch's last step and
+        # max_steps are saved right after anyway)
+        if not self.at_max() and st.batch < steps and (
+                (cfg.save_every is not None and not r.skipped and step % cfg.save_every == 0)
+                or (cfg.save_every_seconds is not None and time.monotonic() - self.last_save >= cfg.save_every_seconds)):
+            self.save()
+
+    def end_epoch(self) -> None:
+        """The end of an epoch: evaluate (every ``eval_every`` epochs, after the last one and at
+        ``max_steps``), write the "epoch" row, step the schedule, move to the next epoch and
+        save; stop when the epochs are done or ``max_steps`` is reached."""
+        st, cfg = self.state, self.cfg
+        hit_max = self.at_max()
+        do_eval = (st.epoch + 1) % cfg.eval_every == 0 or st.epoch + 1 == cfg.epochs or hit_max
+        evals = self.evaluate() if do_eval else None
+        with self.guard.critical():
+            row = self.write_row("epoch", evals)
+            self.log(_epoch_line(row, cfg.epochs))
+            self.scheduler.step()
+            st.next_epoch()
+            self.loader.set_epoch(st.epoch)
+            self.mark_safe()
+            self.save()
+            self.save_model_pt()
+        if hit_max:
+            st.stop("max_steps")
+        elif st.epoch >= cfg.epochs:
+            st.stop("epochs")
+
+    def stop_mid_epoch(self) -> None:
+        """``max_steps`` reached inside an epoch: evaluate, write the "final" row, save, stop."""
+        evals = self.evaluate()
+        with self.guard.critical():
+            self.write_row("final", evals)
+            self.mark_safe()
+            self.save()
+            self.save_model_pt()
+        self.state.stop("max_steps")
+
+    def evaluate(self) -> Tuple[float, float, float]:
+        """``(test loss, test accuracy, seconds)``; the validation figures go to ``val_metrics``."""
         t0 = time.perf_counter()
-        tl, ta = evaluate_model(model, test_loader, distributed=dist.is_distributed())
-        if "val" in data:
-            val_metrics.update(zip(("val_loss", "val_accuracy"),
-                                   evaluate_model(model, data["val"][1], distributed=dist.is_distributed())))
+        distributed = dist.is_distributed()
+        tl, ta = evaluate_model(self.trainer.model, self.test_loader, distributed=distributed)
+        if self.val_loader is not None:
+            self.val_metrics.update(zip(("val_loss", "val_accuracy"),
+                                        evaluate_model(self.trainer.model, self.val_loader, distributed=distributed)))
         return tl, ta, time.perf_counter() - t0
 
-    def save_model_pt() -> None:
-        if cfg.full_precision and main:
-            save_checkpoint_plain(out / "model.pt", _plain_model_state(model))
+    def write_row(self, kind: str, evals: Optional[Tuple[float, float, float]]) -> Dict[str, Any]:
+        """Write an "epoch" or "final" row of the current epoch (``evals``: :meth:`evaluate`'s
+        figures, or ``None`` when it did not evaluate) and add it to the history."""
+        st = self.state
+        tl, ta, te = evals if evals is not None else (None, None, None)
+        row = {"kind": kind, "epoch": st.epoch + 1, "step": self.trainer.step_count, "lr": st.sums.lr,
+               **st.sums.means(), "test_loss": tl, "test_accuracy": ta, "epoch_time": st.sums.train_time,
+               "eval_time": te, "elapsed": st.seconds(), **(self.val_metrics if evals is not None else {}),
+               **({"skipped": st.sums.skipped} if st.sums.skipped else {})}
+        self.metrics.write(row)
+        st.history.append(row)
+        return row
 
-    guard = _InterruptGuard()
-    try:
-        with guard:
-            at_max = cfg.max_steps is not None and trainer.step_count >= cfg.max_steps
-            pending_epoch_end = batch > 0 and batch >= len(loader)  # stopped after an epoch's last step, before its end
-            if epoch >= cfg.epochs or (at_max and not pending_epoch_end):
-                stopped = "done"
-            while stopped != "done" and epoch < cfg.epochs:
-                n_batches = len(loader)
-                if batch == 0:
-                    running = _new_running()
-                    loader.set_epoch(epoch)
-                running["lr"] = trainer.lr
-                if progress:
-                    from tqdm import tqdm
+    # -- checkpoints
 
-                    bar = tqdm(total=n_batches, initial=batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                               file=sys.stderr, leave=False, dynamic_ncols=True)
-                hit_max = cfg.max_steps is not None and trainer.step_count >= cfg.max_steps
-                if batch < n_batches:
-                    t_last = time.perf_counter()
-                    for x, y in loader:
-                        with guard.critical():
-                            r = trainer.step(x, y)
-                            now = time.perf_counter()
-                            running["train_time"] += now - t_last
-                            batch += 1  # the batch is consumed, even by a skipped step
-                            step = trainer.step_count
-                            if r.skipped:  # non-finite, nonfinite="skip": nothing was updated
-                                running["skipped"] = running.get("skipped", 0) + 1
-                                log(f"fsg: {r.nonfinite}")
-                            else:
-                                bs = r.samples or int(y.shape[0])  # the global batch
-                                acc = r.accuracy if r.accuracy is not None else float("nan")
-                                running["loss_sum"] += r.loss * bs
-                                running["acc_sum"] += acc * bs
-                                running["n"] += bs
-                                running["batches"] += 1
-                                running["win_loss"] += r.loss
-                                running["win_acc"] += acc
-                                running["win_steps"] += 1
-                                losses.append(r.loss)
-                            if not r.skipped and step % cfg.log_every == 0:
-                                w = running["win_steps"]
-                                metrics.write({"kind": "step", "epoch": epoch + 1, "step": step,
-                                               "loss": running["win_loss"] / w, "accuracy": running["win_acc"] / w,
-                                               "lr": r.lr, "elapsed": now - t_start,
-                                               "train_time": trained_before + running["train_time"]})
-                                running["win_loss"], running["win_acc"], running["win_steps"] = 0.0, 0.0, 0
-                            safe = {"loader": loader.state_dict(), "epoch": epoch, "batch": batch,
-                                    "running": dict(running)}
-                            hit_max = cfg.max_steps is not None and step >= cfg.max_steps
-                            # --save-every / --save-every-seconds: last.pt mid-epoch (an epoch's last
-                            # step and max_steps are saved right after anyway)
-                            if not hit_max and batch < n_batches and (
-                                    (cfg.save_every is not None and not r.skipped and step % cfg.save_every == 0)
-                                    or (cfg.save_every_seconds is not None
-                                        and time.monotonic() - last_save >= cfg.save_every_seconds)):
-                                save(epoch, batch, safe["loader"], safe["running"])
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{running['loss_sum'] / running['n']:.4f}",
-                                            acc=f"{running['acc_sum'] / running['n']:.3f}", refresh=False)
-                            bar.update(1)
-                        if hit_max:
-                            break
-                        t_last = time.perf_counter()
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                train_loss = running["loss_sum"] / running["n"] if running["n"] else None
-                train_acc = running["acc_sum"] / running["n"] if running["n"] else None
-                if batch < n_batches:  # max_steps reached mid-epoch: evaluate, final row, checkpoint
-                    tl, ta, te = run_eval()
-                    with guard.critical():
-                        row = {"kind": "final", "epoch": epoch + 1, "step": trainer.step_count, "lr": running["lr"],
-                               "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": tl,
-                               "test_accuracy": ta, "epoch_time": running["train_time"], "eval_time": te,
-                               "elapsed": time.perf_counter() - t_start, **val_metrics, **_skips(running)}
-                        metrics.write(row)
-                        history.append(row)
-                        final = {"test_loss": tl, "test_accuracy": ta}
-                        save(epoch, batch, loader.state_dict(), running)
-                        save_model_pt()
-                        safe = {"loader": loader.state_dict(), "epoch": epoch, "batch": batch, "running": dict(running)}
-                    stopped = "max_steps"
-                    break
-                # end of the epoch
-                last_epoch = epoch + 1 == cfg.epochs or hit_max
-                do_eval = (epoch + 1) % cfg.eval_every == 0 or last_epoch
-                tl = ta = te = None
-                if do_eval:
-                    tl, ta, te = run_eval()
-                with guard.critical():
-                    row = {"kind": "epoch", "epoch": epoch + 1, "step": trainer.step_count, "lr": running["lr"],
-                           "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": tl,
-                           "test_accuracy": ta, "epoch_time": running["train_time"], "eval_time": te,
-                           "elapsed": time.perf_counter() - t_start, **(val_metrics if do_eval else {}),
-                           **_skips(running)}
-                    metrics.write(row)
-                    history.append(row)
-                    if do_eval:
-                        final = {"test_loss": tl, "test_accuracy": ta}
-                    log(_epoch_line(row, cfg.epochs))
-                    scheduler.step()
-                    trained_before += running["train_time"]
-                    epoch, batch = epoch + 1, 0
-                    running = _new_running()
-                    loader.set_epoch(epoch)
-                    save(epoch, batch, loader.state_dict(), running)
-                    save_model_pt()
-                    safe = {"loader": loader.state_dict(), "epoch": epoch, "batch": batch, "running": dict(running)}
-                if hit_max:
-                    stopped = "max_steps"
-                    break
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        step = trainer.step_count
+    def mark_safe(self) -> None:
+        """Record the loader's and the run's state as what a checkpoint written now holds."""
+        self.safe = (self.loader.state_dict(), self.state.copy())
+
+    def payload(self) -> Dict[str, Any]:
+        """The checkpoint content (:mod:`fsg.train.checkpoint`): every component's state."""
+        loader_state, state = self.safe
+        s = state.state_dict()
+        return {"kind": _cmd(self.cfg), "config": self.cfg.to_dict(), "trainer": self.trainer.state_dict(),
+                "data": dict(loader_state), "scheduler": self.scheduler.state_dict(), "epoch": s["epoch"],
+                "batch": s["batch"], "step": int(self.trainer.step_count), "running": s["running"],
+                "history": s["history"], "elapsed": s["elapsed"], "rng": rng_state(),
+                # the architecture without the dataset (fsg export / summary): {"name", "kwargs"} or None
+                "model_spec": _model_spec(self.trainer.model)}
+
+    def save(self) -> Path:
+        """Write ``last.pt`` (rank 0; never holding non-finite values: ``NonFiniteError``)."""
+        if not self.main:
+            return self.last
+        bad = _nonfinite_state(self.trainer)
+        if bad:
+            raise NonFiniteError(f"refusing to write a checkpoint holding non-finite values ({', '.join(bad)})")
+        path = save_checkpoint(self.last, self.payload())
+        self.last_save = time.monotonic()
+        return path
+
+    def save_model_pt(self) -> None:
+        """Full-precision runs: ``model.pt``, the plain ``state_dict`` for :func:`load_pretrained`."""
+        if self.cfg.full_precision and self.main:
+            save_checkpoint_plain(self.out / "model.pt", _plain_model_state(self.trainer.model))
+
+    # -- the end
+
+    def interrupted(self) -> None:
+        """After Ctrl-C or SIGTERM: save the safe state (unless a step was torn) and raise
+        :class:`TrainingInterrupted` saying how to resume."""
+        cfg, last, guard = self.cfg, self.last, self.guard
+        step = self.trainer.step_count
         signum = guard.signum or signal.SIGINT
         how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         if guard.torn:
@@ -820,32 +882,47 @@ def _train(cfg: TrainConfig, ckpt, out: Path, last: Path, progress, log, lock=No
                 last if last.exists() else None, step, signum) from None
         with guard.saving():
             try:
-                path = save(safe["epoch"], safe["batch"], safe["loader"], safe["running"])
+                path = self.save()
             except NonFiniteError as e:
                 raise NonFiniteError(f"{e}; {_kept(last)}", e.step) from None
         raise TrainingInterrupted(
-            f"fsg: {how} at epoch {safe['epoch'] + 1}, step {step}; checkpoint saved to {path}; "
+            f"fsg: {how} at epoch {self.safe[1].epoch + 1}, step {step}; checkpoint saved to {path}; "
             f"resume with: fsg {_cmd(cfg)} --resume {path}", path, step, signum) from None
-    except NonFiniteError as e:  # nothing was updated, nothing is saved: the last checkpoint stays
-        hint = ""
-        if e.step is not None and cfg.nonfinite == "raise" and last.exists():
-            hint = f"; to skip such steps: fsg {_cmd(cfg)} --resume {last} --nonfinite skip"
-        raise NonFiniteError(f"{e}; {_kept(last)}{hint}", e.step) from None
-    finally:
-        if bar is not None:
-            bar.close()
-        metrics.close()
 
-    if stopped == "done":
-        log(f"fsg: nothing to do: the run in {out} has completed "
-            f"{'max_steps' if cfg.max_steps is not None and trainer.step_count >= cfg.max_steps else 'its epochs'} "
-            "(raise --epochs or --max-steps to continue it)")
-        evaluated = [r for r in history if r.get("test_accuracy") is not None]
-        if evaluated:
-            final = {"test_loss": evaluated[-1]["test_loss"], "test_accuracy": evaluated[-1]["test_accuracy"]}
-    return TrainResult(out=out, checkpoint=last, epochs=epoch, steps=trainer.step_count,
-                       test_loss=final["test_loss"], test_accuracy=final["test_accuracy"], history=history,
-                       stopped=stopped, losses=losses)
+    def result(self) -> TrainResult:
+        """The :class:`TrainResult`; the test figures are those of the last evaluated row."""
+        st = self.state
+        if st.stopped == "done":
+            self.log(f"fsg: nothing to do: the run in {self.out} has completed "
+                     f"{'max_steps' if self.at_max() else 'its epochs'} (raise --epochs or --max-steps to continue it)")
+        evaluated = [r for r in st.history if r.get("test_accuracy") is not None]
+        last_eval = evaluated[-1] if evaluated else {}
+        return TrainResult(out=self.out, checkpoint=self.last, epochs=st.epoch, steps=self.trainer.step_count,
+                           test_loss=last_eval.get("test_loss"), test_accuracy=last_eval.get("test_accuracy"),
+                           history=st.history, stopped=st.stopped, losses=self.losses)
+
+    # -- the progress bar
+
+    def open_bar(self, steps: int) -> None:
+        """A tqdm bar for the epoch on stderr (with ``progress``)."""
+        if self.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, initial=self.state.batch, desc=f"epoch {self.state.epoch + 1}/{self.cfg.epochs}",
+                            file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def advance_bar(self) -> None:
+        """One step on the bar, with the epoch's running loss and accuracy."""
+        if self.bar is not None:
+            s = self.state.sums
+            if s.n:
+                self.bar.set_postfix(loss=f"{s.loss_sum / s.n:.4f}", acc=f"{s.acc_sum / s.n:.3f}", refresh=False)
+            self.bar.update(1)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _epoch_line(row: Dict[str, Any], epochs: int) -> str:
@@ -859,12 +936,6 @@ def _epoch_line(row: Dict[str, Any], epochs: int) -> str:
     return (f"fsg: epoch {row['epoch']}/{epochs} (step {row['step']}, lr {row['lr']:.3g}): train loss "
             f"{f(row['train_loss'], '.4f')} acc {f(None if row['train_accuracy'] is None else row['train_accuracy'] * 100, '.2f')}%"
             f"{test}, {row['epoch_time']:.1f} s")
-
-
-def _skips(running: Dict[str, Any]) -> Dict[str, int]:
-    """``{"skipped": n}`` for a metrics row when steps of the epoch were skipped as non-finite."""
-    n = int(running.get("skipped") or 0)
-    return {"skipped": n} if n else {}
 
 
 def _nonfinite_state(trainer) -> List[str]:
@@ -896,7 +967,7 @@ def _cmd(cfg: TrainConfig) -> str:
 
 def _ckpt_step(path: Path):
     try:
-        return load_checkpoint(path)["step"]
+        return read_header(path)["step"]
     except CheckpointError:
         return "?"
 
@@ -926,7 +997,7 @@ def evaluate(checkpoint: PathLike, data_dir: Optional[str] = None, *, batch_size
     path = Path(checkpoint)
     if path.is_dir():
         path = path / "last.pt"
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, mmap=True)  # only the model's tensors are read
     try:
         cfg = TrainConfig.from_dict(ckpt["config"])
     except ValueError as e:
