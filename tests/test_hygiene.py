@@ -15,9 +15,8 @@ LAYERS = {**dict.fromkeys(["files", "quantizers", "binarize", "models", "optim",
 #: Known leftovers in files being rewritten elsewhere: (file, imported name). Their public
 #: replacements exist (fsg.trainer.accuracy / StepSnapshot, fsg.models.model_spec); remove an
 #: entry when its importer switches. Nothing may be added here.
-PENDING_PRIVATE = {("train/loop.py", "_accuracy"), ("train/loop.py", "_StepSnapshot"),
-                   ("train/grid.py", "_takes_any_option")}
-PENDING_UPWARD = {("train/loop.py", "fsg.io.export")}
+PENDING_PRIVATE: set = set()
+PENDING_UPWARD: set = set()
 
 
 def _modules():

@@ -186,10 +186,6 @@ def accuracy(out: Tensor, y: Tensor) -> Optional[float]:
     return None
 
 
-# Old private names, still imported by fsg.train.loop (to be switched to the public ones).
-_StepSnapshot = StepSnapshot
-_accuracy = accuracy
-
 
 class Trainer:
     """Trains a binarized model with a gradient estimator.

@@ -107,12 +107,6 @@ def estimator_takes_any_option(name: str) -> bool:
     return takes_any_option(name)
 
 
-def _takes_any_option(cls) -> bool:
-    """Old form of :func:`estimator_takes_any_option` (by class), kept while ``fsg.train.grid`` still
-    imports it; remove with that import."""
-    return estimator_takes_any_option(cls.registered_name)
-
-
 @dataclass
 class TrainConfig:
     """Every option of a training run. Defaults follow the paper's setting (METHOD.md §6).

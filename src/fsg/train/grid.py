@@ -51,7 +51,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from fsg.train import loop as _run
 from fsg.files import atomic_write, atomic_write_text
 from fsg.train.checkpoint import read_header
-from fsg.train.config import RESUME_CHANGEABLE, TrainConfig, _takes_any_option, estimator_option_names, require_device
+from fsg.train.config import (RESUME_CHANGEABLE, TrainConfig, estimator_option_names, estimator_takes_any_option,
+                              require_device)
 
 __all__ = ["run_grid", "write_report", "collect_runs", "run_name", "parse_list", "parse_seeds",
            "GRID_AXES", "DEFAULT_LAST_K"]
@@ -126,9 +127,8 @@ def parse_seeds(value: Union[str, int, Iterable[int]]) -> List[int]:
 
 
 def _options_for(estimator: str, options: Dict[str, Any]) -> Dict[str, Any]:
-    from fsg.estimators import ESTIMATORS
-
-    if _takes_any_option(ESTIMATORS[estimator]):
+    """The options of ``options`` that ``estimator`` takes (its options dataclass's fields)."""
+    if estimator_takes_any_option(estimator):
         return dict(options)
     accepted = set(estimator_option_names(estimator))
     return {k: v for k, v in options.items() if k in accepted}

@@ -73,11 +73,11 @@ from fsg.files import atomic_write_text
 from fsg.train.checkpoint import (CheckpointError, load_checkpoint, read_header, rng_state, save_checkpoint,
                                   set_rng_state)
 from fsg.train.config import RESUME_CHANGEABLE, TrainConfig, amp_dtype, require_device
-from fsg.models import SmallCNN, get_model, load_pretrained
+from fsg.models import SmallCNN, get_model, load_pretrained, model_spec
 from fsg.train.runlock import RunLock, remove_stale_temporaries
 from fsg.train.state import EpochSums, RunState
 from fsg.optim import make_optimizer
-from fsg.trainer import (NonFiniteError, StepResult, Trainer, _accuracy, _StepSnapshot, all_finite, autocast_context,
+from fsg.trainer import (NonFiniteError, StepResult, Trainer, accuracy, StepSnapshot, all_finite, autocast_context,
                       average_over_ranks, check_autocast_dtype, check_nonfinite_policy, evaluate as evaluate_model,
                       nonfinite_names, reject_step)
 
@@ -152,14 +152,14 @@ class FullPrecisionTrainer:
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         self.model.train()
         lr = self.lr
-        before = _StepSnapshot(list(self.model.parameters()), [], list(self.model.buffers()), None, False)
+        before = StepSnapshot(list(self.model.parameters()), [], list(self.model.buffers()), None, False)
         device = next(self.model.parameters()).device
         with autocast_context(device, self.autocast_dtype):
             out = self.model(x)
             loss = self.loss_fn(out if self.autocast_dtype is None else out.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        loss_value, acc, samples = loss.detach(), _accuracy(out.detach(), y), int(y.shape[0])
+        loss_value, acc, samples = loss.detach(), accuracy(out.detach(), y), int(y.shape[0])
         if self.distributed:
             loss_value, acc, samples = average_over_ranks(self.model, [], loss_value, acc, samples)
         # the non-finite check before the update (as fsg.trainer.Trainer.step)
@@ -482,12 +482,6 @@ def _check_resume_config(saved: TrainConfig, given: TrainConfig) -> TrainConfig:
                 f"only {', '.join(RESUME_CHANGEABLE)} may change"
             )
     return given
-
-
-def _model_spec(model: nn.Module):
-    from fsg.io.export import model_spec
-
-    return model_spec(model)
 
 
 def _plain_model_state(model: nn.Module) -> Dict[str, Tensor]:
@@ -848,7 +842,7 @@ class Run:
                 "batch": s["batch"], "step": int(self.trainer.step_count), "running": s["running"],
                 "history": s["history"], "elapsed": s["elapsed"], "rng": rng_state(),
                 # the architecture without the dataset (fsg export / summary): {"name", "kwargs"} or None
-                "model_spec": _model_spec(self.trainer.model)}
+                "model_spec": model_spec(self.trainer.model)}
 
     def save(self) -> Path:
         """Write ``last.pt`` (rank 0; never holding non-finite values: ``NonFiniteError``)."""
