@@ -196,6 +196,23 @@ def summary(model: Union[nn.Module, PathLike], input_size: Optional[Sequence[int
         return summarize_file(model, input_size)
     if not isinstance(model, nn.Module):
         raise ValueError(f"summary needs an nn.Module or a file path, got {type(model).__name__}")
+    info = _binarized_info(model, binarized)
+    entries = _param_entries(model)
+    input_size = _checked_input_size(model, input_size)
+    macs: Dict[str, int] = {}
+    if input_size is not None:
+        macs = _measure_macs(model, [(n, m) for n, m, _ in entries], input_size)
+    counted = input_size is not None
+    rows = [_layer_row(name, m, own, info.get(name), macs.get(name, 0) if counted else None)
+            for name, m, own in entries]
+    totals = _totals(rows)
+    if counted:
+        _add_mac_totals(totals, rows)
+    return ModelSummary(_type_name(model), input_size, rows, totals)
+
+
+def _binarized_info(model: nn.Module, binarized) -> Dict[str, Dict[str, Any]]:
+    """The binarized layers' ``{name: {"quantizer", "bits"}}`` (``binarized`` as :func:`summary` takes it)."""
     if binarized is None:
         info = {l.name: {"quantizer": getattr(l.quantizer, "name", "") or type(l.quantizer).__name__,
                          "bits": int(getattr(l.quantizer, "bits", 1))} for l in binarized_layers(model)}
@@ -207,9 +224,13 @@ def summary(model: Union[nn.Module, PathLike], input_size: Optional[Sequence[int
     unknown = [k for k in info if k not in modules]
     if unknown:
         raise ValueError(f"binarized layer(s) not in the model: {', '.join(unknown)}")
+    return info
 
+
+def _param_entries(model: nn.Module) -> List[Tuple[str, nn.Module, List[Tuple[str, int]]]]:
+    """``(name, module, [(param name, numel)])`` of each module owning parameters, each parameter counted once."""
     seen = set()
-    entries = []  # (name, module, [(pname, numel)])
+    entries = []
     for name, m in model.named_modules():
         if "parametrizations" in name.split("."):
             continue
@@ -221,38 +242,42 @@ def summary(model: Union[nn.Module, PathLike], input_size: Optional[Sequence[int
             own.append((pname, p.numel()))
         if own:
             entries.append((name, m, own))
+    return entries
 
+
+def _checked_input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> Optional[Tuple[int, ...]]:
+    """The input size as a tuple of positive ints (the model's default when ``None``), or ``None``."""
     if input_size is None:
         input_size = default_input_size(model)
-    macs: Dict[str, int] = {}
     if input_size is not None:
         input_size = tuple(int(d) for d in input_size)
         if not input_size or any(d < 1 for d in input_size):
             raise ValueError(f"input size must be positive integers, got {input_size}")
-        macs = _measure_macs(model, [(n, m) for n, m, _ in entries], input_size)
+    return input_size
 
-    rows: List[LayerSummary] = []
-    for name, m, own in entries:
-        b = info.get(name)
-        p1 = sum(n for pname, n in own if b is not None and pname == "weight")
-        p32 = sum(n for pname, n in own) - p1
-        bits = b["bits"] if b is not None else None
-        is_layer = isinstance(m, _CONV + (nn.Linear,))
-        input_bits = None
-        if is_layer:
-            input_bits = 1 if any(isinstance(h, BinaryActivation) for h in m._forward_pre_hooks.values()) else 32
-        rows.append(LayerSummary(
-            name=name, type=_type_name(m), binarized=b is not None, quantizer=None if b is None else b["quantizer"],
-            bits=bits, input_bits=input_bits, params_1bit=p1, params_32bit=p32,
-            memory_bytes=p1 * (bits or 1) / 8 + p32 * 4, macs=macs.get(name, 0) if input_size is not None else None))
 
-    totals = _totals(rows)
-    if input_size is not None:
-        totals["macs"] = sum(r.macs for r in rows)
-        totals["macs_binarized"] = sum(r.macs for r in rows if r.binarized)
-        totals["macs_binary_input"] = sum(r.macs for r in rows if r.binarized and r.input_bits == 1)
-        totals["macs_full_precision"] = totals["macs"] - totals["macs_binarized"]
-    return ModelSummary(_type_name(model), input_size, rows, totals)
+def _layer_row(name: str, m: nn.Module, own: List[Tuple[str, int]], b: Optional[Dict[str, Any]],
+               macs: Optional[int]) -> LayerSummary:
+    """The summary row of one module (``b``: its binarization info, ``None`` when full precision)."""
+    p1 = sum(n for pname, n in own if b is not None and pname == "weight")
+    p32 = sum(n for pname, n in own) - p1
+    bits = b["bits"] if b is not None else None
+    is_layer = isinstance(m, _CONV + (nn.Linear,))
+    input_bits = None
+    if is_layer:
+        input_bits = 1 if any(isinstance(h, BinaryActivation) for h in m._forward_pre_hooks.values()) else 32
+    return LayerSummary(
+        name=name, type=_type_name(m), binarized=b is not None, quantizer=None if b is None else b["quantizer"],
+        bits=bits, input_bits=input_bits, params_1bit=p1, params_32bit=p32,
+        memory_bytes=p1 * (bits or 1) / 8 + p32 * 4, macs=macs)
+
+
+def _add_mac_totals(totals: Dict[str, Any], rows: List[LayerSummary]) -> None:
+    """Fill in the MAC totals (all, binarized, binarized with binary inputs, full precision)."""
+    totals["macs"] = sum(r.macs for r in rows)
+    totals["macs_binarized"] = sum(r.macs for r in rows if r.binarized)
+    totals["macs_binary_input"] = sum(r.macs for r in rows if r.binarized and r.input_bits == 1)
+    totals["macs_full_precision"] = totals["macs"] - totals["macs_binarized"]
 
 
 def _measure_macs(model: nn.Module, entries: List[Tuple[str, nn.Module]], input_size: Tuple[int, ...]) -> Dict[str, int]:
