@@ -281,105 +281,94 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check every field; raises ``ValueError`` with one line naming the first bad one."""
-        from fsg.estimators import ESTIMATORS, check_options
-        from fsg.models import ACTIVATIONS
-        from fsg.quantizers import QUANTIZERS
-        from fsg.optim import ADAM_VARIANTS, OPTIMIZERS
-        from fsg.trainer import NONFINITE_POLICIES
+        from fsg.estimators import check_options
 
-        def choice(name, options):
-            v = getattr(self, name)
-            if v not in options:
-                raise ValueError(f"{name} must be one of {', '.join(options)}, got {v!r}")
-
-        def integer(name, low, optional=False):
-            v = getattr(self, name)
-            if optional and v is None:
-                return
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-
-        def number(name, low=None, high=None, low_open=False, optional=False):
-            v = getattr(self, name)
-            if optional and v is None:
-                return
-            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-            if ok and low is not None:
-                ok = v > low if low_open else v >= low
-            if ok and high is not None:
-                ok = v <= high
-            if not ok:
-                rng = ("> " if low_open else ">= ") + str(low) if low is not None else "finite"
-                if high is not None:
-                    rng += f" and <= {high}"
-                raise ValueError(f"{name} must be a number {rng}, got {v!r}")
-
-        def boolean(name, optional=False):
-            v = getattr(self, name)
-            if optional and v is None:
-                return
-            if not isinstance(v, bool):
-                raise ValueError(f"{name} must be true or false, got {v!r}")
-
-        def string(name, optional=False):
-            v = getattr(self, name)
-            if optional and v is None:
-                return
-            if not isinstance(v, str) or not v:
-                raise ValueError(f"{name} must be a non-empty string, got {v!r}")
-
-        choice("model", MODEL_NAMES)
-        integer("width", 1)
-        if self.activation is not None:
-            choice("activation", tuple(ACTIVATIONS))
-        choice("dataset", DATASET_NAMES)
-        string("data_dir", optional=True)
-        boolean("download")
-        self._check_dataset_options()
-        integer("train_subset", 1, optional=True)
-        integer("test_subset", 1, optional=True)
-        integer("val_split", 1, optional=True)
-        boolean("augment", optional=True)
-        string("pretrained", optional=True)
-        boolean("classifier_bn")
-        boolean("full_precision")
-        choice("quantizer", tuple(QUANTIZERS))
-        integer("bits", 1)
-        if self.bits > 16:
-            raise ValueError(f"bits must be at most 16, got {self.bits}")
-        boolean("keep_first")
-        boolean("keep_last")
-        boolean("activations")
-        choice("estimator", tuple(ESTIMATORS))
-        if not isinstance(self.estimator_options, dict):
-            raise ValueError(f"estimator_options must be a JSON object, got {self.estimator_options!r}")
-        boolean("update_on_observe")
-        choice("optimizer", OPTIMIZERS)
-        choice("adam_variant", ADAM_VARIANTS)
-        number("lr", 0, low_open=True)
-        number("weight_decay", 0, optional=True)
-        integer("lr_step", 1)
-        number("lr_gamma", 0, 1, low_open=True)
-        integer("epochs", 1)
-        integer("max_steps", 1, optional=True)
-        integer("batch_size", 1)
-        integer("eval_batch_size", 1)
-        integer("seed", 0)
-        string("out")
-        integer("eval_every", 1)
-        integer("log_every", 1)
-        boolean("tensorboard")
-        integer("num_threads", 1, optional=True)
-        string("device")
-        parse_device(self.device)
-        amp_dtype(self.amp)
-        choice("nonfinite", NONFINITE_POLICIES)
-        integer("max_skips", 0)
-        integer("save_every", 1, optional=True)
-        number("save_every_seconds", 0, low_open=True, optional=True)
+        self._check_model_and_data()
+        self._check_binarization()
+        self._check_estimator()
+        self._check_optimisation()
+        self._check_output()
+        self._check_reliability()
         if not self.full_precision:
             check_options(self.estimator, self.estimator_options)  # builds nothing, draws no random number
         return self
+
+    def _check_model_and_data(self) -> None:
+        """Check the model and data fields (model ... classifier_bn)."""
+        from fsg.models import ACTIVATIONS
+
+        _check_choice(self, "model", MODEL_NAMES)
+        _check_integer(self, "width", 1)
+        if self.activation is not None:
+            _check_choice(self, "activation", tuple(ACTIVATIONS))
+        _check_choice(self, "dataset", DATASET_NAMES)
+        _check_string(self, "data_dir", optional=True)
+        _check_boolean(self, "download")
+        self._check_dataset_options()
+        _check_integer(self, "train_subset", 1, optional=True)
+        _check_integer(self, "test_subset", 1, optional=True)
+        _check_integer(self, "val_split", 1, optional=True)
+        _check_boolean(self, "augment", optional=True)
+        _check_string(self, "pretrained", optional=True)
+        _check_boolean(self, "classifier_bn")
+
+    def _check_binarization(self) -> None:
+        """Check the binarization fields (full_precision, quantizer, bits, keep_first/last, activations)."""
+        from fsg.quantizers import QUANTIZERS
+
+        _check_boolean(self, "full_precision")
+        _check_choice(self, "quantizer", tuple(QUANTIZERS))
+        _check_integer(self, "bits", 1)
+        if self.bits > 16:
+            raise ValueError(f"bits must be at most 16, got {self.bits}")
+        _check_boolean(self, "keep_first")
+        _check_boolean(self, "keep_last")
+        _check_boolean(self, "activations")
+
+    def _check_estimator(self) -> None:
+        """Check the estimator's name, that its options are a dict, and update_on_observe."""
+        from fsg.estimators import ESTIMATORS
+
+        _check_choice(self, "estimator", tuple(ESTIMATORS))
+        if not isinstance(self.estimator_options, dict):
+            raise ValueError(f"estimator_options must be a JSON object, got {self.estimator_options!r}")
+        _check_boolean(self, "update_on_observe")
+
+    def _check_optimisation(self) -> None:
+        """Check the optimisation fields (optimizer ... seed)."""
+        from fsg.optim import ADAM_VARIANTS, OPTIMIZERS
+
+        _check_choice(self, "optimizer", OPTIMIZERS)
+        _check_choice(self, "adam_variant", ADAM_VARIANTS)
+        _check_number(self, "lr", 0, low_open=True)
+        _check_number(self, "weight_decay", 0, optional=True)
+        _check_integer(self, "lr_step", 1)
+        _check_number(self, "lr_gamma", 0, 1, low_open=True)
+        _check_integer(self, "epochs", 1)
+        _check_integer(self, "max_steps", 1, optional=True)
+        _check_integer(self, "batch_size", 1)
+        _check_integer(self, "eval_batch_size", 1)
+        _check_integer(self, "seed", 0)
+
+    def _check_output(self) -> None:
+        """Check the output fields (out, eval/log cadence, tensorboard, threads, device, amp)."""
+        _check_string(self, "out")
+        _check_integer(self, "eval_every", 1)
+        _check_integer(self, "log_every", 1)
+        _check_boolean(self, "tensorboard")
+        _check_integer(self, "num_threads", 1, optional=True)
+        _check_string(self, "device")
+        parse_device(self.device)
+        amp_dtype(self.amp)
+
+    def _check_reliability(self) -> None:
+        """Check the reliability fields (nonfinite, max_skips, save_every, save_every_seconds)."""
+        from fsg.trainer import NONFINITE_POLICIES
+
+        _check_choice(self, "nonfinite", NONFINITE_POLICIES)
+        _check_integer(self, "max_skips", 0)
+        _check_integer(self, "save_every", 1, optional=True)
+        _check_number(self, "save_every_seconds", 0, low_open=True, optional=True)
 
     def _check_dataset_options(self) -> None:
         opts = self.dataset_options
@@ -400,3 +389,59 @@ class TrainConfig:
                 raise ValueError(f"synthetic dataset option {k} must be a number, got {v!r}")
             if k != "noise" and not isinstance(v, int):
                 raise ValueError(f"synthetic dataset option {k} must be an integer, got {v!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# field checks of TrainConfig.validate: each raises a one-line ValueError naming the field
+
+
+def _check_choice(cfg: TrainConfig, name: str, options) -> None:
+    """The field ``name`` must be one of ``options``."""
+    v = getattr(cfg, name)
+    if v not in options:
+        raise ValueError(f"{name} must be one of {', '.join(options)}, got {v!r}")
+
+
+def _check_integer(cfg: TrainConfig, name: str, low: int, optional: bool = False) -> None:
+    """The field ``name`` must be an integer (not a bool) >= ``low`` (or ``None`` when ``optional``)."""
+    v = getattr(cfg, name)
+    if optional and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+
+
+def _check_number(cfg: TrainConfig, name: str, low=None, high=None, low_open: bool = False,
+                  optional: bool = False) -> None:
+    """The field ``name`` must be a finite number in the given range (or ``None`` when ``optional``)."""
+    v = getattr(cfg, name)
+    if optional and v is None:
+        return
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v <= high
+    if not ok:
+        rng = ("> " if low_open else ">= ") + str(low) if low is not None else "finite"
+        if high is not None:
+            rng += f" and <= {high}"
+        raise ValueError(f"{name} must be a number {rng}, got {v!r}")
+
+
+def _check_boolean(cfg: TrainConfig, name: str, optional: bool = False) -> None:
+    """The field ``name`` must be true or false (or ``None`` when ``optional``)."""
+    v = getattr(cfg, name)
+    if optional and v is None:
+        return
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be true or false, got {v!r}")
+
+
+def _check_string(cfg: TrainConfig, name: str, optional: bool = False) -> None:
+    """The field ``name`` must be a non-empty string (or ``None`` when ``optional``)."""
+    v = getattr(cfg, name)
+    if optional and v is None:
+        return
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{name} must be a non-empty string, got {v!r}")
