@@ -186,11 +186,37 @@ def add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = F
     """The options of ``fsg train`` (``pretrain``: those of ``fsg pretrain``; ``grid``: those of
     ``fsg grid``, without ``--resume``, ``--out``, ``--seed``, ``--quantizer``, ``--optimizer`` and
     ``--estimator``, which the grid sets per run)."""
-    S = argparse.SUPPRESS
-    dflt = default_config(pretrain)
+    opt_in = _field_option_adder(default_config(pretrain))
+    run = p.add_argument_group("run")
+    _add_general_options(p, grid)
+    _add_run_options(run, opt_in, grid)
+    _add_model_and_data_options(p.add_argument_group("model and data"), opt_in)
+    _add_optimisation_options(p.add_argument_group("optimisation"), opt_in, grid)
+    if pretrain:
+        return
+    _add_binarization_options(p.add_argument_group("binarization"), opt_in, grid)
+    _add_estimator_options(p.add_argument_group("estimator"), opt_in, grid)
 
-    bool_kw = dict(action=argparse.BooleanOptionalAction)
-    g = p.add_argument_group("run")
+
+_BOOL = dict(action=argparse.BooleanOptionalAction)
+
+
+def _field_option_adder(dflt: Dict[str, object]):
+    """A function adding the flag of a configuration field to a group (default suppressed, help with its default)."""
+
+    def opt_in(group, name, help, **kw):
+        shown = dflt.get(name)
+        if "default" not in help:
+            help += f" (default: {'none' if shown is None else shown})"
+        if "type" in kw and "metavar" not in kw and "choices" not in kw:
+            kw["metavar"] = name.upper()
+        group.add_argument(flag(name), dest=name, default=argparse.SUPPRESS, help=help, **kw)
+
+    return opt_in
+
+
+def _add_general_options(p: argparse.ArgumentParser, grid: bool) -> None:
+    """Add --config, --resume (not for the grid), --no-progress and --json."""
     p.add_argument("--config", metavar="FILE", default=None,
                    help="JSON configuration (as written to <out>/config.json); flags override its values")
     if not grid:
@@ -201,14 +227,9 @@ def add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = F
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
-    def opt_in(group, name, help, **kw):
-        shown = dflt.get(name)
-        if "default" not in help:
-            help += f" (default: {'none' if shown is None else shown})"
-        if "type" in kw and "metavar" not in kw and "choices" not in kw:
-            kw["metavar"] = name.upper()
-        group.add_argument(flag(name), dest=name, default=S, help=help, **kw)
 
+def _add_run_options(g, opt_in, grid: bool) -> None:
+    """Add the "run" group: output, length, evaluation, logging, device, precision, reliability, seed."""
     if not grid:
         opt_in(g, "out", "run directory", metavar="DIR")
     opt_in(g, "epochs", "training epochs", type=positive_int)
@@ -217,7 +238,7 @@ def add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = F
     opt_in(g, "eval_every", "evaluate on the test split every N epochs (and after the last)", type=positive_int,
            metavar="N")
     opt_in(g, "log_every", "write a step row to the metrics every N steps", type=positive_int, metavar="N")
-    opt_in(g, "tensorboard", "also log to TensorBoard (<out>/tensorboard; needs tensorboardX)", **bool_kw)
+    opt_in(g, "tensorboard", "also log to TensorBoard (<out>/tensorboard; needs tensorboardX)", **_BOOL)
     opt_in(g, "num_threads", "torch CPU threads (default: torch's)", type=positive_int, metavar="N")
     opt_in(g, "device", "torch device: cpu, cuda, cuda:1, ... (checked before anything is written)")
     opt_in(g, "amp", "mixed precision: bf16 runs the network's forward passes and the loss under torch.autocast "
@@ -235,7 +256,9 @@ def add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = F
     if not grid:
         opt_in(g, "seed", "seed of the initialisation and of the data order/augmentation", type=nonnegative_int)
 
-    g = p.add_argument_group("model and data")
+
+def _add_model_and_data_options(g, opt_in) -> None:
+    """Add the "model and data" group: network, dataset, subsets and splits, batch sizes, pre-trained weights."""
     opt_in(g, "model", "network", choices=list(MODEL_NAMES))
     opt_in(g, "width", "small-cnn: channels of the first conv", type=positive_int)
     opt_in(g, "activation", "hidden nonlinearity of the model (default: relu; hardtanh with --activations, "
@@ -243,7 +266,7 @@ def add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = F
     opt_in(g, "dataset", "dataset", choices=list(DATASET_NAMES))
     opt_in(g, "data_dir", "where the dataset lives (cifar: the official python-format files or archive; "
            "imagefolder: a directory or .tar.gz of split/class/*.jpg)", metavar="DIR")
-    opt_in(g, "download", "download CIFAR when it is missing", **bool_kw)
+    opt_in(g, "download", "download CIFAR when it is missing", **_BOOL)
     g.add_argument("--dataset-option", dest="dataset_option", action="append", type=key_value, default=[],
                    metavar="KEY=VALUE", help="synthetic dataset option (n_train, n_test, num_classes, channels, "
                    "size, noise, max_shift, seed); repeatable")
@@ -253,14 +276,16 @@ def add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = F
            "val_loss/val_accuracy beside the test metrics)", type=positive_int, metavar="N")
     opt_in(g, "test_subset", "use only a fixed random subset of N test images (the same in every run)",
            type=positive_int, metavar="N")
-    opt_in(g, "augment", "random crop + flip of training images (default: on)", **bool_kw)
+    opt_in(g, "augment", "random crop + flip of training images (default: on)", **_BOOL)
     opt_in(g, "batch_size", "training batch size", type=positive_int)
     opt_in(g, "eval_batch_size", "evaluation batch size", type=positive_int)
     opt_in(g, "pretrained", "full-precision state_dict to start from (e.g. from 'fsg pretrain')", metavar="FILE")
     opt_in(g, "classifier_bn", "CIFAR ResNets: BatchNorm1d before the classifier (the FSG code's network; "
-           "--no-classifier-bn: MetaQuant's)", **bool_kw)
+           "--no-classifier-bn: MetaQuant's)", **_BOOL)
 
-    g = p.add_argument_group("optimisation")
+
+def _add_optimisation_options(g, opt_in, grid: bool) -> None:
+    """Add the "optimisation" group: optimizer (not for the grid), Adam variant, learning rate and its schedule."""
     if not grid:
         opt_in(g, "optimizer", "base optimizer (sgdm: momentum 0.9, weight decay 5e-4)", choices=list(OPTIMIZERS))
     opt_in(g, "adam_variant", "Adam arithmetic: torch (m̂/(√v̂+ε), the spec's) or reference (MetaQuant's: ε added "
@@ -270,24 +295,26 @@ def add_train_options(p: argparse.ArgumentParser, pretrain: bool, grid: bool = F
     opt_in(g, "lr_step", "divide the learning rate every N epochs", type=positive_int, metavar="N")
     opt_in(g, "lr_gamma", "learning-rate factor at each step of the schedule", type=positive_float)
 
-    if pretrain:
-        return
-    g = p.add_argument_group("binarization")
+
+def _add_binarization_options(g, opt_in, grid: bool) -> None:
+    """Add the "binarization" group: quantizer (not for the grid), bits, layers kept, binarized activations."""
     if not grid:
         opt_in(g, "quantizer", "weight quantizer", choices=list(QUANTIZERS))
     opt_in(g, "bits", "dorefa bits (1 = binary)", type=positive_int)
-    opt_in(g, "keep_first", "keep the first conv in full precision", **bool_kw)
-    opt_in(g, "keep_last", "keep the classifier in full precision", **bool_kw)
-    opt_in(g, "activations", "also binarize activations (sign, clipped STE)", **bool_kw)
+    opt_in(g, "keep_first", "keep the first conv in full precision", **_BOOL)
+    opt_in(g, "keep_last", "keep the classifier in full precision", **_BOOL)
+    opt_in(g, "activations", "also binarize activations (sign, clipped STE)", **_BOOL)
 
-    g = p.add_argument_group("estimator")
+
+def _add_estimator_options(g, opt_in, grid: bool) -> None:
+    """Add the "estimator" group: estimator (not for the grid), update_on_observe, every estimator option, -E."""
     if not grid:
         opt_in(g, "estimator", "gradient estimator", choices=list(ESTIMATORS))
-    opt_in(g, "update_on_observe", "also update the weights in the observe step 0", **bool_kw)
+    opt_in(g, "update_on_observe", "also update the weights in the observe step 0", **_BOOL)
     for name, (kw, help) in estimator_flags().items():
         if "type" in kw and "metavar" not in kw and "choices" not in kw:
             kw = dict(kw, metavar=name.upper())
-        g.add_argument(flag(name), dest="est_" + name, default=S, help=help, **kw)
+        g.add_argument(flag(name), dest="est_" + name, default=argparse.SUPPRESS, help=help, **kw)
     g.add_argument("-E", "--estimator-option", dest="estimator_option", action="append", type=key_value, default=[],
                    metavar="KEY=VALUE", help="any other estimator option (value as JSON); repeatable")
 
