@@ -268,6 +268,29 @@ def run_benchmarks(steps: int = 2, batch_size: int = 128, scan_reps: int = 2, th
               "--scan-length": scan_length, "--device": device}
     if threads:
         common["--threads"] = threads
+    plan = _bench_plan(common, cuda, scan_length, long_scan_length, ref_reps)
+    result: Dict[str, object] = {k: None for k in KEYS + EXTRA_KEYS}
+    result["device"] = str(device)
+    notes: Dict[str, str] = {}
+    raw = _run_plan(plan, result, notes, skip_mambapy, timeout, log)
+    result["ste_peak_rss_mb"] = raw.get("ste_step", {}).get("peak_rss_mb")
+    result["multifc_peak_rss_mb"] = raw.get("multifc_step", {}).get("peak_rss_mb")
+    _note_scans(result, notes, raw, cuda, scan_length)
+    _note_missing(result, notes, cuda)
+    if cuda:
+        notes["ref_scan_long"] = (f"the reference scan is not timed on {long_scan_length:,} tokens: it is a Python "
+                                  f"loop over time ({long_scan_length:,} sequential steps, each a few kernel launches) "
+                                  "and holds L x d_inner x d_state float32 tensors (about "
+                                  f"{3 * long_scan_length * 100 * 16 * 4 / 1e9:.0f} GB); ref_scan_s is on "
+                                  f"{min(scan_length, REF_SCAN_MAX):,} tokens")
+    ratios = _ratios(result, cuda, scan_length)
+    setup = _setup(model, batch_size, steps, scan_length, threads, device, cuda, long_scan_length, ref_reps)
+    result.update(ratios=ratios, notes=notes, raw=raw, setup=setup)
+    return result
+
+
+def _bench_plan(common: dict, cuda: bool, scan_length: int, long_scan_length: int, ref_reps: int) -> list:
+    """The measurements to run, in order: ``(name, child arguments)``."""
 
     def case(*argv, **overrides):  # the child's arguments: the case's, then the shared ones (overridden)
         opts = dict(common, **{"--" + k.replace("_", "-"): v for k, v in overrides.items()})
@@ -287,9 +310,12 @@ def run_benchmarks(steps: int = 2, batch_size: int = 128, scan_reps: int = 2, th
                               reps=ref_reps)),
         ]
     plan.append(("mambapy_scan", case("--case", "scan", "--impl", "mambapy")))
-    result: Dict[str, object] = {k: None for k in KEYS + EXTRA_KEYS}
-    result["device"] = str(device)
-    notes: Dict[str, str] = {}
+    return plan
+
+
+def _run_plan(plan: list, result: dict, notes: Dict[str, str], skip_mambapy: bool, timeout: float,
+              log) -> Dict[str, dict]:
+    """Run each measurement in its subprocess, filling ``result`` (and ``notes`` for the ones that did not run)."""
     raw: Dict[str, dict] = {}
     for name, argv in plan:
         if name == "mambapy_scan" and skip_mambapy:
@@ -311,8 +337,11 @@ def run_benchmarks(steps: int = 2, batch_size: int = 128, scan_reps: int = 2, th
             result[f"{name.replace('_step', '')}_peak_gpu_mb"] = raw[name]["peak_gpu_mb"]
         gpu = f", peak GPU {raw[name]['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in raw[name] else ""
         log(f"  {name}: {raw[name]['seconds']:.3f} s, peak RSS {raw[name]['peak_rss_mb']:.0f} MB{gpu}")
-    result["ste_peak_rss_mb"] = raw.get("ste_step", {}).get("peak_rss_mb")
-    result["multifc_peak_rss_mb"] = raw.get("multifc_step", {}).get("peak_rss_mb")
+    return raw
+
+
+def _note_scans(result: dict, notes: Dict[str, str], raw: Dict[str, dict], cuda: bool, scan_length: int) -> None:
+    """Record the CUDA scan backend, and note a reference-only backend, a missing mambapy, a shortened ref scan."""
     if "scan" in raw and cuda:
         result["scan_backend"] = raw["scan"].get("backend")
         if result["scan_backend"] == "reference":
@@ -322,28 +351,33 @@ def run_benchmarks(steps: int = 2, batch_size: int = 128, scan_reps: int = 2, th
         notes["mambapy_scan"] = "mambapy is not installed (pip install mambapy==1.2.0)"
     if cuda and "ref_scan" in raw and scan_length > REF_SCAN_MAX:
         notes["ref_scan"] = f"timed on {REF_SCAN_MAX:,} tokens (--scan-length is {scan_length:,})"
-    source = {"ste_step_s": "ste_step", "fsg_flat_step_s": "fsg_flat_step", "fsg_stream_step_s": "fsg_stream_step",
-              "fsg_flat_peak_rss_mb": "fsg_flat_step", "fsg_stream_peak_rss_mb": "fsg_stream_step",
-              "scan_s": "scan", "scan_peak_rss_mb": "scan", "mambapy_scan_s": "mambapy_scan",
-              "mambapy_scan_peak_rss_mb": "mambapy_scan", "multifc_step_s": "multifc_step",
-              "multifc_peak_rss_mb": "multifc_step", "scan_long_s": "scan_long", "ref_scan_s": "ref_scan"}
+
+
+#: The measurement each result key comes from (whose note explains a missing value).
+_KEY_SOURCE = {"ste_step_s": "ste_step", "fsg_flat_step_s": "fsg_flat_step", "fsg_stream_step_s": "fsg_stream_step",
+               "fsg_flat_peak_rss_mb": "fsg_flat_step", "fsg_stream_peak_rss_mb": "fsg_stream_step",
+               "scan_s": "scan", "scan_peak_rss_mb": "scan", "mambapy_scan_s": "mambapy_scan",
+               "mambapy_scan_peak_rss_mb": "mambapy_scan", "multifc_step_s": "multifc_step",
+               "multifc_peak_rss_mb": "multifc_step", "scan_long_s": "scan_long", "ref_scan_s": "ref_scan"}
+
+
+def _note_missing(result: dict, notes: Dict[str, str], cuda: bool) -> None:
+    """A note for every result key left ``None``: CUDA only, or its measurement's note (else "not measured")."""
     for k in KEYS + EXTRA_KEYS:
         if result[k] is not None or k == "device":
             continue
         if not cuda and (k.endswith("_gpu_mb") or k.startswith(("scan_long", "ref_scan")) or k == "scan_backend"):
             notes.setdefault(k, "CUDA only (fsg bench --device cuda)")
-        elif k in source:
-            notes[k] = notes.get(source[k], "not measured")
+        elif k in _KEY_SOURCE:
+            notes[k] = notes.get(_KEY_SOURCE[k], "not measured")
         elif k.endswith("_peak_gpu_mb"):
             step = k.replace("_peak_gpu_mb", "")
             src = step if step in ("scan", "scan_long", "ref_scan", "mambapy_scan") else step + "_step"
             notes[k] = notes.get(src, "not measured")
-    if cuda:
-        notes["ref_scan_long"] = (f"the reference scan is not timed on {long_scan_length:,} tokens: it is a Python "
-                                  f"loop over time ({long_scan_length:,} sequential steps, each a few kernel launches) "
-                                  "and holds L x d_inner x d_state float32 tensors (about "
-                                  f"{3 * long_scan_length * 100 * 16 * 4 / 1e9:.0f} GB); ref_scan_s is on "
-                                  f"{min(scan_length, REF_SCAN_MAX):,} tokens")
+
+
+def _ratios(result: dict, cuda: bool, scan_length: int) -> Dict[str, float]:
+    """Step times × STE's; mambapy's and the reference scan's time (and memory) over fsg's scan."""
     ratios = {}
     if result["ste_step_s"]:
         for k in ("multifc_step", "fsg_flat_step", "fsg_stream_step"):
@@ -359,6 +393,14 @@ def run_benchmarks(steps: int = 2, batch_size: int = 128, scan_reps: int = 2, th
         ratios["ref_vs_scan_time"] = result["ref_scan_s"] / result["scan_s"]
         if result["ref_scan_peak_gpu_mb"] is not None and result["scan_peak_gpu_mb"]:
             ratios["ref_vs_scan_memory"] = result["ref_scan_peak_gpu_mb"] / max(result["scan_peak_gpu_mb"], 1e-9)
+    return ratios
+
+
+def _setup(model: str, batch_size: int, steps: int, scan_length: int, threads: Optional[int], device: str,
+           cuda: bool, long_scan_length: int, ref_reps: int) -> dict:
+    """The benchmark's setting: model, sizes, torch, threads, machine; on CUDA the GPU, CUDA, Triton and timing."""
+    import torch
+
     setup = {"model": f"{model}, all conv/linear binarized (dorefa), SGD lr 1e-3",
              "batch_size": batch_size, "timed_steps": steps, "scan_tokens": scan_length,
              "torch": torch.__version__, "threads": threads or torch.get_num_threads(),
@@ -374,8 +416,7 @@ def run_benchmarks(steps: int = 2, batch_size: int = 128, scan_reps: int = 2, th
             setup["triton"] = triton.__version__
         except ImportError:
             setup["triton"] = None
-    result.update(ratios=ratios, notes=notes, raw=raw, setup=setup)
-    return result
+    return setup
 
 
 def _table(r: dict) -> str:
