@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fsg.train.loop import MetricsLog
+from fsg.train.metrics import MetricsLog
 
 
 def summarize(run: Path, last: int) -> dict:

@@ -13,7 +13,7 @@ import torch
 
 from fsg.train.checkpoint import load_checkpoint
 from fsg.train.config import TrainConfig
-from fsg.train.loop import _seed_everything, build_data, build_model, build_trainer
+from fsg.train.build import build_data, build_model, build_trainer, seed_everything as _seed_everything
 
 
 def scalar(state) -> float:

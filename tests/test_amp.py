@@ -12,7 +12,8 @@ from torch import nn
 import fsg
 from fsg.train.config import TrainConfig, amp_dtype
 from fsg.models import SmallCNN
-from fsg.train.loop import FullPrecisionTrainer, train
+from fsg.train.build import FullPrecisionTrainer
+from fsg.train.loop import train
 from fsg.data.synthetic import batches, make_synthetic
 
 from conftest import cli_error, fsg_cli

@@ -14,7 +14,8 @@ import fsg
 import fsg.data
 from fsg.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fsg.train.config import TrainConfig
-from fsg.train.loop import TrainingInterrupted, train
+from fsg.train.interrupt import TrainingInterrupted
+from fsg.train.loop import train
 
 from conftest import interrupt_at_batch, make_mlp, make_task
 
@@ -86,7 +87,7 @@ def reference(tmp_path_factory, estimator):
 
 
 def metric_rows(out):
-    return strip_times(fsg.train.loop.MetricsLog.read(out / "metrics.jsonl"))
+    return strip_times(fsg.train.metrics.MetricsLog.read(out / "metrics.jsonl"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,8 +525,8 @@ def test_an_old_checkpoint_resumes_exactly(tmp_path):
     assert len(straight.losses) == 8 and resumed.losses == straight.losses[3:]
     assert (resumed.test_loss, resumed.test_accuracy) == (straight.test_loss, straight.test_accuracy)
     # the old run's rows up to step 3 are kept (its "final" row too), then the same rows as straight
-    rows = [_no_tensors(r) for r in fsg.train.loop.MetricsLog.read(run / "metrics.jsonl")]
-    straight_rows = [_no_tensors(r) for r in fsg.train.loop.MetricsLog.read(tmp_path / "straight" / "metrics.jsonl")]
+    rows = [_no_tensors(r) for r in fsg.train.metrics.MetricsLog.read(run / "metrics.jsonl")]
+    straight_rows = [_no_tensors(r) for r in fsg.train.metrics.MetricsLog.read(tmp_path / "straight" / "metrics.jsonl")]
     assert [r for r in rows if r["kind"] != "final"] == straight_rows
     a, b = load_checkpoint(run / "last.pt"), load_checkpoint(tmp_path / "straight" / "last.pt")
     for k in ("data", "scheduler", "epoch", "batch", "step", "running"):

@@ -314,7 +314,7 @@ def test_foreign_files(tmp_path, exported):
 def eval_model_and_data(run):
     """The model and test batches exactly as ``fsg eval`` builds them (run.evaluate)."""
     from fsg.train.config import TrainConfig
-    from fsg.train.loop import build_data, build_model
+    from fsg.train.build import build_data, build_model
 
     ckpt = load_checkpoint(run / "last.pt")
     cfg = TrainConfig.from_dict(ckpt["config"])

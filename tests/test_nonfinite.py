@@ -2,14 +2,12 @@
 it was (weights, hypernetworks, FSG's history and carried stream states, optimizer states,
 BatchNorm statistics), and a skipped run continues exactly like a run that never saw the batch."""
 
-import inspect
 import io
 
 import pytest
 import torch
 
 import fsg
-from fsg.estimators import FSG
 from fsg.models import SmallCNN
 from fsg.trainer import NonFiniteError
 
@@ -148,8 +146,6 @@ def test_options_are_checked():
         build("ste", max_skips=-1)
 
 
-@pytest.mark.skipif("state_dtype" not in inspect.signature(FSG.__init__).parameters,
-                    reason="FSG has no 16-bit stream state here")
 def test_skip_restores_a_16_bit_stream_state_updated_in_place():
     ref = build("fsg-stream", state_dtype="bfloat16")
     ref_losses = [ref.step(X[i], Y[i]).loss for i in range(5)]
@@ -216,7 +212,7 @@ def test_train_stops_on_a_nan_batch_and_keeps_the_last_checkpoint(tmp_path, caps
     assert "fsg: step 5: non-finite loss nan" in err and "skipped (1 in a row, 1 in all)" in err
     ck = load_checkpoint(out / "last.pt")
     assert ck["step"] == 5 and ck["config"]["nonfinite"] == "skip" and ck["trainer"]["skipped"]["total"] == 1
-    rows = [r for r in fsg.train.loop.MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "epoch"]
+    rows = [r for r in fsg.train.metrics.MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "epoch"]
     assert [r.get("skipped") for r in rows] == [None, 1]
     assert before != (out / "last.pt").read_bytes()
 
@@ -229,7 +225,7 @@ def test_train_skip_goes_on_and_max_skips_stops(tmp_path, capsys, monkeypatch):
     import json
 
     assert json.loads(out_json)["steps"] == 5 and err.count("skipped (1 in a row") == 1
-    steps = [r["step"] for r in fsg.train.loop.MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "step"]
+    steps = [r["step"] for r in fsg.train.metrics.MetricsLog.read(out / "metrics.jsonl") if r["kind"] == "step"]
     assert steps == [1, 2, 3, 4, 5]
 
     out2 = tmp_path / "run2"
@@ -260,7 +256,7 @@ def test_no_checkpoint_of_non_finite_state(tmp_path, capsys, monkeypatch):
 
 
 def test_full_precision_trainer_rejects_non_finite_steps_too():
-    from fsg.train.loop import FullPrecisionTrainer
+    from fsg.train.build import FullPrecisionTrainer
 
     def make(**kw):
         torch.manual_seed(0)

@@ -52,7 +52,7 @@ def wait_for_steps(proc, out, n, timeout=120):
     """Wait until the run in ``out`` has logged ``n`` step rows."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        rows = fsg.train.loop.MetricsLog.read(out / "metrics.jsonl")
+        rows = fsg.train.metrics.MetricsLog.read(out / "metrics.jsonl")
         if sum(r.get("kind") == "step" for r in rows) >= n:
             return
         if proc.poll() is not None:
@@ -99,7 +99,7 @@ def test_sigkill_after_a_periodic_save_loses_at_most_save_every_steps(tmp_path, 
     proc.kill()  # SIGKILL: nothing runs after this
     proc.communicate(timeout=60)
     ck = load_checkpoint(out / "last.pt")
-    logged = sum(r.get("kind") == "step" for r in fsg.train.loop.MetricsLog.read(out / "metrics.jsonl"))
+    logged = sum(r.get("kind") == "step" for r in fsg.train.metrics.MetricsLog.read(out / "metrics.jsonl"))
     assert ck["step"] >= 8 and ck["step"] % 4 == 0 and logged - ck["step"] < 4 + 1 and ck["batch"] == ck["step"]
 
     code, _, err = fsg_cli(capsys, "train", "--resume", str(out), "--no-progress")

@@ -319,7 +319,7 @@ def test_paper_pretrained_resnet20_loads():
 
 def test_subset_is_a_fixed_random_sample_not_a_prefix():
     import fsg.data
-    from fsg.train.loop import _subset
+    from fsg.train.build import subset as _subset
 
     ds = fsg.data.ImageDataset(images=torch.zeros(100, 3, 2, 2, dtype=torch.uint8),
                                labels=torch.arange(10).repeat_interleave(10), classes=[str(i) for i in range(10)],

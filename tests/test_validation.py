@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fsg.train.config import TrainConfig
-from fsg.train.loop import build_data, split_validation
+from fsg.train.build import build_data, split_validation
 
 from conftest import cli_error, fsg_cli
 

@@ -62,7 +62,7 @@ from fsg.estimators import Estimator, LayerContext, get_estimator
 from fsg.optim import OPTIMIZERS, make_optimizer, step_with_directions
 
 __all__ = ["Trainer", "StepResult", "make_optimizer", "evaluate", "OPTIMIZERS", "check_autocast_dtype",
-           "autocast_context", "NonFiniteError", "NONFINITE_POLICIES", "StepSnapshot", "accuracy"]
+           "autocast_context", "NonFiniteError", "NONFINITE_POLICIES", "StepSnapshot", "accuracy", "all_finite", "step_finite"]
 
 #: What a trainer does with a step whose loss or gradients are not finite (``Trainer(nonfinite=...)``).
 NONFINITE_POLICIES = ("raise", "skip")
@@ -111,6 +111,15 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     if not floats or bool(torch.stack([t.sum() for t in floats]).isfinite().all()):
         return True
     return all(bool(t.isfinite().all()) for t in floats)
+
+
+def step_finite(loss, checked: List[Tuple[object, Tensor]]) -> bool:
+    """Whether a step's loss (a tensor or a number) and the tensors of ``checked`` ((name, tensor)
+    pairs) are all finite: one fused check."""
+    tensors = [t for _, t in checked]
+    if isinstance(loss, Tensor):
+        return all_finite([loss.detach().reshape(1)] + tensors)
+    return math.isfinite(loss) and all_finite(tensors)
 
 
 def _name(name) -> str:
@@ -393,7 +402,7 @@ class Trainer:
         else:
             updates = []
         checked = self._checked_tensors(updates)
-        if not self._finite(loss_value, checked):
+        if not step_finite(loss_value, checked):
             culprits = nonfinite_names(checked)
             before.restore()
             return self._reject(loss_value, culprits, lr, acc, samples)
@@ -437,13 +446,6 @@ class Trainer:
         named += [(("update of", l.name), u) for l, u in zip(self.layers, updates)]
         named += [(("buffer", n), b) for n, b in self.model.named_buffers() if b.is_floating_point()]
         return named
-
-    @staticmethod
-    def _finite(loss, checked: List[Tuple[object, Tensor]]) -> bool:
-        tensors = [t for _, t in checked]
-        if isinstance(loss, Tensor):
-            return all_finite([loss.detach().reshape(1)] + tensors)
-        return math.isfinite(loss) and all_finite(tensors)
 
     def _reject(self, loss, culprits: List[str], lr: float, acc: Optional[float], samples: int) -> StepResult:
         return reject_step(self, loss, culprits, lr, acc, samples)

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from fsg.cli import bench, demo, estimators, export, grid, train
 from fsg.cli.options import Parser
-from fsg.train.loop import TrainingInterrupted
+from fsg.train.interrupt import TrainingInterrupted
 from fsg.trainer import NonFiniteError
 
 __all__ = ["build_parser", "main"]

@@ -51,6 +51,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from fsg.train import loop as _run
 from fsg.files import atomic_write, atomic_write_text
 from fsg.train.checkpoint import read_header
+from fsg.train.interrupt import TrainingInterrupted
+from fsg.train.metrics import MetricsLog
 from fsg.train.config import (RESUME_CHANGEABLE, TrainConfig, estimator_option_names, estimator_takes_any_option,
                               require_device)
 
@@ -267,8 +269,8 @@ def run_grid(out: PathLike, estimators: Union[str, Sequence[str], None] = None,
         try:
             _run.train(cfg, resume=Path(cfg.out) / "last.pt" if state == "resume" else None,
                        progress=progress, log=log)
-        except _run.TrainingInterrupted as e:
-            raise _run.TrainingInterrupted(e.message + "; running the same grid again resumes every unfinished run",
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(e.message + "; running the same grid again resumes every unfinished run",
                                            e.checkpoint, e.step, e.signum) from None
     return write_report(out, last_k=last_k, x_axis=x_axis, order=[run_name(*a) for a in _axes_product(axes)],
                         log=log)
@@ -322,7 +324,7 @@ def collect_runs(out: PathLike, last_k: int = DEFAULT_LAST_K) -> Dict[str, Dict[
             continue
         if not isinstance(cfg, dict) or cfg.get("full_precision"):
             continue
-        rows = _run.MetricsLog.read(d / "metrics.jsonl")
+        rows = MetricsLog.read(d / "metrics.jsonl")
         evals = _evaluations(rows)
         used = evals[-last_k:]
         acc_k = sum(r["test_accuracy"] for r in used) / len(used) if used else None

@@ -1,7 +1,7 @@
 """The training loop behind ``fsg train`` and ``fsg pretrain``: data, model, schedule, logging,
 checkpoints, exact resume.
 
-:func:`train` runs a :class:`~fsg.config.TrainConfig`::
+:func:`train` runs a :class:`~fsg.train.config.TrainConfig`::
 
     data      load_dataset(train/test) → DataLoader (per-epoch shuffling/augmentation from (seed, epoch))
     model     get_model → load_pretrained (optional) → binarize (unless full_precision) → Trainer
@@ -13,18 +13,19 @@ checkpoints, exact resume.
               run mid-epoch; optional TensorBoard (tensorboardX) under <out>/tensorboard
     checkpoint <out>/last.pt after every epoch, when max_steps stops the run, on Ctrl-C and SIGTERM,
               and mid-epoch every save_every steps / save_every_seconds seconds (see
-              :mod:`fsg.checkpoint` for its content); never of non-finite values; <out>/config.json;
+              :mod:`fsg.train.checkpoint` for its content); never of non-finite values; <out>/config.json;
               for full-precision runs also <out>/model.pt, a plain state_dict for
               :func:`fsg.models.load_pretrained`
 
-**Structure.** :class:`Run` holds the components of one run — data loaders, trainer, schedule,
-metrics log and :class:`fsg.train.state.RunState` (epoch, batch, the epoch's sums, history,
+**Structure.** The parts come from :mod:`fsg.train.build`, the rows go through
+:mod:`fsg.train.metrics`, signals through :mod:`fsg.train.interrupt`. :class:`Run` holds the
+components of one run — data loaders, trainer, schedule, metrics log and :class:`fsg.train.state.RunState` (epoch, batch, the epoch's sums, history,
 clock, why the run stopped) — each of which saves and restores itself; its methods build them,
 train an epoch, end an epoch, stop mid-epoch, save. An epoch ends when its training steps are
 done: the loader's batches less a last global batch smaller than the number of processes,
 which every rank skips; only ``max_steps`` stops a run inside an epoch (``state.stopped``).
 
-**The run directory** is locked (:class:`fsg.runlock.RunLock`, ``<out>/.lock``) by rank 0 from
+**The run directory** is locked (:class:`fsg.train.runlock.RunLock`, ``<out>/.lock``) by rank 0 from
 before its first write there to the end of the run: a second run on it stops with one line,
 having written nothing; the holder removes the temporaries of interrupted saves it finds there.
 
@@ -47,64 +48,36 @@ before anything is updated or saved: ``last.pt`` keeps the last good state.
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import dataclasses
-import io
-import json
-import math
 import os
-import random
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsg import distributed as dist
-from fsg.binarize import binarize
-from fsg.files import atomic_write_text
 from fsg.train.checkpoint import (CheckpointError, load_checkpoint, read_header, rng_state, save_checkpoint,
                                   set_rng_state)
-from fsg.train.config import RESUME_CHANGEABLE, TrainConfig, amp_dtype, require_device
-from fsg.models import SmallCNN, get_model, load_pretrained, model_spec
+from fsg.train.config import RESUME_CHANGEABLE, TrainConfig, require_device
+from fsg.models import model_spec
 from fsg.train.runlock import RunLock, remove_stale_temporaries
+from fsg.train.build import build_data, build_model, build_trainer, seed_everything
+from fsg.train.interrupt import InterruptGuard, TrainingInterrupted
+from fsg.train.metrics import MetricsLog, NoLog, epoch_line
 from fsg.train.state import EpochSums, RunState
-from fsg.optim import make_optimizer
-from fsg.trainer import (NonFiniteError, StepResult, Trainer, accuracy, StepSnapshot, all_finite, autocast_context,
-                      average_over_ranks, check_autocast_dtype, check_nonfinite_policy, evaluate as evaluate_model,
-                      nonfinite_names, reject_step)
+from fsg.trainer import (NonFiniteError, all_finite, evaluate as evaluate_model,
+                      nonfinite_names)
 
-__all__ = [
-    "train", "pretrain", "evaluate", "TrainResult", "TrainingInterrupted", "FullPrecisionTrainer",
-    "build_data", "build_model", "build_trainer", "MetricsLog", "METRIC_COLUMNS", "Run",
-]
+__all__ = ["train", "pretrain", "evaluate", "TrainResult", "Run", "save_checkpoint_plain"]
 
 PathLike = Union[str, os.PathLike]
 
-#: Columns of ``metrics.csv`` (every row kind; empty where a field does not apply).
-METRIC_COLUMNS = (
-    "kind", "epoch", "step", "loss", "accuracy", "lr", "train_loss", "train_accuracy", "test_loss",
-    "test_accuracy", "epoch_time", "eval_time", "elapsed",
-)
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Raised by :func:`train` after Ctrl-C or SIGTERM; ``checkpoint`` is the path written
-    (``None`` when the interrupt came inside a step and no consistent state could be saved),
-    ``message`` one line saying where the run stopped and how to resume it, ``signum`` the signal
-    (``signal.SIGINT`` for Ctrl-C and for a ``KeyboardInterrupt`` from elsewhere, or
-    ``signal.SIGTERM``): the ``fsg`` command exits with ``128 + signum``, 130 or 143."""
-
-    def __init__(self, message: str, checkpoint: Optional[Path], step: int, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.message, self.checkpoint, self.step, self.signum = message, checkpoint, step, int(signum)
 
 
 @dataclass
@@ -120,353 +93,6 @@ class TrainResult:
     history: List[Dict[str, Any]] = field(default_factory=list)
     stopped: str = "epochs"           # "epochs", "max_steps" or "done" (nothing left to train)
     losses: List[float] = field(default_factory=list)   # per-step losses of this call
-
-
-# ----------------------------------------------------------------------------------------------
-# building blocks
-
-
-class FullPrecisionTrainer:
-    """Plain autograd training of an unbinarized model (``fsg pretrain``), with the interface
-    of :class:`~fsg.trainer.Trainer` that the loop uses (``step``, ``lr``, ``optimizer``,
-    ``step_count``, ``state_dict``/``load_state_dict``)."""
-
-    def __init__(self, model: nn.Module, optimizer: str = "sgdm", lr: float = 0.1,
-                 weight_decay: Optional[float] = None, loss_fn=None, autocast_dtype: Optional[torch.dtype] = None,
-                 nonfinite: str = "raise", max_skips: int = 10):
-        self.autocast_dtype = check_autocast_dtype(autocast_dtype)
-        self.nonfinite, self.max_skips = check_nonfinite_policy(nonfinite, max_skips)
-        self.skipped = self.skipped_in_a_row = 0
-        self.model = model
-        self.optimizer = make_optimizer(optimizer, model.parameters(), lr, weight_decay=weight_decay)
-        self.loss_fn = loss_fn or F.cross_entropy
-        self.step_count = 0
-        self.distributed = dist.is_distributed()
-        if self.distributed:
-            dist.broadcast_(list(model.parameters()) + list(model.buffers()))
-
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def step(self, x: Tensor, y: Tensor) -> StepResult:
-        self.model.train()
-        lr = self.lr
-        before = StepSnapshot(list(self.model.parameters()), [], list(self.model.buffers()), None, False)
-        device = next(self.model.parameters()).device
-        with autocast_context(device, self.autocast_dtype):
-            out = self.model(x)
-            loss = self.loss_fn(out if self.autocast_dtype is None else out.float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        loss_value, acc, samples = loss.detach(), accuracy(out.detach(), y), int(y.shape[0])
-        if self.distributed:
-            loss_value, acc, samples = average_over_ranks(self.model, [], loss_value, acc, samples)
-        # the non-finite check before the update (as fsg.trainer.Trainer.step)
-        checked = [(("gradient of", n), p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
-        checked += [(("buffer", n), b) for n, b in self.model.named_buffers() if b.is_floating_point()]
-        if not Trainer._finite(loss_value, checked):
-            culprits = nonfinite_names(checked)
-            before.restore()
-            return reject_step(self, loss_value, culprits, lr, acc, samples)
-        self.skipped_in_a_row = 0
-        self.optimizer.step()
-        self.step_count += 1
-        return StepResult(float(loss_value), acc, lr, self.step_count - 1, samples)
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step_count": self.step_count, "estimator_name": None,
-                "skipped": {"total": self.skipped, "in_a_row": self.skipped_in_a_row}}
-
-    def load_state_dict(self, state: dict) -> None:
-        missing = [k for k in ("model", "optimizer", "step_count") if k not in state]
-        if missing:
-            raise ValueError(f"trainer state lacks {', '.join(missing)}")
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise ValueError(" ".join(str(e).split())) from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step_count = int(state["step_count"])
-        skipped = state.get("skipped") or {}
-        self.skipped, self.skipped_in_a_row = int(skipped.get("total", 0)), int(skipped.get("in_a_row", 0))
-
-
-def _subset(ds, n: Optional[int]):
-    """A fixed random subset of ``n`` samples (the same for every run: seed 0), in the original
-    order. Image folders and CIFAR files are ordered by class or not at all, so a prefix could
-    hold a single class."""
-    if n is None or n >= len(ds):
-        return ds
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].sort().values
-    return dataclasses.replace(ds, images=ds.images[idx], labels=ds.labels[idx])
-
-
-def split_validation(ds, n: int):
-    """``(train, val)``: ``n`` images of ``ds`` drawn at random with a fixed generator (seed 0),
-    so every run holds out the same ones whatever its own seed; both keep the original order."""
-    if n >= len(ds):
-        raise ValueError(f"val_split must be smaller than the training set ({len(ds)} images), got {n}")
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
-    pick = lambda idx: dataclasses.replace(ds, images=ds.images[idx], labels=ds.labels[idx])
-    return pick(perm[n:].sort().values), pick(perm[:n].sort().values)
-
-
-def build_data(cfg: TrainConfig, splits: Tuple[str, ...] = ("train", "test")):
-    """``{split: (dataset, loader)}`` for the configuration (train: shuffled, augmented per
-    ``cfg.augment``; test: in order, never augmented). With ``cfg.val_split`` (and "train" in
-    ``splits``) also ``"val"``: images held out of the training split (:func:`split_validation`,
-    before ``train_subset`` is drawn from the rest), in order, never augmented."""
-    from fsg.data import DataLoader, load_dataset
-
-    out = {}
-    for split in splits:
-        ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, split=split, download=cfg.download,
-                          **(cfg.dataset_options if cfg.dataset == "synthetic" else {}))
-        shard = dict(rank=dist.rank(), world_size=dist.world_size())  # one process: rank 0 of 1
-        if split == "train" and cfg.val_split is not None:
-            ds, val = split_validation(ds, cfg.val_split)
-            out["val"] = (val, DataLoader(val, cfg.eval_batch_size, train=False, device=cfg.device, **shard))
-        ds = _subset(ds, cfg.train_subset if split == "train" else cfg.test_subset)
-        if len(ds) == 0:
-            raise ValueError(f"the {split} split of {cfg.dataset!r} is empty")
-        if split == "train":
-            loader = DataLoader(ds, cfg.batch_size, train=True, seed=cfg.seed, augment=cfg.augment, device=cfg.device,
-                                **shard)
-        else:
-            loader = DataLoader(ds, cfg.eval_batch_size, train=False, device=cfg.device, **shard)
-        out[split] = (ds, loader)
-    return out
-
-
-def build_model(cfg: TrainConfig, dataset, *, pretrained: bool = True, log: Callable[[str], None] = None) -> nn.Module:
-    """The model for ``dataset`` (channels, classes): built, pre-trained weights loaded (when
-    ``cfg.pretrained`` and ``pretrained``), binarized (unless ``cfg.full_precision``), moved to
-    ``cfg.device``."""
-    channels = int(dataset.images.shape[1])
-    classes = len(dataset.classes)
-    if cfg.model == "small-cnn":
-        model: nn.Module = SmallCNN(in_channels=channels, num_classes=classes, width=cfg.width,
-                                    activation=cfg.model_activation)
-    else:
-        if channels != 3:
-            raise ValueError(f"{cfg.model} takes 3-channel images; the {cfg.dataset} data has {channels} "
-                             "(for the synthetic dataset pass channels=3 in its options)")
-        model = get_model(cfg.model, num_classes=classes, activation=cfg.model_activation,
-                          classifier_bn=cfg.classifier_bn)
-    if cfg.pretrained and pretrained:
-        fresh = load_pretrained(model, cfg.pretrained)
-        if log is not None:
-            note = f" (not in the file, initialised fresh: {', '.join(fresh)})" if fresh else ""
-            log(f"fsg: loaded pre-trained weights {cfg.pretrained}{note}")
-    if not cfg.full_precision:
-        binarize(model, cfg.quantizer, bits=cfg.bits, keep_first=cfg.keep_first, keep_last=cfg.keep_last,
-                 activations=cfg.activations)
-    return model.to(cfg.device)
-
-
-def build_trainer(cfg: TrainConfig, model: nn.Module):
-    """The :class:`~fsg.trainer.Trainer` (or :class:`FullPrecisionTrainer`) for ``model``."""
-    if cfg.full_precision:
-        return FullPrecisionTrainer(model, cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay,
-                                    autocast_dtype=amp_dtype(cfg.amp), nonfinite=cfg.nonfinite,
-                                    max_skips=cfg.max_skips)
-    return Trainer(model, cfg.estimator, optimizer=cfg.optimizer, lr=cfg.lr, update_on_observe=cfg.update_on_observe,
-                   weight_decay=cfg.weight_decay, adam_variant=cfg.adam_variant, autocast_dtype=amp_dtype(cfg.amp),
-                   nonfinite=cfg.nonfinite, max_skips=cfg.max_skips, **cfg.estimator_options)
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (2 ** 32))
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _finite(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-# ----------------------------------------------------------------------------------------------
-# metrics
-
-
-class MetricsLog:
-    """Appends metric rows to ``<out>/metrics.jsonl`` and ``<out>/metrics.csv`` (flushed after
-    every row), and optionally to TensorBoard. ``resume_step``: keep the rows of an earlier
-    process up to that step and drop later ones; ``None``: start both files afresh."""
-
-    def __init__(self, out: Path, resume_step: Optional[int] = None, tensorboard: bool = False):
-        self.jsonl_path, self.csv_path = out / "metrics.jsonl", out / "metrics.csv"
-        kept: List[Dict[str, Any]] = []
-        if resume_step is not None:
-            kept = [r for r in self.read(self.jsonl_path) if isinstance(r.get("step"), int) and r["step"] <= resume_step]
-        atomic_write_text(self.jsonl_path, "".join(self._json(r) for r in kept))
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for r in kept:
-            w.writerow(self._csv(r))
-        atomic_write_text(self.csv_path, buf.getvalue())
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-        self._csvf = open(self.csv_path, "a", encoding="utf-8", newline="")
-        self._csvw = csv.DictWriter(self._csvf, METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
-        self._tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
-
-    @staticmethod
-    def read(path: Path) -> List[Dict[str, Any]]:
-        """The rows of a ``metrics.jsonl`` (a partial last line is skipped)."""
-        rows = []
-        try:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(r, dict):
-                        rows.append(r)
-        except FileNotFoundError:
-            pass
-        return rows
-
-    @staticmethod
-    def _json(row: Dict[str, Any]) -> str:
-        return json.dumps({k: _finite(v) for k, v in row.items()}, allow_nan=False) + "\n"
-
-    @staticmethod
-    def _csv(row: Dict[str, Any]) -> Dict[str, Any]:
-        return {k: ("" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
-                for k in METRIC_COLUMNS}
-
-    def write(self, row: Dict[str, Any]) -> None:
-        for path, put in ((self.jsonl_path, lambda: (self._jsonl.write(self._json(row)), self._jsonl.flush())),
-                          (self.csv_path, lambda: (self._csvw.writerow(self._csv(row)), self._csvf.flush()))):
-            try:
-                put()
-            except OSError as e:  # a full disk: one line naming the file
-                what = os.strerror(e.errno) if e.errno else (e.strerror or str(e))
-                raise OSError(e.errno, f"{what[:1].lower()}{what[1:]} writing {path}") from None
-        if self._tb is not None:
-            step = row["step"]
-            prefix = "step" if row["kind"] == "step" else "epoch"
-            for k in ("loss", "accuracy", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-                      "epoch_time"):
-                v = row.get(k)
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
-            self._tb.flush()
-
-    def close(self) -> None:
-        for f in (self._jsonl, self._csvf):
-            try:
-                f.close()
-            except OSError:
-                pass
-        if self._tb is not None:
-            self._tb.close()
-
-
-class _NoLog:
-    """The metrics log of a rank other than 0: writes nothing."""
-
-    def write(self, row: Dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-# ----------------------------------------------------------------------------------------------
-# Ctrl-C and SIGTERM
-
-#: The signals a run stops on, finishing its step and saving first: Ctrl-C and ``kill``/container stop.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class _InterruptGuard:
-    """SIGINT and SIGTERM handling for the loop: inside :meth:`critical` such a signal is deferred
-    to the end of the block (a second one raises at once); elsewhere it raises
-    ``KeyboardInterrupt`` at once. ``torn`` is set when a ``KeyboardInterrupt`` escaped from
-    inside a critical block; ``signum`` is the last signal received (``None``: none, e.g. a
-    ``KeyboardInterrupt`` raised by other code)."""
-
-    def __init__(self):
-        self.deferring = False
-        self.requested = False
-        self.torn = False
-        self.signum: Optional[int] = None
-        self._previous: Dict[int, Any] = {}
-
-    def _handler(self, signum, frame):
-        self.signum = signum
-        if self.deferring and not self.requested:
-            self.requested = True
-            what = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
-            print(f"\nfsg: {what} received: finishing the current step, then saving a checkpoint "
-                  "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
-            return
-        raise KeyboardInterrupt
-
-    def _install(self, handler) -> Dict[int, Any]:
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                try:
-                    previous[sig] = signal.signal(sig, handler)
-                except (ValueError, OSError):  # pragma: no cover
-                    pass
-        return previous
-
-    @staticmethod
-    def _uninstall(previous: Dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    def __enter__(self):
-        self._previous = self._install(self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        self._uninstall(self._previous)
-        self._previous = {}
-        return False
-
-    @contextlib.contextmanager
-    def saving(self):
-        """Ctrl-C and SIGTERM are ignored (with a note) while the interrupt checkpoint is written."""
-        def note(signum, frame):
-            print("\nfsg: saving the checkpoint, please wait", file=sys.stderr, flush=True)
-
-        previous = self._install(note)
-        try:
-            yield
-        finally:
-            self._uninstall(previous)
-
-    @contextlib.contextmanager
-    def critical(self):
-        self.deferring = True
-        try:
-            yield
-        except KeyboardInterrupt:
-            self.torn = True
-            raise
-        finally:
-            self.deferring = False
-        if self.requested:
-            raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,8 +256,8 @@ class Run:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.main = dist.is_main_process()  # in a process group only rank 0 writes
         self.state = RunState()
-        self.metrics: Any = _NoLog()
-        self.guard = _InterruptGuard()
+        self.metrics: Any = NoLog()
+        self.guard = InterruptGuard()
         self.losses: List[float] = []            # per-step losses of this call
         self.val_metrics: Dict[str, float] = {}  # the last validation figures (cfg.val_split), merged into rows
         self.bar = None
@@ -642,7 +268,7 @@ class Run:
     def build(self, ckpt: Optional[Dict[str, Any]]) -> None:
         """Seed, then build data, model, trainer and schedule; restore them from ``ckpt`` if given."""
         cfg = self.cfg
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         data = build_data(cfg)
         train_ds, self.loader = data["train"]
         self.test_loader = data["test"][1]
@@ -782,7 +408,7 @@ class Run:
         evals = self.evaluate() if do_eval else None
         with self.guard.critical():
             row = self.write_row("epoch", evals)
-            self.log(_epoch_line(row, cfg.epochs))
+            self.log(epoch_line(row, cfg.epochs))
             self.scheduler.step()
             st.next_epoch()
             self.loader.set_epoch(st.epoch)
@@ -919,17 +545,6 @@ class Run:
             self.bar = None
 
 
-def _epoch_line(row: Dict[str, Any], epochs: int) -> str:
-    def f(v, spec):
-        return "n/a" if v is None else format(v, spec)
-
-    test = (f", test loss {f(row['test_loss'], '.4f')} acc {f(row['test_accuracy'] * 100, '.2f')}%"
-            if row.get("test_accuracy") is not None else "")
-    if row.get("val_accuracy") is not None:
-        test += f", val loss {f(row['val_loss'], '.4f')} acc {f(row['val_accuracy'] * 100, '.2f')}%"
-    return (f"fsg: epoch {row['epoch']}/{epochs} (step {row['step']}, lr {row['lr']:.3g}): train loss "
-            f"{f(row['train_loss'], '.4f')} acc {f(None if row['train_accuracy'] is None else row['train_accuracy'] * 100, '.2f')}%"
-            f"{test}, {row['epoch_time']:.1f} s")
 
 
 def _nonfinite_state(trainer) -> List[str]:
