@@ -10,14 +10,10 @@ labels, class names and the per-channel mean/std used to normalise them):
   (read member by member from memory, never extracted). Every image is decoded once with Pillow
   and the decoded tensors are cached (``torch.save``) in ``cache_dir``, keyed by the source's
   path, size and mtime, so a changed source invalidates its cache.
-* ``load_dataset("synthetic")`` — the built-in task of :mod:`fsg.synthetic` in the same wrapper
-  (float images; see :func:`load_dataset`).
+* ``load_dataset("synthetic")`` — the built-in task of :mod:`fsg.data.synthetic` in the same
+  wrapper (float images; see :func:`load_dataset`).
 
-:class:`DataLoader` batches a dataset in torch: per-epoch shuffling from a generator seeded by
-``(seed, epoch)``, CIFAR augmentation (random crop from the zero-padded image + horizontal flip,
-vectorised over the batch, see :func:`random_crop_flip`) and normalisation (:func:`normalize`),
-with a ``state_dict`` that resumes mid-epoch exactly. On a GPU it keeps the whole dataset on the
-device and augments there (``resident``).
+Batching, augmentation and normalisation: :mod:`fsg.data.loader`.
 
 Errors about missing or bad data are :class:`DataError` (a ``RuntimeError``) with a one-line
 message; missing data raises :class:`DataNotFoundError` (also a ``FileNotFoundError``), a bad

@@ -26,6 +26,12 @@ registered with it; :func:`check_options` validates a dict of options without bu
 
 FSG's LSTM ablation, ``slow_net="lstm-fc"``, has ``G_slow = g ⊙ FC(LSTM(W̃))`` (MetaQuant's
 LSTMFC, :class:`LSTMFC`) instead, with no history and no layer embedding.
+
+Modules: :mod:`~fsg.estimators.base` (the interface, the registry, ``Estimator.commit``),
+:mod:`~fsg.estimators.config` (one frozen options dataclass per estimator, from which the CLI
+flags, their help, the README table and the validation are derived), :mod:`~fsg.estimators.ste`,
+:mod:`~fsg.estimators.metaquant`, :mod:`~fsg.estimators.fsg`, and :mod:`~fsg.estimators.nets`
+(the element-wise MLP and the Mamba slow-net).
 """
 
 from fsg.estimators.base import (ESTIMATORS, STATE_DTYPES, Estimator, LayerContext, check_options, estimator_config,
