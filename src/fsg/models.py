@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["SmallCNN", "MLP", "BasicBlock", "CifarResNet", "resnet", "MODELS", "get_model", "load_pretrained",
-           "PretrainedError", "ACTIVATIONS", "model_spec", "arch_spec", "short_list"]
+           "PretrainedError", "ACTIVATIONS", "model_spec", "arch_spec", "short_list", "mismatch"]
 
 #: Hidden-layer nonlinearities of the built-in models. ``relu`` is the paper's. With 1-bit
 #: activations (``fsg.binarize(..., activations=True)``) a binarized layer sees ``sign(input)``,
@@ -203,6 +203,19 @@ def short_list(keys: Sequence[str], limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def mismatch(missing: Sequence[str], unexpected: Sequence[str], shape_bad: Sequence[str]) -> str:
+    """How a state dict fails to fit a model, in one line ("missing a, b; unexpected c; shape
+    mismatch d (file …, model …)"); empty when it fits."""
+    problems = []
+    if missing:
+        problems.append(f"missing {short_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {short_list(unexpected)}")
+    if shape_bad:
+        problems.append(f"shape mismatch {short_list(shape_bad, 4)}")
+    return "; ".join(problems)
+
+
 def load_pretrained(model: nn.Module, path: Union[str, os.PathLike],
                     optional: Sequence[str] = ("bn_fc.",)) -> List[str]:
     """Load a full-precision ``state_dict`` file into ``model`` (in place); returns the keys of
@@ -257,17 +270,9 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike],
         f"{k} (file {tuple(sd[k].shape)}, model {tuple(own[canon[k]].shape)})"
         for k in sd if k in canon and sd[k].shape != own[canon[k]].shape
     ]
-    problems = []
-    if required_missing:
-        problems.append(f"missing {short_list(required_missing)}")
-    if unexpected:
-        problems.append(f"unexpected {short_list(unexpected)}")
-    if shape_bad:
-        problems.append(f"shape mismatch {short_list(shape_bad, 4)}")
+    problems = mismatch(required_missing, unexpected, shape_bad)
     if problems:
-        raise PretrainedError(
-            f"pre-trained weights {p!r} do not fit {type(model).__name__}: {'; '.join(problems)}"
-        )
+        raise PretrainedError(f"pre-trained weights {p!r} do not fit {type(model).__name__}: {problems}")
     result = model.load_state_dict({canon[k]: v for k, v in sd.items()}, strict=False)
     assert not result.unexpected_keys
     return [canon[c] for c in missing]

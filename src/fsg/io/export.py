@@ -83,7 +83,7 @@ from torch.nn.utils import parametrize
 
 from fsg.binarize import BinaryActivation, binarize, binarized_layers
 from fsg.files import atomic_write
-from fsg.models import MODELS, arch_spec, get_model, model_spec, short_list
+from fsg.models import MODELS, arch_spec, get_model, mismatch, model_spec
 from fsg.train.checkpoint import CheckpointError, load_checkpoint
 
 __all__ = [
@@ -555,15 +555,9 @@ def _load_into(model: nn.Module, state: Dict[str, Tensor], where: str) -> None:
     unexpected = [k for k in state if k not in own]
     bad = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
            for k in own if k in state and state[k].shape != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing {short_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {short_list(unexpected)}")
-    if bad:
-        problems.append(f"shape mismatch {short_list(bad, 4)}")
+    problems = mismatch(missing, unexpected, bad)
     if problems:
-        raise ExportError(f"{where} does not fit {type(model).__name__}: {'; '.join(problems)}")
+        raise ExportError(f"{where} does not fit {type(model).__name__}: {problems}")
     model.load_state_dict(state)
 
 
