@@ -215,13 +215,29 @@ def run_grid(out: PathLike, estimators: Union[str, Sequence[str], None] = None,
     saved its checkpoint (running the grid again resumes it).
     """
     if log is None:
-        def log(msg: str) -> None:
-            print(msg, file=sys.stderr, flush=True)
-    from fsg.estimators import ESTIMATORS
-    from fsg.quantizers import QUANTIZERS
-    from fsg.optim import OPTIMIZERS
-
+        log = _stderr_log
     _check_report_args(last_k, x_axis)
+    base_cfg = _base_config(config, options)
+    axes = _grid_axes(base_cfg, estimators, quantizers, optimizers, seeds)
+    _check_shared_settings(base_cfg, axes)
+    out = Path(out)
+    plan = _plan(out, base_cfg, *axes.values())
+    states = [_state(name, cfg) for name, cfg in plan]  # every checkpoint checked before training
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_grid_json(out, axes, base_cfg)
+    _train_runs(plan, states, progress, log)
+    return write_report(out, last_k=last_k, x_axis=x_axis, order=[run_name(*a) for a in _axes_product(axes)],
+                        log=log)
+
+
+def _stderr_log(msg: str) -> None:
+    """The default log: one line on stderr, flushed."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _base_config(config: Union[TrainConfig, Dict[str, Any], None], options: Dict[str, Any]) -> TrainConfig:
+    """The grid's base configuration (``config`` updated with ``options``), not validated; binarized only."""
     if config is None:
         base = TrainConfig().to_dict()
     elif isinstance(config, TrainConfig):
@@ -237,26 +253,43 @@ def run_grid(out: PathLike, estimators: Union[str, Sequence[str], None] = None,
         raise ValueError(" ".join(str(e).split())) from None
     if base_cfg.full_precision:
         raise ValueError("a grid trains binarized networks (full_precision must be false; use 'fsg pretrain')")
+    return base_cfg
+
+
+def _grid_axes(base_cfg: TrainConfig, estimators, quantizers, optimizers, seeds) -> Dict[str, list]:
+    """The parsed axes ``{estimators, quantizers, optimizers, seeds}``, an axis left ``None`` from ``base_cfg``."""
+    from fsg.estimators import ESTIMATORS
+    from fsg.quantizers import QUANTIZERS
+    from fsg.optim import OPTIMIZERS
+
     estimators = parse_list(base_cfg.estimator if estimators is None else estimators, "estimators", list(ESTIMATORS))
     quantizers = parse_list(base_cfg.quantizer if quantizers is None else quantizers, "quantizers", list(QUANTIZERS))
     optimizers = parse_list(base_cfg.optimizer if optimizers is None else optimizers, "optimizers", list(OPTIMIZERS))
     seeds = parse_seeds(base_cfg.seed if seeds is None else seeds)
-    base_cfg.replace(estimator=estimators[0], quantizer=quantizers[0], optimizer=optimizers[0], seed=seeds[0],
+    return {"estimators": estimators, "quantizers": quantizers, "optimizers": optimizers, "seeds": seeds}
+
+
+def _check_shared_settings(base_cfg: TrainConfig, axes: Dict[str, list]) -> None:
+    """Validate what every run shares (without a run name), the device and the pre-trained weights' file."""
+    base_cfg.replace(estimator=axes["estimators"][0], quantizer=axes["quantizers"][0],
+                     optimizer=axes["optimizers"][0], seed=axes["seeds"][0],
                      estimator_options={}).validate()  # errors of the shared settings, without a run name
     require_device(base_cfg.device)  # an unusable device: one line, before anything is written
     if base_cfg.pretrained and not Path(base_cfg.pretrained).is_file():
         raise ValueError(f"pre-trained weights not found: {base_cfg.pretrained!r}")
-    out = Path(out)
-    plan = _plan(out, base_cfg, estimators, quantizers, optimizers, seeds)
-    states = [_state(name, cfg) for name, cfg in plan]  # every checkpoint checked before training
 
-    out.mkdir(parents=True, exist_ok=True)
-    axes = {"estimators": estimators, "quantizers": quantizers, "optimizers": optimizers, "seeds": seeds}
+
+def _write_grid_json(out: Path, axes: Dict[str, list], base_cfg: TrainConfig) -> None:
+    """Write ``<out>/grid.json``: the axes and the shared configuration (without the axes' fields and ``out``)."""
     base_dict = base_cfg.to_dict()
     for k in GRID_AXES + ("out",):
         base_dict.pop(k, None)
     atomic_write_text(out / "grid.json", json.dumps({"axes": axes, "config": base_dict}, indent=2) + "\n")
 
+
+def _train_runs(plan: List[Tuple[str, TrainConfig]], states: List[Tuple[str, Optional[int]]],
+                progress: Optional[bool], log: Callable[[str], None]) -> None:
+    """Train (or resume, or skip when finished) every planned run in turn, one log line each."""
     n = len(plan)
     for i, ((name, cfg), (state, step)) in enumerate(zip(plan, states), 1):
         if state == "done":
@@ -270,10 +303,8 @@ def run_grid(out: PathLike, estimators: Union[str, Sequence[str], None] = None,
             _run.train(cfg, resume=Path(cfg.out) / "last.pt" if state == "resume" else None,
                        progress=progress, log=log)
         except TrainingInterrupted as e:
-            raise TrainingInterrupted(e.message + "; running the same grid again resumes every unfinished run",
-                                           e.checkpoint, e.step, e.signum) from None
-    return write_report(out, last_k=last_k, x_axis=x_axis, order=[run_name(*a) for a in _axes_product(axes)],
-                        log=log)
+            msg = e.message + "; running the same grid again resumes every unfinished run"
+            raise TrainingInterrupted(msg, e.checkpoint, e.step, e.signum) from None
 
 
 def _axes_product(axes: Dict[str, list]):
@@ -367,8 +398,7 @@ def write_report(out: PathLike, last_k: int = DEFAULT_LAST_K, x_axis: str = "ste
     groups should appear (others follow, sorted); default: ``<out>/grid.json``'s axes when present.
     Raises a one-line ``ValueError`` when ``out`` holds no run."""
     if log is None:
-        def log(msg: str) -> None:
-            print(msg, file=sys.stderr, flush=True)
+        log = _stderr_log
     _check_report_args(last_k, x_axis)
     out = Path(out)
     if not out.is_dir():
@@ -376,19 +406,36 @@ def write_report(out: PathLike, last_k: int = DEFAULT_LAST_K, x_axis: str = "ste
     runs = collect_runs(out, last_k)
     if not runs:
         raise ValueError(f"{str(out)!r} holds no run (no <run>/config.json with metrics.jsonl)")
+    rank = {name: i for i, name in enumerate(_report_order(out, order))}
+    names = sorted(runs, key=lambda n: (rank.get(n, len(rank)), runs[n]["estimator"] or "",
+                                        runs[n]["quantizer"] or "", runs[n]["optimizer"] or "", runs[n]["seed"] or 0))
+    default = TrainConfig().to_dict()
+    full = {n: {**default, **runs[n]["config"]} for n in names}  # older config.json files lack newer fields
+    groups, labels, settings = _group_runs(out, runs, names, full)
+    report_groups = [_group_report(key, members, runs, full, settings) for key, members in groups.items()]
+    report = _report(out, last_k, runs, names, report_groups)
+    atomic_write_text(out / "results.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "results.md", format_markdown(report))
+    plotted = _plot(out / "curves.png", runs, names, {labels[k]: v for k, v in groups.items()}, x_axis, log)
+    report["curves"] = str(out / "curves.png") if plotted else None
+    return report
+
+
+def _report_order(out: Path, order: Optional[Sequence[str]]) -> Sequence[str]:
+    """``order``, else the run names of ``<out>/grid.json``'s axes (none when it is missing or unreadable)."""
     if order is None:
         try:
             axes = json.loads((out / "grid.json").read_text())["axes"]
             order = [run_name(*a) for a in _axes_product(axes)]
         except (OSError, ValueError, KeyError, TypeError):
             order = []
-    rank = {name: i for i, name in enumerate(order)}
-    names = sorted(runs, key=lambda n: (rank.get(n, len(rank)), runs[n]["estimator"] or "",
-                                        runs[n]["quantizer"] or "", runs[n]["optimizer"] or "", runs[n]["seed"] or 0))
+    return order
 
-    # one group per configuration: everything but the seed and the run-only settings (_REPORT_FREE)
-    default = TrainConfig().to_dict()
-    full = {n: {**default, **runs[n]["config"]} for n in names}  # older config.json files lack newer fields
+
+def _group_runs(out: Path, runs: Dict[str, Dict[str, Any]], names: List[str], full: Dict[str, Dict[str, Any]]):
+    """``(groups, labels, settings)``: the runs (in ``names`` order) grouped by configuration without the seed
+    and the run-only settings (:data:`_REPORT_FREE`), each group's curve label, and the settings that tell the
+    groups apart; a seed repeated within a group is an error."""
     by_key: Dict[str, List[str]] = {}
     for name in names:
         by_key.setdefault(_group_key(full[name]), []).append(name)
@@ -408,32 +455,39 @@ def write_report(out: PathLike, last_k: int = DEFAULT_LAST_K, x_axis: str = "ste
                 raise ValueError(f"runs {seen[seed]} and {m} in {str(out)!r} have the same configuration and seed "
                                  f"{seed}: a seed cannot count twice; move one of them out of the directory")
             seen[seed] = m
+    return groups, labels, settings
 
-    report_groups = []
-    for key, members in groups.items():
-        e, q, o = key[:3]
-        scored = [m for m in members if runs[m]["acc_k"] is not None]
-        members_sorted = sorted(members, key=lambda m: runs[m]["seed"] or 0)
-        acc_mean, acc_std = _mean_std([runs[m]["acc_k"] for m in scored])
-        loss_vals = [runs[m]["train_loss"] for m in scored if runs[m]["train_loss"] is not None]
-        loss_mean, loss_std = _mean_std(loss_vals)
-        steps = sorted({runs[m]["steps"] for m in scored})
-        differ = sorted({k for m in members for k in _NOTED if full[m].get(k) != full[members[0]].get(k)})
-        report_groups.append({
-            "estimator": e, "quantizer": q, "optimizer": o,
-            "settings": {k: full[members[0]].get(k) for k in settings},
-            "n_seeds": len(scored), "seeds": sorted(runs[m]["seed"] for m in scored),
-            "test_accuracy_last_k": {"mean": acc_mean, "std": acc_std},
-            "train_loss": {"mean": loss_mean, "std": loss_std},
-            "steps": steps, "runs": members_sorted,
-            "estimator_options": runs[members_sorted[0]]["config"].get("estimator_options") or {},
-            "not_evaluated": [m for m in members_sorted if runs[m]["acc_k"] is None],
-            "unfinished": [m for m in members_sorted if not runs[m]["finished"]],
-            "settings_differ": differ,
-        })
 
+def _group_report(key: Tuple[str, ...], members: List[str], runs: Dict[str, Dict[str, Any]],
+                  full: Dict[str, Dict[str, Any]], settings: List[str]) -> Dict[str, Any]:
+    """One group's entry of the report: its settings, accuracy and loss over the seeds, runs and notes."""
+    e, q, o = key[:3]
+    scored = [m for m in members if runs[m]["acc_k"] is not None]
+    members_sorted = sorted(members, key=lambda m: runs[m]["seed"] or 0)
+    acc_mean, acc_std = _mean_std([runs[m]["acc_k"] for m in scored])
+    loss_vals = [runs[m]["train_loss"] for m in scored if runs[m]["train_loss"] is not None]
+    loss_mean, loss_std = _mean_std(loss_vals)
+    steps = sorted({runs[m]["steps"] for m in scored})
+    differ = sorted({k for m in members for k in _NOTED if full[m].get(k) != full[members[0]].get(k)})
+    return {
+        "estimator": e, "quantizer": q, "optimizer": o,
+        "settings": {k: full[members[0]].get(k) for k in settings},
+        "n_seeds": len(scored), "seeds": sorted(runs[m]["seed"] for m in scored),
+        "test_accuracy_last_k": {"mean": acc_mean, "std": acc_std},
+        "train_loss": {"mean": loss_mean, "std": loss_std},
+        "steps": steps, "runs": members_sorted,
+        "estimator_options": runs[members_sorted[0]]["config"].get("estimator_options") or {},
+        "not_evaluated": [m for m in members_sorted if runs[m]["acc_k"] is None],
+        "unfinished": [m for m in members_sorted if not runs[m]["finished"]],
+        "settings_differ": differ,
+    }
+
+
+def _report(out: Path, last_k: int, runs: Dict[str, Dict[str, Any]], names: List[str],
+            report_groups: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The report (as in ``results.json``): the metric's definition, common settings, groups and runs."""
     common = _common_settings([runs[n]["config"] for n in names])
-    report = {
+    return {
         "grid": str(out),
         "last_k": last_k,
         "metric": {
@@ -448,11 +502,6 @@ def write_report(out: PathLike, last_k: int = DEFAULT_LAST_K, x_axis: str = "ste
         "groups": report_groups,
         "runs": {n: {k: v for k, v in runs[n].items() if k not in ("rows", "config")} for n in names},
     }
-    atomic_write_text(out / "results.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(out / "results.md", format_markdown(report))
-    plotted = _plot(out / "curves.png", runs, names, {labels[k]: v for k, v in groups.items()}, x_axis, log)
-    report["curves"] = str(out / "curves.png") if plotted else None
-    return report
 
 
 #: Settings that do not define a group of the report: the seed, where a run lives and reads its data,
