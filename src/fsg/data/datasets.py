@@ -563,7 +563,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, split: str = "train"
       ``$FSG_DATA`` or ``./data``), see :func:`load_cifar` (``download`` applies here).
     * ``"imagefolder"``: ``data_dir`` is a directory or ``.tar.gz``, see
       :func:`load_image_folder` (``cache_dir`` applies here).
-    * ``"synthetic"``: :func:`fsg.synthetic.make_synthetic` (keyword arguments pass through to it,
+    * ``"synthetic"``: :func:`fsg.data.synthetic.make_synthetic` (keyword arguments pass through to it,
       e.g. ``channels=3, size=32``). Its images are already standardised floats, so they are kept
       as float ``(N, C, H, W)`` (not ``uint8``; ``C`` is 1 by default) with ``mean = 0`` and
       ``std = 1`` per channel, and :func:`normalize` leaves them unchanged; augmentation pads

@@ -133,7 +133,7 @@ class FSG(Estimator):
       state) and stores the new state rounded to nearest even. A 16-bit state is also updated
       in place (the backward pass of the step writes the new state over the old one, so one
       copy exists instead of two) and, with ``recompute``, the step keeps nothing of the
-      slow-net's activations for the backward pass (see :meth:`fsg.mamba.Mamba.stream`); the
+      slow-net's activations for the backward pass (see :meth:`fsg.ssm.mamba.Mamba.stream`); the
       float32 state keeps the previous behaviour exactly (two alternating state buffers).
     * carried state (the stream layout's per-weight Mamba state ``s⁽ᵗ⁾``; the lstm-fc slow-net's
       ``(h, c)``): :meth:`directions` computes ``(G_slow, s⁽ᵗ⁾)`` from ``s⁽ᵗ⁻¹⁾`` and leaves ``s⁽ᵗ⁾``

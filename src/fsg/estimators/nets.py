@@ -95,7 +95,7 @@ class SlowNet(nn.Module):
 
     def forward(self, seq: Tensor, low_memory: bool = False) -> Tensor:
         """``low_memory``: keep (almost) no activations for the backward pass, recompute them
-        there (see :meth:`fsg.mamba.Mamba.forward`)."""
+        there (see :meth:`fsg.ssm.mamba.Mamba.forward`)."""
         return self.mamba(seq, low_memory=low_memory)
 
     def stream(self, seq: Tensor, state=None, state_buffer: Optional[Tensor] = None):

@@ -60,7 +60,7 @@ outputs equal the trained model's evaluation outputs exactly.
 
 Errors (a missing, truncated, corrupted or foreign file, a non-binary layer, an architecture that
 does not fit) raise :class:`ExportError` (a ``ValueError``) with a one-line message, or
-:class:`~fsg.checkpoint.CheckpointError` for an unusable training checkpoint. Files are written
+:class:`~fsg.train.checkpoint.CheckpointError` for an unusable training checkpoint. Files are written
 atomically (temporary file, fsync, rename): an error never leaves a partial file behind.
 """
 
@@ -283,7 +283,7 @@ def model_from_checkpoint(checkpoint: PathLike) -> Tuple[nn.Module, Dict[str, An
     dataset and binarized as it was trained, in eval mode: ``(model, info)`` with ``info`` holding
     ``arch``, ``config``, ``step``, ``epoch``, ``checkpoint``. The architecture comes from the
     checkpoint's ``model_spec`` entry or, for checkpoints written before it existed, from the
-    state dict's shapes (first conv's input channels, last linear's output features). Raises :class:`~fsg.checkpoint.CheckpointError`."""
+    state dict's shapes (first conv's input channels, last linear's output features). Raises :class:`~fsg.train.checkpoint.CheckpointError`."""
     from fsg.train.config import TrainConfig
 
     path = Path(checkpoint)
@@ -441,7 +441,7 @@ def export_model(model: nn.Module, path: PathLike, *, arch: Union[str, Dict[str,
 def export_checkpoint(checkpoint: PathLike, path: PathLike) -> Path:
     """Export the model of a training checkpoint (``last.pt`` or a run directory) to ``path``;
     no dataset needed (:func:`model_from_checkpoint`). Returns the path. Raises
-    :class:`~fsg.checkpoint.CheckpointError` for an unusable checkpoint and :class:`ExportError`
+    :class:`~fsg.train.checkpoint.CheckpointError` for an unusable checkpoint and :class:`ExportError`
     for a non-binary layer or a bad output path."""
     src = Path(checkpoint)
     ck = src / "last.pt" if src.is_dir() else src

@@ -323,8 +323,8 @@ def _measure_macs(model: nn.Module, entries: List[Tuple[str, nn.Module]], input_
 
 def summarize_file(path: PathLike, input_size: Optional[Sequence[int]] = None) -> ModelSummary:
     """:func:`summary` of the model in a training checkpoint (``last.pt`` or a run directory,
-    rebuilt without its dataset by :func:`fsg.export.model_from_checkpoint`) or in an exported
-    file (:func:`fsg.export.load_exported`, the binarized layers read from its metadata; a file
+    rebuilt without its dataset by :func:`fsg.io.export.model_from_checkpoint`) or in an exported
+    file (:func:`fsg.io.export.load_exported`, the binarized layers read from its metadata; a file
     that records no built-in architecture is summarised from its own layer table,
     :func:`summarize_table`)."""
     from fsg.io.export import load_exported, model_from_checkpoint, read_exported
@@ -355,7 +355,7 @@ _BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def summarize_table(exp, input_size: Optional[Sequence[int]] = None) -> ModelSummary:
-    """The summary of an exported file (:class:`fsg.export.ExportedModel`) from its own tables,
+    """The summary of an exported file (:class:`fsg.io.export.ExportedModel`) from its own tables,
     without the architecture: one row per module (the tensor names' prefixes, in name order); a
     binarized layer's weights (its ``layers`` record: shape, quantizer, bits, binarized input)
     are its 1-bit (k-bit) parameters, every other tensor a 32-bit parameter, except BatchNorm's

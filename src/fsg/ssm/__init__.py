@@ -2,8 +2,8 @@
 
 What lives here: the selective scan, the causal depthwise convolution, the low-memory Mamba block
 (forward without stored activations) and the streaming scan step, each dispatched to the backend
-selected for the tensors' device. The Mamba block itself (:class:`fsg.mamba.Mamba`) is a consumer
-of this package; nothing here imports :mod:`fsg.mamba`.
+selected for the tensors' device; and the Mamba block built on them (:mod:`fsg.ssm.mamba`,
+:class:`~fsg.ssm.mamba.Mamba`), which this package's ``__init__`` and backends do not import.
 
 Modules:
 
@@ -12,6 +12,8 @@ Modules:
 * :mod:`fsg.ssm.cpu`: the compiled C kernels for the CPU (formerly ``fsg.scan_cpu``).
 * :mod:`fsg.ssm.backends`: :class:`Backend`, the registry, the selection and the dispatchers.
 * ``fsg.ssm.triton_scan``: Triton kernels for CUDA (optional; the ``"triton"`` backend).
+* :mod:`fsg.ssm.mamba`: the Mamba block (``d_model``-wide, ``mamba_ssm.Mamba``'s parameter names) and
+  the old ``set_scan_impl`` names (deprecated).
 
 Public API::
 

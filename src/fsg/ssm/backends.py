@@ -14,7 +14,7 @@ A :class:`Backend` names a set of implementations of the state-space operations:
   (batch, d_inner, d_state) instead of allocating one. An op that also stores the state in 16 bits
   itself takes ``state_dtype=`` and carries the attribute ``supports_state_dtype = True``;
 * ``mamba_stream(block, window, h, state_dtype, in_place=False, state_buffer=None)``:
-  :meth:`fsg.mamba.Mamba.stream`'s step keeping no activations for the backward pass (see
+  :meth:`fsg.ssm.mamba.Mamba.stream`'s step keeping no activations for the backward pass (see
   :func:`mamba_stream`); may return None to decline.
 
 An operation a backend leaves as None (or declines) falls back to the reference for that
@@ -23,13 +23,13 @@ operation: :func:`~fsg.ssm.reference.selective_scan_ref`, ``F.conv1d``
 ``block.plain_forward`` for the low-memory block (which then runs the backend's own scan and conv
 in the recomputation), the backend's own ``selective_scan`` for the streaming step (the buffer
 is then unused; a 16-bit ``state_dtype`` is then emulated: the stored state widened, the new one
-rounded), and :meth:`~fsg.mamba.Mamba.stream`'s ordinary autograd path for ``mamba_stream``.
+rounded), and :meth:`~fsg.ssm.mamba.Mamba.stream`'s ordinary autograd path for ``mamba_stream``.
 
-``block`` (for ``mamba_low_memory``) is an :class:`fsg.mamba.Mamba`; backends use only its public
+``block`` (for ``mamba_low_memory``) is an :class:`fsg.ssm.mamba.Mamba`; backends use only its public
 attributes (``d_model``, ``d_inner``, ``d_state``, ``d_conv``, ``dt_rank``, ``in_proj``,
 ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``) and methods
-(``pre_scan_parts(x)``, ``pre_scan(x)``, ``plain_forward(x)``); this package never imports
-:mod:`fsg.mamba`.
+(``pre_scan_parts(x)``, ``pre_scan(x)``, ``plain_forward(x)``); the backends never import
+:mod:`fsg.ssm.mamba`.
 
 Selection: :func:`set_backend` / :func:`use_backend` choose a registered backend by name, or
 ``"auto"`` (the default), which picks for the tensors' device the available backend of highest
@@ -359,7 +359,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, silu
 
 def mamba_stream(block, window: Tensor, h: Optional[Tensor], state_dtype: torch.dtype, in_place: bool = False,
                  state_buffer: Optional[Tensor] = None):
-    """The step of :meth:`fsg.mamba.Mamba.stream` (``low_memory=True``) through the backend's
+    """The step of :meth:`fsg.ssm.mamba.Mamba.stream` (``low_memory=True``) through the backend's
     ``mamba_stream`` op, or None when the backend has none or it declines (the caller then runs
     the ordinary autograd path).
 
@@ -368,7 +368,7 @@ def mamba_stream(block, window: Tensor, h: Optional[Tensor], state_dtype: torch.
     d_model) differentiable w.r.t. ``window`` and the block's parameters, with only ``window``
     kept for the backward pass; ``h_new`` the new state (``state_dtype``; written into
     ``state_buffer`` if given and suitable); with ``in_place`` ``h_new`` is ``h`` itself, updated
-    no later than ``finish()`` (None when nothing is pending) — see :meth:`fsg.mamba.Mamba.stream`."""
+    no later than ``finish()`` (None when nothing is pending) — see :meth:`fsg.ssm.mamba.Mamba.stream`."""
     op = select_backend(window.device).mamba_stream
     if op is None:
         return None

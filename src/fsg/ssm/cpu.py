@@ -1,7 +1,7 @@
 """The ``"cpu"`` backend of :mod:`fsg.ssm`: fused, memory-bounded selective scan, causal conv and
 low-memory Mamba block for the CPU (compiled C, loaded with ctypes).
 
-(Formerly ``fsg.scan_cpu``; that name is still importable and is this very module.)
+(Formerly ``fsg.scan_cpu``.)
 
 :func:`selective_scan_fused` has the signature and semantics of
 :func:`fsg.ssm.reference.selective_scan_ref`. The kernel (``csrc/selective_scan.c``) scans every
@@ -455,12 +455,12 @@ def _step_fwd_kernel(u_, d_, A_, B_, C_, D_, z_, bias_, dfac, zfac, h0, out, las
 
 
 def _pre_scan_weights(block):
-    """The parameters :meth:`fsg.mamba.Mamba.stream_pre_scan` uses, in its ``weights`` order."""
+    """The parameters :meth:`fsg.ssm.mamba.Mamba.stream_pre_scan` uses, in its ``weights`` order."""
     return (block.in_proj.weight, block.conv1d.weight, block.conv1d.bias, block.x_proj.weight, block.dt_proj.weight)
 
 
 def _stream_kernel_inputs(u, z, delta, Bt, Ct, scan_params):
-    """The kernel inputs from :meth:`fsg.mamba.Mamba.stream_pre_scan`'s outputs (``factored``: ``z``
+    """The kernel inputs from :meth:`fsg.ssm.mamba.Mamba.stream_pre_scan`'s outputs (``factored``: ``z``
     and ``delta`` as ``(w, x)`` pairs) and ``scan_params`` = ``(A_log, D, dt_proj.bias)``:
     ``(u, delta, A, B, C, D, z, bias, dfac, zfac)``, float32 contiguous; ``delta`` / ``z`` None
     where given as factors."""
@@ -626,7 +626,7 @@ class _MambaStream(torch.autograd.Function):
 def mamba_stream(block, window: Tensor, h: Optional[Tensor], state_dtype: torch.dtype, in_place: bool = False,
                  state_buffer: Optional[Tensor] = None):
     """The ``"cpu"`` backend's ``mamba_stream`` op (see :func:`fsg.ssm.mamba_stream`): the step of
-    :meth:`fsg.mamba.Mamba.stream` with the single-step kernels, the state read and written in
+    :meth:`fsg.ssm.mamba.Mamba.stream` with the single-step kernels, the state read and written in
     ``state_dtype`` (float32, bfloat16 or float16; float32 arithmetic), only ``window`` kept for
     the backward pass, and with ``in_place`` a single copy of the state: the forward writes no new
     state, the backward kernel writes it over the old one after reading each row (``finish``

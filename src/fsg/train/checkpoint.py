@@ -18,7 +18,7 @@ it is read back with ``torch.load(..., weights_only=True)``, which cannot execut
       "history":   per-epoch metric rows so far,   "elapsed": seconds of the run so far,
       "rng":       {"torch": ByteTensor, "python": random.getstate(), "numpy": {...}},
       "model_spec": {"name": "resnet20", "kwargs": {"num_classes": 10}} or None: rebuilds the
-                   model without the dataset (fsg.export; older checkpoints lack it)
+                   model without the dataset (fsg.io.export; older checkpoints lack it)
     }
 
 :func:`save_checkpoint` writes to a temporary file in the destination directory, flushes and

@@ -1,6 +1,6 @@
 """``fsg grid``: a grid of training runs (estimators × quantizers × optimizers × seeds) and its report.
 
-:func:`run_grid` trains every combination sequentially with :func:`fsg.run.train`, each in its own
+:func:`run_grid` trains every combination sequentially with :func:`fsg.train.loop.train`, each in its own
 run directory ``<out>/<estimator>-<quantizer>-<optimizer>-s<seed>/`` (the usual ``config.json``,
 ``metrics.jsonl``, ``metrics.csv``, ``last.pt``), then :func:`write_report` summarises them from
 the ``metrics.jsonl`` files the runs wrote:
@@ -32,7 +32,7 @@ evaluated) is skipped; a run with a checkpoint short of that is resumed from its
 (exactly, see :mod:`fsg.run`), a run without one starts afresh. Running the same grid again thus
 finishes what an interruption left; raising ``epochs`` / ``max_steps`` extends every run. A run
 directory whose checkpoint has another configuration (other than the fields of
-:data:`fsg.config.RESUME_CHANGEABLE`) is an error, not silently reused.
+:data:`fsg.train.config.RESUME_CHANGEABLE`) is an error, not silently reused.
 
 **Estimator options** given to the grid go to each estimator that takes them (``hidden`` to
 ``multifc``, not to ``ste``); an option that no estimator of the grid takes is an error.
@@ -203,15 +203,15 @@ def run_grid(out: PathLike, estimators: Union[str, Sequence[str], None] = None,
 
     Each axis is a sequence or a comma list (seeds also take ranges, ``"0-4"``); an axis left
     ``None`` takes the base configuration's value. The base configuration is ``config`` (a
-    :class:`~fsg.config.TrainConfig` or a dict of its fields; default ``TrainConfig()``) updated
+    :class:`~fsg.train.config.TrainConfig` or a dict of its fields; default ``TrainConfig()``) updated
     with ``options`` (TrainConfig fields, e.g. ``model="small-cnn", epochs=1``); its ``out`` and
     the axes' fields are set per run. ``last_k``: evaluations averaged per run (see the module
     doc); ``x_axis``: ``"step"`` or ``"epoch"`` for the curves. ``progress`` and ``log`` go to
-    :func:`fsg.run.train` (``log`` also gets one line per run).
+    :func:`fsg.train.loop.train` (``log`` also gets one line per run).
 
     Runs that finished are skipped, unfinished ones resumed from their ``last.pt``. Raises
     ``ValueError`` (one line) for bad input before anything is trained, and the errors of
-    :func:`fsg.run.train`; on Ctrl-C, :class:`fsg.run.TrainingInterrupted` after the current run
+    :func:`fsg.train.loop.train`; on Ctrl-C, :class:`fsg.train.interrupt.TrainingInterrupted` after the current run
     saved its checkpoint (running the grid again resumes it).
     """
     if log is None:

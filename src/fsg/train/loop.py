@@ -119,7 +119,7 @@ def train(config: Optional[TrainConfig] = None, *, resume: Optional[PathLike] = 
     """Train (or continue, with ``resume``) the run described by ``config``; see the module doc.
 
     ``resume``: a checkpoint path; ``config`` may then be ``None`` (the checkpoint's) or differ
-    from it only in :data:`fsg.config.RESUME_CHANGEABLE` fields. Without ``resume`` the run
+    from it only in :data:`fsg.train.config.RESUME_CHANGEABLE` fields. Without ``resume`` the run
     directory ``config.out`` must not hold a checkpoint (``last.pt``) already.
     ``progress``: show a tqdm bar on stderr (default: when stderr is a terminal). ``log``: where
     one-line notes go (default: stderr).

@@ -9,7 +9,7 @@ second process finds the lock held and gets :class:`RunLockedError` (a ``ValueEr
 naming the holder's pid) before it has written anything. The lock file is removed on release.
 
 :func:`remove_stale_temporaries` deletes the temporary files fsg's atomic writer
-(:func:`fsg.checkpoint.save_checkpoint`, ``atomic_write_text``) leaves when its process is killed
+(:func:`fsg.train.checkpoint.save_checkpoint`, ``atomic_write_text``) leaves when its process is killed
 mid-write: ``.<name>.<8 random characters>.tmp`` for the files of a run directory. It is called
 only by the holder of the lock, so it never removes the file another run is writing.
 """
