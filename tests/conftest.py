@@ -77,3 +77,15 @@ def interrupt_at_batch(monkeypatch, n):
             yield item
 
     monkeypatch.setattr(fsg.data.DataLoader, "__iter__", iterate)
+
+
+def tensor_leaves(obj, path="state"):
+    """``(path, tensor)`` for every tensor in nested dicts/lists/tuples (``state.a[0].b``)."""
+    if torch.is_tensor(obj):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tensor_leaves(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tensor_leaves(v, f"{path}[{i}]")

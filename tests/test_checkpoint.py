@@ -463,15 +463,7 @@ OLD_RUN = os.path.join(os.path.dirname(__file__), "data", "old-7ad17b2")
 VERSION_FIELDS = ("fsg_version", "torch_version")
 
 
-def _tensor_leaves(obj, prefix=""):
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensor_leaves(v, f"{prefix}/{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensor_leaves(v, f"{prefix}/{i}")
+from conftest import tensor_leaves as _tensor_leaves  # noqa: E402
 
 
 def _no_tensors(obj):

@@ -99,15 +99,7 @@ def test_eval_and_resume_need_a_usable_device(tmp_path, capsys):
 # checkpoints across devices
 
 
-def _tensors(obj, path="state"):
-    if torch.is_tensor(obj):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{path}.{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{path}[{i}]")
+from conftest import tensor_leaves as _tensors  # noqa: E402
 
 
 @pytest.mark.parametrize("estimator, optimizer, options", [
