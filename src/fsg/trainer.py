@@ -62,7 +62,8 @@ from fsg.estimators import Estimator, LayerContext, get_estimator
 from fsg.optim import OPTIMIZERS, make_optimizer, step_with_directions
 
 __all__ = ["Trainer", "StepResult", "make_optimizer", "evaluate", "OPTIMIZERS", "check_autocast_dtype",
-           "autocast_context", "NonFiniteError", "NONFINITE_POLICIES", "StepSnapshot", "accuracy", "all_finite", "step_finite"]
+           "autocast_context", "NonFiniteError", "NONFINITE_POLICIES", "StepSnapshot", "accuracy", "all_finite",
+           "step_finite"]
 
 #: What a trainer does with a step whose loss or gradients are not finite (``Trainer(nonfinite=...)``).
 NONFINITE_POLICIES = ("raise", "skip")
@@ -193,7 +194,6 @@ def accuracy(out: Tensor, y: Tensor) -> Optional[float]:
     if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
         return (out.argmax(1) == y).float().mean().item()
     return None
-
 
 
 class Trainer:
