@@ -454,13 +454,37 @@ def test_trainer_load_state_dict_rejects_other_trainers():
 # ---------------------------------------------------------------------------------------------
 # checkpoints written by earlier versions
 
-#: A checkpoint of fsg 7ad17b2 (before the run loop became fsg.train.loop.Run), stopped by
-#: --max-steps 3 in the middle of epoch 1 (64 images, batch 16: 4 steps an epoch), and its
-#: metrics.jsonl. Written by: fsg train --model small-cnn --dataset synthetic --dataset-option
-#: n_train=64 --dataset-option n_test=32 --batch-size 16 --epochs 2 --max-steps 3 --estimator
-#: multifc --hidden 8 --width 2 --log-every 1
-OLD_RUN = os.path.join(os.path.dirname(__file__), "data", "old-7ad17b2")
+#: The commit before the run loop became fsg.train.loop.Run (and the package was laid out by layer).
+OLD_COMMIT = "7ad17b2"
+#: The old run: stopped by --max-steps 3 in the middle of epoch 1 (64 images, batch 16: 4 steps an epoch).
+OLD_ARGS = ["--model", "small-cnn", "--dataset", "synthetic", "--dataset-option", "n_train=64", "--dataset-option",
+            "n_test=32", "--batch-size", "16", "--epochs", "2", "--max-steps", "3", "--estimator", "multifc",
+            "--hidden", "8", "--width", "2", "--log-every", "1", "--no-progress", "--num-threads", "1"]
 VERSION_FIELDS = ("fsg_version", "torch_version")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory):
+    """A run directory (last.pt, metrics.jsonl) written by the code of :data:`OLD_COMMIT`, taken
+    from this repository's git history (skipped where the history is not there)."""
+    import subprocess
+    import sys
+    import tarfile
+
+    try:
+        blob = subprocess.run(["git", "-C", REPO, "archive", "--format=tar", OLD_COMMIT, "src"],
+                              capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"needs the git history of the repository (commit {OLD_COMMIT})")
+    root = tmp_path_factory.mktemp("old-code")
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(root, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    out = root / "run"
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="1", FSG_NO_COMPILE="1")
+    subprocess.run([sys.executable, "-m", "fsg", "train", *OLD_ARGS, "--out", str(out)], check=True,
+                   capture_output=True, env=env, cwd=root)
+    return str(out)
 
 
 from conftest import tensor_leaves as _tensor_leaves  # noqa: E402
@@ -484,17 +508,17 @@ def _assert_same_tensors(a, b):
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
 
 
-def _old_config(out, **changes):
+def _old_config(old_run, out, **changes):
     from fsg.train.checkpoint import read_config
 
-    return TrainConfig.from_dict(read_config(os.path.join(OLD_RUN, "last.pt"))).replace(out=str(out), **changes)
+    return TrainConfig.from_dict(read_config(os.path.join(old_run, "last.pt"))).replace(out=str(out), **changes)
 
 
-def test_this_version_writes_the_old_checkpoint(tmp_path):
+def test_this_version_writes_the_old_checkpoint(tmp_path, old_run):
     """The same run now writes the same checkpoint: the same entries in the same order, the
     same values (times and version strings aside), every tensor bit for bit."""
-    old = load_checkpoint(os.path.join(OLD_RUN, "last.pt"))
-    train(_old_config(tmp_path / "new"), progress=False, log=lambda m: None)
+    old = load_checkpoint(os.path.join(old_run, "last.pt"))
+    train(_old_config(old_run, tmp_path / "new"), progress=False, log=lambda m: None)
     new = load_checkpoint(tmp_path / "new" / "last.pt")
     assert list(new) == list(old)
     assert list(new["running"]) == list(old["running"])
@@ -506,13 +530,14 @@ def test_this_version_writes_the_old_checkpoint(tmp_path):
     _assert_same_tensors(new, old)
 
 
-def test_an_old_checkpoint_resumes_exactly(tmp_path):
+def test_an_old_checkpoint_resumes_exactly(tmp_path, old_run):
     """Resuming the old checkpoint continues exactly like an uninterrupted run of this version:
     the same losses, the same rows, the same final checkpoint, tensor for tensor."""
     run = tmp_path / "run"
-    shutil.copytree(OLD_RUN, run)
-    resumed = train(_old_config(run, max_steps=None), resume=run / "last.pt", progress=False, log=lambda m: None)
-    straight = train(_old_config(tmp_path / "straight", max_steps=None), progress=False, log=lambda m: None)
+    shutil.copytree(old_run, run)
+    resumed = train(_old_config(old_run, run, max_steps=None), resume=run / "last.pt", progress=False,
+                    log=lambda m: None)
+    straight = train(_old_config(old_run, tmp_path / "straight", max_steps=None), progress=False, log=lambda m: None)
     assert resumed.stopped == straight.stopped == "epochs" and resumed.steps == straight.steps == 8
     assert len(straight.losses) == 8 and resumed.losses == straight.losses[3:]
     assert (resumed.test_loss, resumed.test_accuracy) == (straight.test_loss, straight.test_accuracy)
@@ -527,12 +552,12 @@ def test_an_old_checkpoint_resumes_exactly(tmp_path):
     _assert_same_tensors(a["rng"], b["rng"])
 
 
-def test_read_header_and_config_skip_the_tensors(tmp_path, monkeypatch):
+def test_read_header_and_config_skip_the_tensors(tmp_path, monkeypatch, old_run):
     """read_header / read_config: the light entries, from a memory-mapped file; bad files fail
     as load_checkpoint does."""
     from fsg.train.checkpoint import read_config, read_header
 
-    path = os.path.join(OLD_RUN, "last.pt")
+    path = os.path.join(old_run, "last.pt")
     full = load_checkpoint(path)
     calls = []
     real_load = torch.load
@@ -549,11 +574,11 @@ def test_read_header_and_config_skip_the_tensors(tmp_path, monkeypatch):
         read_config(bad)
 
 
-def test_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+def test_resume_reads_the_checkpoint_once(tmp_path, monkeypatch, old_run):
     """train(resume=...) reads the whole checkpoint once (the CLI reads only its config)."""
     run = tmp_path / "run"
-    shutil.copytree(OLD_RUN, run)
-    cfg = _old_config(run, max_steps=4)
+    shutil.copytree(old_run, run)
+    cfg = _old_config(old_run, run, max_steps=4)
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("mmap")) or real_load(*a, **k))
