@@ -96,12 +96,43 @@ def test_16bit_step_is_the_float32_step_from_the_stored_state_rounded(backend, d
     h16 = torch.randn(40, 12, 16, generator=torch.Generator().manual_seed(9)).to(dtype)
     gy = torch.randn(40, 12, length, generator=torch.Generator().manual_seed(5))
     y, last, g = run_step(backend, inp, h16, dtype, gy)
-    y32, last32, g32 = run_step(backend, inp, h16.float(), None, gy)
+    # the float32 state requiring grad: the kernel's backward reads the old state (as the 16-bit
+    # step's does) rather than the new one (see test_float32_step_backward_from_the_new_state)
+    y32, last32, g32 = run_step(backend, inp, h16.float().requires_grad_(), None, gy)
     assert last.dtype == dtype and last32.dtype == torch.float32
     assert torch.equal(last, last32.to(dtype))
     assert torch.equal(y, y32)
     for k in NAMES:
         assert torch.equal(g[k], g32[k]), k
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_state", [True, False])
+def test_float32_step_backward_from_the_new_state(with_state):
+    """A float32 step whose old state needs no gradient (streaming) back-propagates from the new
+    state h₁ the forward wrote, since exp(Δ·A)·h₀ = h₁ − Δ·u·B: no exp, h₀ not read. Against the
+    float64 reference (≤ 1e-6 relatively: float32 rounding, plus the cancellation in h₁ − Δ·u·B)
+    and against the kernel's backward from h₀ (forced by h₀ requiring grad); and a new state
+    changed in place before the backward pass is an error, not a wrong gradient."""
+    inp = step_inputs(seed=7, dstate=17)
+    h0 = torch.randn(40, 12, 17, generator=torch.Generator().manual_seed(8)) if with_state else None
+    gy = torch.randn(40, 12, 1, generator=torch.Generator().manual_seed(5))
+    y, last, g = run_step("cpu", inp, h0, None, gy)
+    ref = run_step("reference", {k: v.double() for k, v in inp.items()}, None if h0 is None else h0.double(), None,
+                   gy.double())
+    assert rel(y, ref[0]) <= 1e-6 and rel(last, ref[1]) <= 1e-6
+    for k in NAMES:
+        assert rel(g[k], ref[2][k]) <= 1e-6, (k, rel(g[k], ref[2][k]))
+    if h0 is not None:
+        old = run_step("cpu", inp, h0.clone().requires_grad_(), None, gy)[2]
+        for k in NAMES:
+            assert rel(g[k], old[k]) <= 1e-6, (k, rel(g[k], old[k]))
+    leaves = {k: v.clone().requires_grad_() for k, v in inp.items()}
+    with ssm.use_backend("cpu"):
+        y, last = ssm.selective_scan_step(**leaves, delta_softplus=True, return_last_state=True, initial_state=h0)
+    last.mul_(2)  # e.g. a caller reusing the buffer too early
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -103,7 +103,7 @@ static inline float softplus_f(float x) {
 }
 static inline float sigmoid_f(float x) { return 1.f / (1.f + fsg_expf(-x)); }
 
-FSG_API int fsg_scan_version(void) { return 11; }
+FSG_API int fsg_scan_version(void) { return 12; }
 
 /* ---------------------------------------------------------------------------------------------
  * 16-bit storage of the streaming state (the step kernels only): `fmt` 0 = float32, 1 = bfloat16,
@@ -1275,8 +1275,9 @@ FSG_ALWAYS_INLINE void step_bwd_thread(int64_t Bt, int64_t D, const int64_t N, c
                                        const float *Dv, const float *z, const float *bias, int softplus,
                                        const void *h0, const float *dout, const float *dlast, float *du,
                                        float *ddelta, float *dBm, float *dCm, float *dz, float *dh0, float *yout,
-                                       void *hnew, const float *dfw, const float *dfx, const float *zfw,
-                                       const float *zfx, float *ddx, float *dzx, double *bufA, int *failed_) {
+                                       void *hnew, const void *hfrom, const float *dfw, const float *dfx,
+                                       const float *zfw, const float *zfx, float *ddx, float *dzx, double *bufA,
+                                       int *failed_) {
     const int64_t asz = STEP_ASZ(D, N);
     {
         FSG_FTZ_BEGIN
@@ -1287,9 +1288,13 @@ FSG_ALWAYS_INLINE void step_bwd_thread(int64_t Bt, int64_t D, const int64_t N, c
 #endif
         double *tdD = tdA + D * N, *tdb = tdD + D, *tddw = tdb + D, *tdzw = tddw + D;
         /* dA float partial sums (D·N), per-channel scalars (4·D), per-row a, h_new, dB, dC,
-           zeros and the staged old row (6·N), the delta and z rows built from factors (2·D) */
-        float *work = (float *)calloc((size_t)(D * N + 6 * D + 6 * N), sizeof(float));
+           zeros and the staged old row (6·N), the delta and z rows built from factors (2·D), N ones.
+           `hfrom` (NULL, or the new state the forward wrote, in the state format): the backward
+           then reads it instead of h0 and needs no exp (a·h0 = h_new − Δu·B); no dh0, no hnew. */
+        float *work = (float *)calloc((size_t)(D * N + 6 * D + 7 * N), sizeof(float));
         if (!work) *failed_ = 1;
+        float *ones = work ? work + D * N + 6 * D + 6 * N : NULL;
+        for (int64_t n = 0; work && n < N; n++) ones[n] = 1.f;
         int64_t since_flush = 0;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < Bt; b++) {
@@ -1310,7 +1315,9 @@ FSG_ALWAYS_INLINE void step_bwd_thread(int64_t Bt, int64_t D, const int64_t N, c
                 const float t = dt[d], tu = dtu[d], ut = ub[d];
                 const float *restrict Ad = A + d * N;
                 const float *restrict hp;
-                if (!h0) {
+                if (hfrom) {
+                    hp = ones; /* a[n] below holds a·h0 itself */
+                } else if (!h0) {
                     hp = zeros;
                 } else if (fmt == FSG_F32 && !hnew) {
                     hp = (const float *)h0 + bd * N;
@@ -1320,11 +1327,27 @@ FSG_ALWAYS_INLINE void step_bwd_thread(int64_t Bt, int64_t D, const int64_t N, c
                 }
                 const float *restrict gl = dlast ? dlast + bd * N : zeros;
                 float ys = 0.f;
+                if (hfrom) { /* from the forward's new state: a·h0 = h_new − Δu·B, no exp, no h0 */
+                    const float *restrict hf;
+                    if (fmt == FSG_F32) {
+                        hf = (const float *)hfrom + bd * N;
+                    } else {
+                        load_state_row(fmt, hfrom, bd * N, N, hold);
+                        hf = hold;
+                    }
 #pragma omp simd reduction(+ : ys)
-                for (int64_t n = 0; n < N; n++) {
-                    a[n] = fsg_expf(t * Ad[n]);
-                    hn[n] = a[n] * hp[n] + tu * Bb[n];
-                    ys += Cb[n] * hn[n];
+                    for (int64_t n = 0; n < N; n++) {
+                        hn[n] = hf[n];
+                        a[n] = hf[n] - tu * Bb[n];
+                        ys += Cb[n] * hf[n];
+                    }
+                } else {
+#pragma omp simd reduction(+ : ys)
+                    for (int64_t n = 0; n < N; n++) {
+                        a[n] = fsg_expf(t * Ad[n]);
+                        hn[n] = a[n] * hp[n] + tu * Bb[n];
+                        ys += Cb[n] * hn[n];
+                    }
                 }
                 ys += (Dv ? Dv[d] : 0.f) * ut;
                 float dys = dout[bd];
@@ -1421,14 +1444,14 @@ FSG_API int fsg_scan_step_fwd(int64_t Bt, int64_t D, int64_t N, int fmt, const f
     do {                                                                                                         \
         _Pragma("omp parallel num_threads(nthreads)")                                                           \
         step_bwd_thread(Bt, D, N_, FMT_, u, delta, A, Bm, Cm, Dv, z, bias, softplus, h0, dout, dlast, du, ddelta, \
-                        dBm, dCm, dz, dh0, yout, hnew, dfw, dfx, zfw, zfx, ddx, dzx, bufA, &failed);             \
+                        dBm, dCm, dz, dh0, yout, hnew, hfrom, dfw, dfx, zfw, zfx, ddx, dzx, bufA, &failed);      \
     } while (0)
 FSG_API int fsg_scan_step_bwd(int64_t Bt, int64_t D, int64_t N, int fmt, const float *u, const float *delta,
                               const float *A, const float *Bm, const float *Cm, const float *Dv, const float *z,
                               const float *bias, int softplus, const void *h0, const float *dout,
                               const float *dlast, float *du, float *ddelta, float *dA, float *dBm, float *dCm,
                               float *dD, float *dz, float *dbias, float *dh0, float *yout, void *hnew,
-                              const float *dfw, const float *dfx, const float *zfw, const float *zfx, float *ddw,
+                              const void *hfrom, const float *dfw, const float *dfx, const float *zfw, const float *zfx, float *ddw,
                               float *ddx, float *dzw, float *dzx, int nthreads) {
     if (nthreads < 1) nthreads = 1;
     double *bufA = (double *)calloc((size_t)nthreads * STEP_ASZ(D, N), sizeof(double));

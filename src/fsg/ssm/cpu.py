@@ -17,7 +17,10 @@ be stored in 16 bits (:func:`selective_scan_step` with ``state_dtype`` bfloat16 
 as stored, float32 arithmetic, the new state rounded to nearest even), and :func:`mamba_stream`,
 the whole streaming step of a Mamba block keeping only its input window for the backward pass,
 run over slices of rows, optionally updating the state in place from the backward kernel (one
-copy of the state instead of two).
+copy of the state instead of two). The backward of a single float32 step whose old state needs
+no gradient reads the new state the forward wrote instead of the old one: every term of the
+gradients that involves the old state does so as ``exp(Δ·A)·h₀ = h₁ − Δ·u·B``, so it computes
+no ``exp`` (the 16-bit in-place step cannot: its forward must leave the state as it was).
 
 The C file is compiled at first use with the system C compiler (``$CC``, ``cc`` or ``gcc``;
 ``-O3 -march=native -fopenmp``) into a cache directory (``$FSG_CACHE``, else
@@ -118,7 +121,7 @@ def load_library() -> Optional[ctypes.CDLL]:
                 except subprocess.CalledProcessError:
                     _compile(cc, path, native=False)  # a compiler without -march=native
             lib = ctypes.CDLL(str(path))
-            if lib.fsg_scan_version() != 11:
+            if lib.fsg_scan_version() != 12:
                 raise RuntimeError("unexpected kernel version")
         except Exception as e:  # noqa: BLE001 - any failure means "use the reference"
             detail = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if isinstance(
@@ -133,7 +136,7 @@ def load_library() -> Optional[ctypes.CDLL]:
         lib.fsg_scan_bwd.restype = cint
         lib.fsg_scan_step_fwd.argtypes = [i64] * 3 + [cint] + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 4 + [cint]
         lib.fsg_scan_step_fwd.restype = cint
-        lib.fsg_scan_step_bwd.argtypes = ([i64] * 3 + [cint] + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 11 + [ptr] * 8
+        lib.fsg_scan_step_bwd.argtypes = ([i64] * 3 + [cint] + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 12 + [ptr] * 8
                                           + [cint])
         lib.fsg_scan_step_bwd.restype = cint
         lib.fsg_state_convert.argtypes = [i64, cint, cint, cint, ptr, ptr]
@@ -226,13 +229,16 @@ def _scan_forward(u_, d_, A_, B_, C_, D_, z_, bias_, h0_, softplus: bool, dfac=N
 
 
 def _scan_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states, softplus: bool, dout, dlast=None,
-                   want_h0: bool = False, want_y: bool = False, dfac=None, zfac=None, hnew=None):
+                   want_h0: bool = False, want_y: bool = False, dfac=None, zfac=None, hnew=None, hfrom=None):
     """Run the backward kernel. Returns ``(du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, y)`` with
     ``dB``, ``dC`` as (batch, L, n); ``dz``/``dh0``/``y`` None unless applicable/asked for. With
     factored ``dfac``/``zfac`` (see :func:`_scan_forward`), ``ddelta``/``dz`` are the pairs
     ``(dw, dx)`` of gradients of the factors. A single step reads ``states`` (= h0) in its dtype;
     ``hnew`` (single step only; may be ``states`` itself): receives the new state, rounded to its
-    dtype, which must be ``states``' dtype."""
+    dtype, which must be ``states``' dtype. ``hfrom`` (single step only, no ``want_h0``, no
+    ``hnew``, ``states`` None): the new state ``h₁`` the forward wrote (in its dtype), read
+    instead of ``h₀``: the kernel then needs no ``exp``, since every term of the backward that
+    involves the old state does so as ``exp(Δ·A)·h₀ = h₁ − Δ·u·B``."""
     lib = load_library()
     dfw, dfx = dfac if dfac is not None else (None, None)
     zfw, zfx = zfac if zfac is not None else (None, None)
@@ -255,12 +261,15 @@ def _scan_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states, softplus: bool, do
     dbias = torch.zeros(dim, dtype=f32)
     dh0 = torch.zeros(batch, dim, n, dtype=f32) if want_h0 else None
     y = torch.empty_like(u_) if want_y else None
+    if hfrom is not None and (length != 1 or want_h0 or hnew is not None or states is not None):
+        raise ValueError("hfrom: a single step's new state, without states, want_h0 or hnew")
     if length == 1:  # one step (streaming); `states` is h0 or None
-        fmt = _FMT[states.dtype] if states is not None else 0
+        held = hfrom if hfrom is not None else states
+        fmt = _FMT[held.dtype] if held is not None else 0
         rc = lib.fsg_scan_step_bwd(batch, dim, n, fmt, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_), _p(z_),
                                    _p(bias_), int(softplus), _p(states), _p(dout_), _p(dlast_), _p(du), _p(ddelta),
                                    _p(dA), _p(dB), _p(dC), _p(dD), _p(dz), _p(dbias), _p(dh0), _p(y), _p(hnew),
-                                   _p(dfw), _p(dfx), _p(zfw), _p(zfx), _p(ddw), _p(ddx), _p(dzw), _p(dzx),
+                                   _p(hfrom), _p(dfw), _p(dfx), _p(zfw), _p(zfx), _p(ddw), _p(ddx), _p(dzw), _p(dzx),
                                    torch.get_num_threads())
         if rc != 0:
             raise MemoryError("fused selective scan step backward: out of memory")
@@ -308,7 +317,10 @@ class _FusedScan(torch.autograd.Function):
             ok = buf is not None and buf.dtype == state_dtype and buf.shape == last.shape and buf.is_contiguous()
             last = buf.copy_(last) if ok else last.to(state_dtype)
         ctx.set_materialize_grads(False)  # an unused last state (streaming) gets no zero-filled gradient
-        ctx.save_for_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states)
+        # a single float32 step whose initial state needs no gradient: the backward reads the new
+        # state (no exp; see _scan_backward's hfrom), saved so that changing it in place is caught
+        ctx.from_new = length == 1 and last.dtype == torch.float32 and not ctx.needs_input_grad[8]
+        ctx.save_for_backward(u_, d_, A_, B_, C_, D_, z_, bias_, last if ctx.from_new else states)
         ctx.softplus = softplus
         ctx.flags = (D is not None, z is not None, delta_bias is not None, initial_state is not None)
         ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
@@ -320,9 +332,10 @@ class _FusedScan(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(u_)
         has_D, has_z, has_bias, has_h0 = ctx.flags
+        hfrom = states if ctx.from_new else None
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, _ = _scan_backward(
-            u_, d_, A_, B_, C_, D_, z_, bias_, states, ctx.softplus, dout, dlast,
-            want_h0=has_h0 and ctx.needs_input_grad[8])
+            u_, d_, A_, B_, C_, D_, z_, bias_, None if ctx.from_new else states, ctx.softplus, dout, dlast,
+            want_h0=has_h0 and ctx.needs_input_grad[8], hfrom=hfrom)
         if dh0 is not None and dh0.dtype != ctx.h0_dtype:
             dh0 = dh0.to(ctx.h0_dtype)
         return (du, ddelta, dA, dB.transpose(1, 2), dC.transpose(1, 2), dD if has_D else None, dz,
