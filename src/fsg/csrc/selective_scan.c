@@ -1275,7 +1275,7 @@ FSG_ALWAYS_INLINE void step_bwd_thread(int64_t Bt, int64_t D, const int64_t N, c
                                        const float *Dv, const float *z, const float *bias, int softplus,
                                        const void *h0, const float *dout, const float *dlast, float *du,
                                        float *ddelta, float *dBm, float *dCm, float *dz, float *dh0, float *yout,
-                                       void *hnew, const void *hfrom, const float *dfw, const float *dfx,
+                                       void *hnew, const float *hfrom, const float *dfw, const float *dfx,
                                        const float *zfw, const float *zfx, float *ddx, float *dzx, double *bufA,
                                        int *failed_) {
     const int64_t asz = STEP_ASZ(D, N);
@@ -1289,8 +1289,8 @@ FSG_ALWAYS_INLINE void step_bwd_thread(int64_t Bt, int64_t D, const int64_t N, c
         double *tdD = tdA + D * N, *tdb = tdD + D, *tddw = tdb + D, *tdzw = tddw + D;
         /* dA float partial sums (D·N), per-channel scalars (4·D), per-row a, h_new, dB, dC,
            zeros and the staged old row (6·N), the delta and z rows built from factors (2·D), N ones.
-           `hfrom` (NULL, or the new state the forward wrote, in the state format): the backward
-           then reads it instead of h0 and needs no exp (a·h0 = h_new − Δu·B); no dh0, no hnew. */
+           `hfrom` (NULL, or the float32 new state the forward wrote): the backward then reads it
+           instead of h0 and needs no exp (a·h0 = h_new − Δu·B); no h0, dh0 or hnew then. */
         float *work = (float *)calloc((size_t)(D * N + 6 * D + 7 * N), sizeof(float));
         if (!work) *failed_ = 1;
         float *ones = work ? work + D * N + 6 * D + 6 * N : NULL;
@@ -1328,13 +1328,7 @@ FSG_ALWAYS_INLINE void step_bwd_thread(int64_t Bt, int64_t D, const int64_t N, c
                 const float *restrict gl = dlast ? dlast + bd * N : zeros;
                 float ys = 0.f;
                 if (hfrom) { /* from the forward's new state: a·h0 = h_new − Δu·B, no exp, no h0 */
-                    const float *restrict hf;
-                    if (fmt == FSG_F32) {
-                        hf = (const float *)hfrom + bd * N;
-                    } else {
-                        load_state_row(fmt, hfrom, bd * N, N, hold);
-                        hf = hold;
-                    }
+                    const float *restrict hf = hfrom + bd * N;
 #pragma omp simd reduction(+ : ys)
                     for (int64_t n = 0; n < N; n++) {
                         hn[n] = hf[n];
@@ -1451,7 +1445,8 @@ FSG_API int fsg_scan_step_bwd(int64_t Bt, int64_t D, int64_t N, int fmt, const f
                               const float *bias, int softplus, const void *h0, const float *dout,
                               const float *dlast, float *du, float *ddelta, float *dA, float *dBm, float *dCm,
                               float *dD, float *dz, float *dbias, float *dh0, float *yout, void *hnew,
-                              const void *hfrom, const float *dfw, const float *dfx, const float *zfw, const float *zfx, float *ddw,
+                              const float *hfrom, const float *dfw, const float *dfx, const float *zfw,
+                              const float *zfx, float *ddw,
                               float *ddx, float *dzw, float *dzx, int nthreads) {
     if (nthreads < 1) nthreads = 1;
     double *bufA = (double *)calloc((size_t)nthreads * STEP_ASZ(D, N), sizeof(double));

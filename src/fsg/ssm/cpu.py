@@ -236,7 +236,7 @@ def _scan_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states, softplus: bool, do
     ``(dw, dx)`` of gradients of the factors. A single step reads ``states`` (= h0) in its dtype;
     ``hnew`` (single step only; may be ``states`` itself): receives the new state, rounded to its
     dtype, which must be ``states``' dtype. ``hfrom`` (single step only, no ``want_h0``, no
-    ``hnew``, ``states`` None): the new state ``h₁`` the forward wrote (in its dtype), read
+    ``hnew``, ``states`` None): the float32 new state ``h₁`` the forward wrote, read
     instead of ``h₀``: the kernel then needs no ``exp``, since every term of the backward that
     involves the old state does so as ``exp(Δ·A)·h₀ = h₁ − Δ·u·B``."""
     lib = load_library()
@@ -261,11 +261,11 @@ def _scan_backward(u_, d_, A_, B_, C_, D_, z_, bias_, states, softplus: bool, do
     dbias = torch.zeros(dim, dtype=f32)
     dh0 = torch.zeros(batch, dim, n, dtype=f32) if want_h0 else None
     y = torch.empty_like(u_) if want_y else None
-    if hfrom is not None and (length != 1 or want_h0 or hnew is not None or states is not None):
-        raise ValueError("hfrom: a single step's new state, without states, want_h0 or hnew")
+    if hfrom is not None and (length != 1 or want_h0 or hnew is not None or states is not None
+                              or hfrom.dtype != f32):
+        raise ValueError("hfrom: a single step's float32 new state, without states, want_h0 or hnew")
     if length == 1:  # one step (streaming); `states` is h0 or None
-        held = hfrom if hfrom is not None else states
-        fmt = _FMT[held.dtype] if held is not None else 0
+        fmt = _FMT[states.dtype] if states is not None else 0
         rc = lib.fsg_scan_step_bwd(batch, dim, n, fmt, _p(u_), _p(d_), _p(A_), _p(B_), _p(C_), _p(D_), _p(z_),
                                    _p(bias_), int(softplus), _p(states), _p(dout_), _p(dlast_), _p(du), _p(ddelta),
                                    _p(dA), _p(dB), _p(dC), _p(dD), _p(dz), _p(dbias), _p(dh0), _p(y), _p(hnew),
