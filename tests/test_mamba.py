@@ -542,3 +542,31 @@ def test_cpu_inputs_never_use_cuda_kernel(monkeypatch):
     inp = make_scan_inputs()
     y = selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"])
     torch.testing.assert_close(y, selective_scan_ref(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"]))
+
+
+@pytest.mark.parametrize("t_new", [1, 3])
+def test_stream_pre_scan_backward_is_autograds_vjp(t_new):
+    """The written-out backward of the factored stream pre-scan (d_model = dt_rank = 1) equals
+    autograd's vector-Jacobian product through ``stream_pre_scan`` in float64, for the window
+    (overlap-add across the sliding windows, plus z's factor) and each weight it reads."""
+    torch.manual_seed(0)
+    m = Mamba(d_model=1, d_state=5, d_conv=4, expand=6).double()
+    for p in m.parameters():  # away from the initialisation's special values
+        p.data.add_(0.3 * torch.randn_like(p))
+    batch, d, n = 7, m.d_inner, m.d_state
+    window = torch.randn(batch, m.d_conv - 1 + t_new, 1, dtype=torch.float64, requires_grad=True)
+    weights = [m.in_proj.weight, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight, m.dt_proj.weight]
+    u, (_, zx), (_, dlt), Bt, Ct = m.stream_pre_scan(window, factored=True)
+    g = torch.Generator().manual_seed(1)
+    du, dzx, ddlt = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((batch, d, t_new), zx.shape, dlt.shape))
+    dB, dC = (torch.randn(batch, n, t_new, generator=g, dtype=torch.float64) for _ in range(2))
+    want = torch.autograd.grad([u, zx, dlt, Bt, Ct], [window] + weights[:4], [du, dzx, ddlt, dB, dC],
+                               allow_unused=True)
+    d_window, dw_u, dconv_w, dconv_b, dw_x = m.stream_pre_scan_backward(window, du, dzx, ddlt, dB, dC)
+    torch.testing.assert_close(d_window, want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dw_u, want[1][:d, 0], rtol=1e-12, atol=1e-12)
+    assert torch.count_nonzero(want[1][d:]) == 0  # z's weight is the caller's (the kernel's factor gradient)
+    torch.testing.assert_close(dconv_w, want[2].reshape(d, m.d_conv), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dconv_b, want[3], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dw_x, want[4], rtol=1e-12, atol=1e-12)
+    assert m.stream_pre_scan_backward(window, du, dzx, ddlt, dB, dC, want_window=False)[0] is None

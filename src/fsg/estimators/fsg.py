@@ -231,7 +231,8 @@ class FSG(Estimator):
             seq = torch.cat([self.lre.weight[index].view(1, 1, 1).expand(n, 1, 1).to(seq.dtype), seq], dim=1)
         if self.state_dtype == "float32":
             # the new state goes into the spare buffer (free: two steps old); the old one becomes the next spare
-            out, new_state = self.slow.stream(seq, state, state_buffer=self._stream_spare[index])
+            out, new_state = self.slow.stream(seq, state, state_buffer=self._stream_spare[index],
+                                              low_memory=self.recompute)
             spare, finish = (state[-1] if (state is not None and self.slow.kind == "mamba") else None), None
         else:  # 16 bits, one copy: the step's backward pass writes the new state over the old
             out, new_state, finish = self.slow.mamba.stream(

@@ -98,8 +98,9 @@ class SlowNet(nn.Module):
         there (see :meth:`fsg.ssm.mamba.Mamba.forward`)."""
         return self.mamba(seq, low_memory=low_memory)
 
-    def stream(self, seq: Tensor, state=None, state_buffer: Optional[Tensor] = None):
+    def stream(self, seq: Tensor, state=None, state_buffer: Optional[Tensor] = None, low_memory: bool = False):
         """Continue the recurrence by ``seq`` (B, T_new, 1) from ``state`` (None: start).
         Returns ``(out, new_state)``; the state enters as a constant (no gradient).
-        ``state_buffer``: a free tensor the Mamba scan state may be written into."""
-        return self.mamba.stream(seq, state, state_buffer=state_buffer)
+        ``state_buffer``: a free tensor the Mamba scan state may be written into. ``low_memory``:
+        keep no activations for the backward pass (see :meth:`fsg.ssm.mamba.Mamba.stream`)."""
+        return self.mamba.stream(seq, state, state_buffer=state_buffer, low_memory=low_memory)

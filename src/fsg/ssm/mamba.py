@@ -400,6 +400,60 @@ class Mamba(nn.Module):
         delta = _project(w_dt, dlt)
         return u, z, delta, Bt, Ct
 
+    def stream_pre_scan_backward(self, window: Tensor, du: Tensor, dzx: Tensor, ddlt: Tensor, dB: Tensor,
+                                 dC: Tensor, weights: Optional[tuple] = None, want_window: bool = True):
+        """The vector-Jacobian product of :meth:`stream_pre_scan` with ``factored=True``
+        (d_model = dt_rank = 1), written out — no autograd graph, one pass of recomputation.
+
+        With ``s = W_conv · window_t`` (the sliding windows of length ``d_conv``), the
+        pre-activation ``a = b_conv + w_u ⊙ s``, ``u = silu(a)`` and ``[dlt, B, C] = W_x u``:
+
+        * ``g = [ddlt, dB, dC]`` (per token, ``1 + 2·d_state``): ``dW_x = Σ g uᵀ``;
+        * ``ū = du + W_xᵀ g``, ``ā = ū ⊙ silu'(a)``, ``silu'(a) = σ(a)(1 + a(1 − σ(a)))``;
+        * ``db_conv = Σ ā``, ``dw_u = Σ ā ⊙ s`` (``in_proj.weight[:d_inner, 0]``),
+          ``dW_conv = Σ (w_u ⊙ ā) windowᵀ``;
+        * ``d window`` = the overlap-add of ``W_convᵀ (w_u ⊙ ā)`` over the windows, plus ``dzx``
+          at the new positions (``z``'s factor ``x`` is the input itself).
+
+        ``du`` (B, d_inner, T), ``dzx`` / ``ddlt`` (B, T), ``dB`` / ``dC`` (B, d_state, T): the
+        gradients of the five outputs (``z`` and ``delta`` through their ``x`` factors; their
+        ``w`` factors' gradients are the caller's). Returns ``(d_window or None, dw_u (d_inner,),
+        dconv_w (d_inner, d_conv), dconv_b (d_inner,), dx_proj_w (1 + 2·d_state, d_inner))``, float32 (float64 for a float64 window).
+        """
+        if self.d_model != 1 or self.dt_rank != 1:
+            raise ValueError("stream_pre_scan_backward needs d_model = dt_rank = 1")
+        dtype = torch.float64 if window.dtype == torch.float64 else torch.float32
+        f32 = lambda t: t.detach().to(dtype)  # noqa: E731
+        batch, d, k = window.shape[0], self.d_inner, self.d_conv
+        w_in, conv_w, conv_b, w_x, _ = weights or (self.in_proj.weight, self.conv1d.weight, self.conv1d.bias,
+                                                   self.x_proj.weight, self.dt_proj.weight)
+        w_u, conv_w, conv_b, w_x = f32(w_in[:d, 0]), f32(conv_w).reshape(d, k), f32(conv_b), f32(w_x)
+        windows = f32(window).reshape(batch, -1).unfold(1, k, 1)  # (B, T, d_conv)
+        t_new = windows.shape[1]
+        s = torch.matmul(windows, conv_w.t())  # (B, T, d_inner)
+        a = torch.addcmul(conv_b, w_u, s)
+        sig = torch.sigmoid(a)
+        u = a * sig
+        g = torch.cat([f32(ddlt).reshape(batch, t_new, 1), f32(dB).transpose(1, 2), f32(dC).transpose(1, 2)], dim=2)
+        tokens = batch * t_new
+        dw_x = torch.matmul(g.reshape(tokens, -1).t(), u.reshape(tokens, d))
+        ubar = torch.matmul(g, w_x).add_(f32(du).transpose(1, 2))  # (B, T, d_inner)
+        # silu'(a) = σ(1 + a(1 − σ)), folded into ubar in place: ā
+        abar = ubar.mul_(sig.mul_(torch.sub(1.0, sig).mul_(a).add_(1.0)))
+        dconv_b = abar.reshape(tokens, d).sum(0)
+        dw_u = torch.mul(abar, s).reshape(tokens, d).sum(0)
+        ds = abar.mul_(w_u)
+        dconv_w = torch.matmul(ds.reshape(tokens, d).t(), windows.reshape(tokens, k))
+        d_window = None
+        if want_window:
+            dwin = torch.matmul(ds, conv_w)  # (B, T, d_conv)
+            d_window = torch.zeros(batch, t_new + k - 1, dtype=dtype)
+            for j in range(k):
+                d_window[:, j:j + t_new] += dwin[..., j]
+            d_window[:, k - 1:] += f32(dzx).reshape(batch, t_new)
+            d_window = d_window.unsqueeze(-1)
+        return d_window, dw_u, dconv_w, dconv_b, dw_x
+
     def pre_scan_parts(self, x: Tensor):
         """Steps 1-3, channel-first: ``(u, dlt, B, C)``; ``u`` after the conv and SiLU, ``dlt``
         the dt_rank-dimensional input of ``dt_proj``."""
