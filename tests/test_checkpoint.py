@@ -152,20 +152,32 @@ def test_resumed_epoch_metrics_and_schedule(tmp_path, tmp_path_factory):
 # (b) Ctrl-C
 
 
-def test_ctrl_c_signal_mid_epoch_saves_and_resumes_exactly(tmp_path, tmp_path_factory, monkeypatch, capsys):
-    """A real SIGINT arriving during step 3: the step completes, a checkpoint is written, resume is exact."""
-    ref, ref_ck, _ = reference(tmp_path_factory, "fsg")
-    out = tmp_path / "run"
+def before_step(monkeypatch, n, action):
+    """Patch ``fsg.Trainer.step`` so that its ``n``-th call runs ``action()`` first (which may
+    raise), then the real step; returns the real step."""
     original = fsg.Trainer.step
     calls = {"n": 0}
 
     def step(self, x, y):
         calls["n"] += 1
-        if calls["n"] == 3:
-            signal.raise_signal(signal.SIGINT)  # delivered now, while the step runs
+        if calls["n"] == n:
+            action()
         return original(self, x, y)
 
     monkeypatch.setattr(fsg.Trainer, "step", step)
+    return original
+
+
+def raise_keyboard_interrupt():
+    """Raise KeyboardInterrupt, as Python's SIGINT handler does."""
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_signal_mid_epoch_saves_and_resumes_exactly(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    """A real SIGINT arriving during step 3: the step completes, a checkpoint is written, resume is exact."""
+    ref, ref_ck, _ = reference(tmp_path_factory, "fsg")
+    out = tmp_path / "run"
+    original = before_step(monkeypatch, 3, lambda: signal.raise_signal(signal.SIGINT))  # during the step
     with pytest.raises(TrainingInterrupted) as info:
         train(tiny(out, "fsg"), progress=False)
     e = info.value
@@ -204,16 +216,7 @@ def test_interrupt_inside_a_step_keeps_the_last_good_checkpoint(tmp_path, monkey
     """A KeyboardInterrupt escaping from inside a step (e.g. a second Ctrl-C) may leave a torn
     state: nothing is saved, the last epoch checkpoint stays as it was."""
     out = tmp_path / "run"
-    original = fsg.Trainer.step
-    calls = {"n": 0}
-
-    def step(self, x, y):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return original(self, x, y)
-
-    monkeypatch.setattr(fsg.Trainer, "step", step)
+    before_step(monkeypatch, 6, raise_keyboard_interrupt)
     with pytest.raises(TrainingInterrupted) as info:
         train(tiny(out, "multifc"), progress=False)
     assert "not saved" in info.value.message and "\n" not in info.value.message

@@ -71,6 +71,19 @@ def metaquant_refined(name, est, s, i):
 x, y = make_task()
 
 
+def steps_with_history(tr, grads, steps=5):
+    """Run ``steps`` training steps on (x, y), appending after each one a clone of every layer's
+    ``parametrization.grad`` to ``grads`` (``grads[k][i]``: step k, layer i). From the second
+    step on, yield ``(t, s)`` after step t, with ``s`` the :func:`snapshot` taken just before it."""
+    tr.step(x, y)
+    grads.append([l.parametrization.grad.clone() for l in tr.layers])
+    for t in range(1, steps):
+        s = snapshot(tr)
+        tr.step(x, y)
+        grads.append([l.parametrization.grad.clone() for l in tr.layers])
+        yield t, s
+
+
 @pytest.mark.parametrize("name", ["fc-grad", "multifc", "lstmfc"])
 def test_metaquant_step_matches_spec(name):
     tr = mlp_trainer(name, lr=0.05)
@@ -151,12 +164,7 @@ def test_fsg_step_matches_spec(update, layout, lre):
     if lre:
         assert est.lre.num_embeddings == len(tr.layers) == 2
     grads = []
-    tr.step(x, y)
-    grads.append([l.parametrization.grad.clone() for l in tr.layers])
-    for t in range(1, 5):
-        s = snapshot(tr)
-        tr.step(x, y)
-        grads.append([l.parametrization.grad.clone() for l in tr.layers])
+    for t, s in steps_with_history(tr, grads):
         with torch.no_grad():
             for i, l in enumerate(tr.layers):
                 hist = [grads[k][i] for k in range(max(0, t - 3), t)]  # g⁽ᵗ⁻ᴸ⁾ … g⁽ᵗ⁻¹⁾
@@ -436,12 +444,7 @@ def test_fsg_stream_layout_is_the_temporal_sequence_as_a_recurrence(slow_net):
                      slow_lr=1e-30, lre_lr=1e-30, fast_lr=1e-30)
     est = tr.estimator
     grads = []
-    tr.step(x, y)
-    grads.append([l.parametrization.grad.clone() for l in tr.layers])
-    for t in range(1, 5):
-        s = snapshot(tr)
-        tr.step(x, y)
-        grads.append([l.parametrization.grad.clone() for l in tr.layers])
+    for t, s in steps_with_history(tr, grads):
         with torch.no_grad():
             for i, l in enumerate(tr.layers):
                 seq = torch.stack([grads[k][i].reshape(-1) for k in range(t)], dim=1).unsqueeze(-1)

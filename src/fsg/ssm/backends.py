@@ -275,19 +275,9 @@ def select_backend(device: Union[str, torch.device]) -> Backend:
 # ---------------------------------------------------------------------------
 
 
-def selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_bias: Optional[Tensor] = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    initial_state: Optional[Tensor] = None,
-):
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, initial_state: Optional[Tensor] = None):
     """Selective scan through the backend selected for ``u``'s device; same signature and
     semantics as :func:`fsg.ssm.reference.selective_scan_ref`."""
     fn = select_backend(u.device).selective_scan or selective_scan_ref
@@ -295,21 +285,10 @@ def selective_scan(
               return_last_state=return_last_state, initial_state=initial_state)
 
 
-def selective_scan_step(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Optional[Tensor] = None,
-    z: Optional[Tensor] = None,
-    delta_bias: Optional[Tensor] = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    initial_state: Optional[Tensor] = None,
-    last_out: Optional[Tensor] = None,
-    state_dtype: Optional[torch.dtype] = None,
-):
+def selective_scan_step(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                        z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                        return_last_state: bool = False, initial_state: Optional[Tensor] = None,
+                        last_out: Optional[Tensor] = None, state_dtype: Optional[torch.dtype] = None):
     """:func:`selective_scan` for streaming: the backend's ``selective_scan_step`` may write the
     new last state into ``last_out`` (a free ``(batch, d_inner, d_state)`` tensor of the state
     dtype, not referenced by anything still needed); without that op, the backend's scan (buffer

@@ -189,14 +189,46 @@ def _scan_states(delta, du, An, Bn, h0):
 
 
 @triton.jit
+def _chunk_steps(L, ST, T: tl.constexpr):
+    """(bidx, k, t, tmask, tt) of a program of the per-chunk kernels: its sequence bidx (int64) and
+    chunk k, the chunk's time steps t (T,) and tmask = t < L, and tt = t * ST, the time offsets of
+    (T, BLOCK_D) tiles (ST = 1 but opaque: keeps time in registers, see _tiles)."""
+    bidx = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1)
+    t = k * T + tl.arange(0, T)
+    return bidx, k, t, t < L, t * ST
+
+
+@triton.jit
+def _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM, L, BD: tl.constexpr,
+                   DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(d, dmask, m, rows, raw, delta) of the channel block d0 .. d0 + BD - 1 of sequence bidx over
+    a chunk's steps: the channels d and their mask, the (T, BLOCK_D) tile mask m, the offsets rows
+    of the channels' rows of (batch, d_inner, L) series, and the delta tile (see _delta_tile)."""
+    d = d0 + tl.arange(0, BD)
+    dmask = d < DIM
+    m = tmask[:, None] & dmask[None, :]
+    rows = (bidx * DIM + d) * L
+    raw, delta = _delta_tile(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, rows, bidx * L, d, tt, dmask, tmask, m,
+                             DFAC, HAS_BIAS, SOFTPLUS)
+    return d, dmask, m, rows, raw, delta
+
+
+@triton.jit
+def _state_ptr(st_ptr, bidx, d, k, n, ssb, ssd, ssk, ssn):
+    """Pointers to st[b, d, k, n] (channels d, chunks k) of a states-like (batch, d_inner, n_chunks,
+    d_state) tensor of strides ssb, ssd, ssk, ssn (the chunk offset in int64)."""
+    return st_ptr + bidx * ssb + d * ssd + k.to(tl.int64) * ssk + n * ssn
+
+
+@triton.jit
 def _start_state(st_ptr, h0_ptr, bidx, k, n, d, dmask, DIM, NS, ssb, ssd, ssk, ssn, HAS_H0: tl.constexpr):
     """State n of the channels d before chunk k: states[b, d, k-1, n] (k > 0, st_ptr not None)
     or the initial state (k = 0)."""
     kk = k + 0 * d  # a tensor: the interpreter mishandles bool-tensor & bool-scalar
     h = tl.zeros((d.shape[0],), dtype=tl.float32)
     if st_ptr is not None:
-        h += tl.load(st_ptr + bidx * ssb + d * ssd + (k - 1).to(tl.int64) * ssk + n * ssn, mask=dmask & (kk > 0),
-                     other=0.0)
+        h += tl.load(_state_ptr(st_ptr, bidx, d, k - 1, n, ssb, ssd, ssk, ssn), mask=dmask & (kk > 0), other=0.0)
     if HAS_H0:
         h += tl.load(h0_ptr + (bidx * DIM + d) * NS + n, mask=dmask & (kk == 0), other=0.0).to(tl.float32)
     return h
@@ -210,8 +242,7 @@ def _end_carry(dst_ptr, dlast_ptr, bidx, k, n, d, dmask, DIM, NS, K, ssb, ssd, s
     kk = k + 1 + 0 * d
     E = tl.zeros((d.shape[0],), dtype=tl.float32)
     if dst_ptr is not None:
-        E += tl.load(dst_ptr + bidx * ssb + d * ssd + (k + 1).to(tl.int64) * ssk + n * ssn, mask=dmask & (kk < K),
-                     other=0.0)
+        E += tl.load(_state_ptr(dst_ptr, bidx, d, k + 1, n, ssb, ssd, ssk, ssn), mask=dmask & (kk < K), other=0.0)
     if HAS_DLAST:
         E += tl.load(dlast_ptr + (bidx * DIM + d) * NS + n, mask=dmask & (kk == K), other=0.0).to(tl.float32)
     return E
@@ -249,19 +280,11 @@ def _fwd_local_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr
                       DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """Chunk k's end state from a zero start, s = sum_t exp(A R_t) b_t, into states[:, :, k]; S_k
     into dsum[b, k, :]."""
-    bidx = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1)
-    t = k * T + tl.arange(0, T)
-    tmask = t < L
-    tt = t * ST  # time offsets of (T, BLOCK_D) tiles; ST = 1 but opaque: keeps time in registers (_tiles)
+    bidx, k, t, tmask, tt = _chunk_steps(L, ST, T)
     for d0 in range(0, DIM, BD):
-        d = d0 + tl.arange(0, BD)
-        dmask = d < DIM
-        m = tmask[:, None] & dmask[None, :]
-        rows = (bidx * DIM + d) * L
+        d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM,
+                                                     L, BD, DFAC, HAS_BIAS, SOFTPLUS)
         u = _load_tc(u_ptr, rows, tt, m)
-        _, delta = _delta_tile(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, rows, bidx * L, d, tt, dmask, tmask, m,
-                               DFAC, HAS_BIAS, SOFTPLUS)
         suffix = tl.cumsum(delta, axis=0, reverse=True)  # sum_{r >= t}: exact near the chunk end
         rem = suffix - delta
         du = delta * u
@@ -269,7 +292,7 @@ def _fwd_local_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr
         for n in range(0, NS):
             An, Bn, Bn2 = _state_rows(A_ptr, B_ptr, B_ptr, bidx, n, d, t, dmask, tmask, NS, L)
             s = tl.sum(tl.exp2(rem * An[None, :]) * du * Bn[:, None], axis=0)
-            tl.store(st_ptr + bidx * ssb + d * ssd + k.to(tl.int64) * ssk + n * ssn, s, mask=dmask)
+            tl.store(_state_ptr(st_ptr, bidx, d, k, n, ssb, ssd, ssk, ssn), s, mask=dmask)
 
 
 @triton.jit
@@ -295,7 +318,7 @@ def _combine_kernel(st_ptr, dsum_ptr, A_ptr, c_ptr, DIM, NS, K, ssb, ssd, ssk, s
             kk = i * KC + tl.arange(0, KC)
             km = kk < K
         m = km[:, None] & dmask[None, :]
-        ptr = st_ptr + bidx * ssb + d[None, :] * ssd + kk[:, None].to(tl.int64) * ssk + n * ssn
+        ptr = _state_ptr(st_ptr, bidx, d[None, :], kk[:, None], n, ssb, ssd, ssk, ssn)
         s = tl.load(ptr, mask=m, other=0.0)
         S = tl.load(dsum_ptr + (bidx * K + kk[:, None]) * DIM + d[None, :], mask=m, other=0.0)
         pq, ps = tl.associative_scan((tl.exp2(S * An[None, :]), s), 0, _lin_comb, reverse=REVERSE)
@@ -311,19 +334,11 @@ def _fwd_out_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, 
                     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr,
                     HAS_H0: tl.constexpr, WRITE_LAST: tl.constexpr):
     """y of chunk k, rescanned from the state before it; with WRITE_LAST also states[:, :, k]."""
-    bidx = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1)
-    t = k * T + tl.arange(0, T)
-    tmask = t < L
-    tt = t * ST  # time offsets of (T, BLOCK_D) tiles; ST = 1 but opaque: keeps time in registers (_tiles)
+    bidx, k, t, tmask, tt = _chunk_steps(L, ST, T)
     for d0 in range(0, DIM, BD):
-        d = d0 + tl.arange(0, BD)
-        dmask = d < DIM
-        m = tmask[:, None] & dmask[None, :]
-        rows = (bidx * DIM + d) * L
+        d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM,
+                                                     L, BD, DFAC, HAS_BIAS, SOFTPLUS)
         u = _load_tc(u_ptr, rows, tt, m)
-        _, delta = _delta_tile(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, rows, bidx * L, d, tt, dmask, tmask, m,
-                               DFAC, HAS_BIAS, SOFTPLUS)
         du = delta * u
         y = tl.zeros((T, BD), dtype=tl.float32)
         for n in range(0, NS):
@@ -332,7 +347,7 @@ def _fwd_out_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, 
             a, b, h = _scan_states(delta, du, An, Bn, h0)
             y += h * Cn[:, None]
             if WRITE_LAST:
-                tl.store(st_ptr + bidx * ssb + d * ssd + k.to(tl.int64) * ssk + n * ssn, _row(h, T - 1, T), mask=dmask)
+                tl.store(_state_ptr(st_ptr, bidx, d, k, n, ssb, ssd, ssk, ssn), _row(h, T - 1, T), mask=dmask)
         if HAS_D:
             y += tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :] * u
         if HAS_Z:
@@ -353,18 +368,10 @@ def _bwd_local_kernel(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr
                       SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr):
     """Gradient w.r.t. chunk k's start state from inside it, r = sum_t exp(A S_t) C_t dy'_t, into
     dst[:, :, k]; S_k into dsum[b, k, :]."""
-    bidx = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1)
-    t = k * T + tl.arange(0, T)
-    tmask = t < L
-    tt = t * ST  # time offsets of (T, BLOCK_D) tiles; ST = 1 but opaque: keeps time in registers (_tiles)
+    bidx, k, t, tmask, tt = _chunk_steps(L, ST, T)
     for d0 in range(0, DIM, BD):
-        d = d0 + tl.arange(0, BD)
-        dmask = d < DIM
-        m = tmask[:, None] & dmask[None, :]
-        rows = (bidx * DIM + d) * L
-        _, delta = _delta_tile(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, rows, bidx * L, d, tt, dmask, tmask, m,
-                               DFAC, HAS_BIAS, SOFTPLUS)
+        d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM,
+                                                     L, BD, DFAC, HAS_BIAS, SOFTPLUS)
         _, _, _, dyp = _gated_dy(dout_ptr, z_ptr, zfw_ptr, zfx_ptr, rows, bidx * L, d, tt, dmask, tmask, m,
                                  HAS_Z, ZFAC)
         S = tl.cumsum(delta, axis=0)
@@ -372,7 +379,7 @@ def _bwd_local_kernel(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr
         for n in range(0, NS):
             An, Cn2, Cn = _state_rows(A_ptr, C_ptr, C_ptr, bidx, n, d, t, dmask, tmask, NS, L)
             r = tl.sum(tl.exp2(S * An[None, :]) * dyp * Cn[:, None], axis=0)
-            tl.store(dst_ptr + bidx * ssb + d * ssd + k.to(tl.int64) * ssk + n * ssn, r, mask=dmask)
+            tl.store(_state_ptr(dst_ptr, bidx, d, k, n, ssb, ssd, ssk, ssn), r, mask=dmask)
 
 
 @triton.jit(do_not_specialize=["ST"])
@@ -387,37 +394,32 @@ def _bwd_main_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr,
     block j: dB, dC go to the partials dB[j], dC[j] (batch, d_state, L) and the factors'
     x-gradients to ddx[j], dzx[j] (batch, L); per program p: pA[p] (d_state, d_inner) = dA and
     pv[p] (4, d_inner) = (dD, ddelta_bias, dw_delta, dw_z)."""
-    bidx = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1)
-    t = k * T + tl.arange(0, T)
-    tt = t * ST  # time offsets of (T, BLOCK_D) tiles; ST = 1 but opaque: keeps time in registers (_tiles)
+    bidx, k, t, _, tt = _chunk_steps(L, ST, T)
     prow = bidx * K + k
     for d0 in range(0, DIM, BD):
         jrow = (d0 // BD) * tl.num_programs(0) + bidx  # this channel block's row of the (block, batch) partials
         _bwd_channels(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr,
                       zfx_ptr, h0_ptr, st_ptr, dst_ptr, dlast_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dh0_ptr,
                       y_ptr, pA_ptr + prow * NS * DIM, pv_ptr + prow * 4 * DIM, dB_ptr + jrow * NS * L,
-                      dC_ptr + jrow * NS * L, ddx_ptr, dzx_ptr, jrow, bidx, k, t, tt, d0 + tl.arange(0, BD), DIM, L, NS,
-                      K, ssb, ssd, ssk, ssn, T, DFAC, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0, HAS_DLAST,
+                      dC_ptr + jrow * NS * L, ddx_ptr, dzx_ptr, jrow, bidx, k, t, tt, d0, DIM, L, NS, K,
+                      ssb, ssd, ssk, ssn, T, BD, DFAC, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0, HAS_DLAST,
                       WANT_H0, WANT_Y)
 
 
 @triton.jit
 def _bwd_channels(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr, zfx_ptr,
                   h0_ptr, st_ptr, dst_ptr, dlast_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dh0_ptr, y_ptr,
-                  pA_ptr, pv_ptr, dB_ptr, dC_ptr, ddx_ptr, dzx_ptr, jrow, bidx, k, t, tt, d, DIM, L, NS, K,
-                  ssb, ssd, ssk, ssn, T: tl.constexpr, DFAC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  pA_ptr, pv_ptr, dB_ptr, dC_ptr, ddx_ptr, dzx_ptr, jrow, bidx, k, t, tt, d0, DIM, L, NS, K,
+                  ssb, ssd, ssk, ssn, T: tl.constexpr, BD: tl.constexpr, DFAC: tl.constexpr, HAS_BIAS: tl.constexpr,
                   SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr,
                   HAS_H0: tl.constexpr, HAS_DLAST: tl.constexpr, WANT_H0: tl.constexpr, WANT_Y: tl.constexpr):
-    """Backward of chunk k for the channels d: per state n, recompute h, get dh, store the rows n of
-    this block's dB, dC partials, this program's dA row n and dh0; then the per-channel outputs."""
+    """Backward of chunk k for the channels d = d0 .. d0 + BD - 1: per state n, recompute h, get dh,
+    store the rows n of this block's dB, dC partials, this program's dA row n and dh0; then the
+    per-channel outputs."""
     tmask = t < L
-    dmask = d < DIM
-    m = tmask[:, None] & dmask[None, :]
-    rows = (bidx * DIM + d) * L
+    d, dmask, m, rows, raw, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM, L,
+                                                   BD, DFAC, HAS_BIAS, SOFTPLUS)
     u = _load_tc(u_ptr, rows, tt, m)
-    raw, delta = _delta_tile(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, rows, bidx * L, d, tt, dmask, tmask, m,
-                             DFAC, HAS_BIAS, SOFTPLUS)
     dout, z, sz, dyp = _gated_dy(dout_ptr, z_ptr, zfw_ptr, zfx_ptr, rows, bidx * L, d, tt, dmask, tmask, m, HAS_Z, ZFAC)
     du = delta * u
     ddA = tl.zeros((T, d.shape[0]), dtype=tl.float32)  # sum_n log2(e) A dh a h_prev
@@ -503,6 +505,16 @@ def _tiles(dim: int, T: int, device: torch.device, block_d: Optional[int] = None
     return block_d, max(1, block_d // 32) * along_t
 
 
+def _scan_sizes(u: Tensor, A: Tensor, chunk: int, block_d: Optional[int]):
+    """(batch, d_inner, L, d_state, T, K, BLOCK_D, num_warps) of a scan of u (batch, d_inner, L) with
+    A (d_inner, d_state): the chunk length T (:func:`_chunk_len`), the number of chunks K and the
+    tiling of the per-chunk kernels (:func:`_tiles`)."""
+    batch, dim, length = u.shape
+    T = _chunk_len(length, chunk)
+    bd, warps = _tiles(dim, T, u.device, block_d)
+    return batch, dim, length, A.shape[1], T, triton.cdiv(length, T), bd, warps
+
+
 def _combine(st: Tensor, dsum: Tensor, A: Tensor, carry: Optional[Tensor], reverse: bool) -> None:
     """Launch _combine_kernel on st (a (batch, d_inner, n_chunks, d_state) view), one program per
     (sequence, state, channel block)."""
@@ -548,12 +560,8 @@ def scan_forward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: Te
     :func:`scan_backward`); ``last`` = ``states[:, :, -1]`` (a view; or ``last_out``, a float32
     (batch, d_inner, d_state) buffer the last state is written into). ``block_d``: channels per
     inner step (a power of two; default: see :func:`_tiles`)."""
-    batch, dim, length = u.shape
-    ns = A.shape[1]
-    T = _chunk_len(length, chunk)
-    K = triton.cdiv(length, T)
+    batch, dim, length, ns, T, K, bd, warps = _scan_sizes(u, A, chunk, block_d)
     dev = u.device
-    bd, warps = _tiles(dim, T, dev, block_d)
     u, delta, A, B, C, D, z, bias, h0 = map(_c, (u, delta, A, B, C, D, z, delta_bias, initial_state))
     (dfw, dfx), (zfw, zfx) = _fac(dfac), _fac(zfac)
     y = torch.empty(batch, dim, length, dtype=u.dtype, device=dev)
@@ -596,12 +604,8 @@ def scan_backward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: T
     ``dbias``, ``dh0`` float32. With factors, ``ddelta`` / ``dz`` are the float32 pairs
     ``(dw, dx)`` of gradients of the factors. ``dz`` is None without z; ``dh0`` unless ``want_h0``
     and ``y`` (float32, recomputed, gated) unless ``want_y`` are None."""
-    batch, dim, length = u.shape
-    ns = A.shape[1]
-    T = _chunk_len(length, chunk)
-    K = triton.cdiv(length, T)
+    batch, dim, length, ns, T, K, bd, warps = _scan_sizes(u, A, chunk, block_d)
     dev = u.device
-    bd, warps = _tiles(dim, T, dev, block_d)
     nblk = triton.cdiv(dim, bd)
     u, delta, A, B, C, D, z, bias, h0, dout, dlast = map(
         _c, (u, delta, A, B, C, D, z, delta_bias, initial_state, dout, dlast))
