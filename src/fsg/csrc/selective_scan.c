@@ -1291,8 +1291,13 @@ typedef struct {
    or NULL: delta = dfw ⊗ dfx, whose gradients go to *gdx and the accumulator, `dfx_b` the
    element's factor), `dzb` likewise (NULL and `zfac`: z = zfw ⊗ zfx, `zfx_b`), `dBb`, `dCb`
    (N), `yb` (D, or NULL), `dh0b` (D·N, or NULL), and the new state into `hnew` (NULL: not
-   written). `hfrom`: see step_bwd_thread. `work`: D·N dA partial sums, then 4·D + 6·N floats of
-   scratch (N zeros at 4·D + 4·N); `ones`: N ones. */
+   written). `hfrom`: see step_bwd_thread. `work`: D·N dA partial sums, then STEP_ROW_WORK
+   floats of scratch (N zeros at 4·D + 4·N); `ones`: N ones.
+
+   Two passes over the channels: the first computes every channel's exp(Δ·A), new state and
+   output (into the scratch), the second the gradients. In one pass, each channel's gradient
+   waited for its own exp → h_new → Σ_n C·h_new chain (two horizontal sums in series), and
+   little of one channel overlapped the next. */
 FSG_ALWAYS_INLINE void step_bwd_row(int64_t b, int64_t D, const int64_t N, const int fmt, const float *ub,
                                     const float *db, const float *zb, const float *restrict Bb,
                                     const float *restrict Cb, const float *A, const float *Dv, const float *bias,
@@ -1302,28 +1307,24 @@ FSG_ALWAYS_INLINE void step_bwd_row(int64_t b, int64_t D, const int64_t N, const
                                     const float *zfw, float zfx_b, int zfac, float *gdx_, float *gzx_,
                                     float *work, const float *ones, step_acc_t acc) {
     float *dAf = acc.dAf, *dt = work + D * N, *dtu = dt + D, *dsp = dtu + D, *sz = dsp + D;
-    float *restrict a = sz + D, *restrict hn = a + N, *restrict dBa = hn + N, *restrict dCa = dBa + N;
+    float *restrict dBa = sz + D + 2 * N, *restrict dCa = dBa + N;
     const float *zeros = dCa + N;
-    float *hold = dCa + 2 * N;
+    /* the channels' exp(Δ·A) (or a·h0), new states and old states (D·N each), outputs (D) */
+    float *restrict a_all = dCa + 3 * N, *restrict hn_all = a_all + D * N, *restrict hp_all = hn_all + D * N;
+    float *restrict ysv = hp_all + D * N;
+    /* the old state row of channel d as the passes read it (loaded into hp_all where needed) */
+#define FSG_OLD_ROW(d) (hfrom ? ones : !h0 ? zeros : (fmt == FSG_F32 && !hnew) ? (const float *)h0 + (b * D + (d)) * N \
+                                                                             : hp_all + (d) * N)
     step_prepass(D, ub, db, bias, softplus, zb, dt, dtu, dsp, sz);
     float gdx = 0.f, gzx = 0.f; /* this batch element's factor gradients */
     for (int64_t n = 0; n < N; n++) dBa[n] = dCa[n] = 0.f;
-    for (int64_t d = 0; d < D; d++) {
+    for (int64_t d = 0; d < D; d++) { /* pass 1: the new state and the output */
         const int64_t bd = b * D + d;
-        const float t = dt[d], tu = dtu[d], ut = ub[d];
-        const float *restrict Ad = A + d * N;
-        const float *restrict hp;
-        if (hfrom) {
-            hp = ones; /* a[n] below holds a·h0 itself */
-        } else if (!h0) {
-            hp = zeros;
-        } else if (fmt == FSG_F32 && !hnew) {
-            hp = (const float *)h0 + bd * N;
-        } else { /* 16-bit, or a row about to be overwritten by the new state */
-            load_state_row(fmt, h0, bd * N, N, hold);
-            hp = hold;
-        }
-        const float *restrict gl = gl0 ? gl0 + d * N : zeros;
+        const float tu = dtu[d];
+        float *restrict a = a_all + d * N, *restrict hn = hn_all + d * N;
+        if (!hfrom && h0 && !(fmt == FSG_F32 && !hnew)) /* 16-bit, or a row to be overwritten */
+            load_state_row(fmt, h0, bd * N, N, hp_all + d * N);
+        const float *restrict hp = FSG_OLD_ROW(d);
         float ys = 0.f;
         if (hfrom) { /* from the forward's new state: a·h0 = h_new − Δu·B, no exp, no h0 */
             const float *restrict hf = hfrom + bd * N;
@@ -1334,6 +1335,7 @@ FSG_ALWAYS_INLINE void step_bwd_row(int64_t b, int64_t D, const int64_t N, const
                 ys += Cb[n] * hf[n];
             }
         } else {
+            const float t = dt[d], *restrict Ad = A + d * N;
 #pragma omp simd reduction(+ : ys)
             for (int64_t n = 0; n < N; n++) {
                 a[n] = fsg_expf(t * Ad[n]);
@@ -1341,7 +1343,15 @@ FSG_ALWAYS_INLINE void step_bwd_row(int64_t b, int64_t D, const int64_t N, const
                 ys += Cb[n] * hn[n];
             }
         }
-        ys += (Dv ? Dv[d] : 0.f) * ut;
+        ysv[d] = ys;
+    }
+    for (int64_t d = 0; d < D; d++) { /* pass 2: the gradients */
+        const int64_t bd = b * D + d;
+        const float t = dt[d], tu = dtu[d], ut = ub[d];
+        const float *restrict Ad = A + d * N, *restrict a = a_all + d * N, *restrict hn = hn_all + d * N;
+        const float *restrict hp = FSG_OLD_ROW(d);
+        const float *restrict gl = gl0 ? gl0 + d * N : zeros;
+        const float ys = ysv[d] + (Dv ? Dv[d] : 0.f) * ut;
         float dys = doutb[d];
         if (zb) {
             const float zz = zb[d], s = sz[d];
@@ -1375,7 +1385,7 @@ FSG_ALWAYS_INLINE void step_bwd_row(int64_t b, int64_t D, const int64_t N, const
 #pragma omp simd
             for (int64_t n = 0; n < N; n++) g0[n] = (gl[n] + dys * Cb[n]) * a[n];
         }
-        if (hnew) store_state_row(fmt, hnew, bd * N, N, hn); /* the old row is no longer needed */
+        if (hnew) store_state_row(fmt, hnew, bd * N, N, hn); /* the old row was read in pass 1 */
         ddt += ut * gB;
         dub[d] = dys * (Dv ? Dv[d] : 0.f) + t * gB;
         const float ddl = ddt * dsp[d];
@@ -1387,6 +1397,7 @@ FSG_ALWAYS_INLINE void step_bwd_row(int64_t b, int64_t D, const int64_t N, const
         }
         acc.tdb[d] += ddl;
     }
+#undef FSG_OLD_ROW
     *gdx_ = gdx;
     *gzx_ = gzx;
     memcpy(dBb, dBa, N * sizeof(float));
@@ -1394,7 +1405,7 @@ FSG_ALWAYS_INLINE void step_bwd_row(int64_t b, int64_t D, const int64_t N, const
 }
 
 /* the row scratch of step_bwd_row after its D·N dA partial sums */
-#define STEP_ROW_WORK(D, N) (4 * (D) + 6 * (N))
+#define STEP_ROW_WORK(D, N) (4 * (D) + 6 * (N) + 3 * (D) * (N) + (D))
 
 /* this thread's accumulators in `bufA` (STEP_ASZ doubles a thread), dA partial sums in `dAf` */
 static inline step_acc_t step_acc(double *bufA, int64_t D, int64_t N, float *dAf) {
@@ -1535,17 +1546,20 @@ FSG_API int fsg_scan_step_bwd(int64_t Bt, int64_t D, int64_t N, int fmt, const f
  * No tensor of size Bt × D exists: u, s, a, the step's rows and their gradients live in a
  * thread's scratch. Both directions compute the projections with the same inline code, so the
  * backward recomputes bit for bit the new state the forward would write. Layouts: win (Bt, K);
- * W_conv transposed, cwT (K, D); W_x (R, D) and transposed wxT (D, R), R = 1 + 2N; vectors (D).
+ * W_conv transposed, cwT (K, D); W_x (R, D), R = 1 + 2N; vectors (D).
  * The weight gradients are summed per thread in float over 256 batch elements, then in double.
  */
 typedef struct {
     int64_t K, R;
-    const float *cwT, *conv_b, *w_u, *w_x, *wxT, *dfw, *zfw, *w_out;
+    const float *cwT, *conv_b, *w_u, *w_x, *dfw, *zfw, *w_out;
 } block_w_t;
 
-/* s, a, σ(a), u (D each) and xd = [dlt, B, C] (R) of one batch element from its window */
-FSG_ALWAYS_INLINE void block_pre_row(int64_t D, const block_w_t *w, const float *winb, float *restrict s,
-                                     float *restrict a, float *restrict sg, float *restrict u, float *restrict xd) {
+/* s, a, σ(a), u (D each) and xd = [dlt, B, C] (R) of one batch element from its window. Not
+   inlined: the forward and the backward run this one compiled body, so the backward recomputes
+   bit for bit the u, delta, B and C (hence the new state) of the forward. */
+static __attribute__((noinline)) void block_pre_row(int64_t D, const block_w_t *w, const float *winb,
+                                                    float *restrict s, float *restrict a, float *restrict sg,
+                                                    float *restrict u, float *restrict xd) {
     const int64_t K = w->K, R = w->R;
 #pragma omp simd
     for (int64_t d = 0; d < D; d++) s[d] = 0.f;
@@ -1560,11 +1574,12 @@ FSG_ALWAYS_INLINE void block_pre_row(int64_t D, const block_w_t *w, const float 
         sg[d] = sigmoid_f(a[d]);
         u[d] = a[d] * sg[d];
     }
-    for (int64_t j = 0; j < R; j++) xd[j] = 0.f;
-    for (int64_t d = 0; d < D; d++) {
-        const float ud = u[d], *restrict c = w->wxT + d * R;
-#pragma omp simd
-        for (int64_t j = 0; j < R; j++) xd[j] += c[j] * ud;
+    for (int64_t j = 0; j < R; j++) { /* R independent dot products: no dependency chain through memory */
+        const float *restrict c = w->w_x + j * D;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; d++) acc += c[d] * u[d];
+        xd[j] = acc;
     }
 }
 
@@ -1736,11 +1751,11 @@ FSG_ALWAYS_INLINE void block_bwd_thread(int64_t Bt, int64_t D, const int64_t N, 
    in place). Returns nonzero when out of memory. */
 FSG_API int fsg_stream_block_fwd(int64_t Bt, int64_t D, int64_t N, int64_t K, int fmt, const float *win,
                                  const float *cwT, const float *conv_b, const float *w_u, const float *w_x,
-                                 const float *wxT, const float *dfw, const float *zfw, const float *w_out,
+                                 const float *dfw, const float *zfw, const float *w_out,
                                  const float *A, const float *Dv, const float *bias, const void *h0, float *out,
                                  void *last, int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    const block_w_t w = {K, 1 + 2 * N, cwT, conv_b, w_u, w_x, wxT, dfw, zfw, w_out};
+    const block_w_t w = {K, 1 + 2 * N, cwT, conv_b, w_u, w_x, dfw, zfw, w_out};
     int failed = 0;
     FSG_BLOCK_DISPATCH(FSG_BLOCK_FWD);
     return failed;
@@ -1753,14 +1768,14 @@ FSG_API int fsg_stream_block_fwd(int64_t Bt, int64_t D, int64_t N, int64_t K, in
    dA (D, N)). */
 FSG_API int fsg_stream_block_bwd(int64_t Bt, int64_t D, int64_t N, int64_t K, int fmt, const float *win,
                                  const float *cwT, const float *conv_b, const float *w_u, const float *w_x,
-                                 const float *wxT, const float *dfw, const float *zfw, const float *w_out,
+                                 const float *dfw, const float *zfw, const float *w_out,
                                  const float *A, const float *Dv, const float *bias, const void *h0,
                                  const float *dout, void *hnew, const float *hfrom, float *dwin, float *dcwT,
                                  float *dconv_b,
                                  float *dw_u, float *dw_x, float *ddfw, float *dzfw, float *dw_out, float *dA,
                                  float *dD, float *dbias, int nthreads) {
     if (nthreads < 1) nthreads = 1;
-    const block_w_t w = {K, 1 + 2 * N, cwT, conv_b, w_u, w_x, wxT, dfw, zfw, w_out};
+    const block_w_t w = {K, 1 + 2 * N, cwT, conv_b, w_u, w_x, dfw, zfw, w_out};
     const int64_t R = w.R, bsz = BLOCK_ASZ(D, K, R);
     double *bufA = (double *)calloc((size_t)nthreads * STEP_ASZ(D, N), sizeof(double));
     double *bufB = (double *)calloc((size_t)nthreads * bsz, sizeof(double));

@@ -139,9 +139,9 @@ def load_library() -> Optional[ctypes.CDLL]:
         lib.fsg_scan_step_bwd.argtypes = ([i64] * 3 + [cint] + [ptr] * 8 + [cint] + [ptr] * 3 + [ptr] * 12 + [ptr] * 8
                                           + [cint])
         lib.fsg_scan_step_bwd.restype = cint
-        lib.fsg_stream_block_fwd.argtypes = [i64] * 4 + [cint] + [ptr] * 12 + [ptr] * 3 + [cint]
+        lib.fsg_stream_block_fwd.argtypes = [i64] * 4 + [cint] + [ptr] * 11 + [ptr] * 3 + [cint]
         lib.fsg_stream_block_fwd.restype = cint
-        lib.fsg_stream_block_bwd.argtypes = [i64] * 4 + [cint] + [ptr] * 12 + [ptr] * 15 + [cint]
+        lib.fsg_stream_block_bwd.argtypes = [i64] * 4 + [cint] + [ptr] * 11 + [ptr] * 15 + [cint]
         lib.fsg_stream_block_bwd.restype = cint
         lib.fsg_state_convert.argtypes = [i64, cint, cint, cint, ptr, ptr]
         lib.fsg_state_convert.restype = None
@@ -500,14 +500,13 @@ def _factored(block) -> bool:
 
 def _block_kernel_weights(block, weights=None, scan_params=None) -> tuple:
     """The fused block step's weights (``fsg_stream_block_fwd`` order, float32 contiguous):
-    ``(cwT, conv_b, w_u, w_x, wxT, dfw, zfw, w_out, A, D, bias)``, ``weights`` / ``scan_params`` as
+    ``(cwT, conv_b, w_u, w_x, dfw, zfw, w_out, A, D, bias)``, ``weights`` / ``scan_params`` as
     in :func:`_stream_scan`."""
     w_in, conv_w, conv_b, w_x, w_dt = weights or _pre_scan_weights(block)
     A_log, D, bias = scan_params or _scan_params(block)
     d = block.d_inner
     f = lambda t: t.detach().float().contiguous()  # noqa: E731
-    w_x = f(w_x)
-    return (f(conv_w.reshape(d, -1).t()), f(conv_b), f(w_in[:d, 0]), w_x, f(w_x.t()), f(w_dt[:, 0]),
+    return (f(conv_w.reshape(d, -1).t()), f(conv_b), f(w_in[:d, 0]), f(w_x), f(w_dt[:, 0]),
             f(w_in[d:, 0]), f(block.out_proj.weight[0]), f(-torch.exp(A_log.detach().float())), f(D), f(bias))
 
 
@@ -537,9 +536,10 @@ def _block_step_bwd(block, window: Tensor, h0: Optional[Tensor], hnew: Optional[
                     want_window: bool, hfrom: Optional[Tensor] = None) -> tuple:
     """The backward of :func:`_block_step_fwd` in one kernel call (``hnew``: receives the new
     state, may be ``h0``; ``hfrom``: the float32 new state the forward wrote, read instead of
-    ``h0`` — the backward then computes no ``exp``, see :func:`_scan_backward`). Returns ``(d_window or None, [d in_proj.weight, d conv1d.weight,
-    d conv1d.bias, d x_proj.weight, d dt_proj.weight, d dt_proj.bias, d A_log, d D,
-    d out_proj.weight])``, float32, in the parameters' shapes."""
+    ``h0`` — the backward then computes no ``exp``, see :func:`_scan_backward`). Returns
+    ``(d_window or None, [d in_proj.weight, d conv1d.weight, d conv1d.bias, d x_proj.weight,
+    d dt_proj.weight, d dt_proj.bias, d A_log, d D, d out_proj.weight])``, float32, in the
+    parameters' shapes."""
     batch, d, n, k = window.shape[0], block.d_inner, block.d_state, block.d_conv
     f32 = torch.float32
     win = _f32(window.reshape(batch, -1))
@@ -558,7 +558,7 @@ def _block_step_bwd(block, window: Tensor, h0: Optional[Tensor], hnew: Optional[
                                            _p(dD), _p(dbias), torch.get_num_threads()):
         raise MemoryError("fused streaming block step backward: out of memory")
     grads = [torch.cat([dw_u, dzfw]).unsqueeze(1), dcwT.t().reshape(block.conv1d.weight.shape), dconv_b, dw_x,
-             ddfw.unsqueeze(1), dbias, dA * kw[8], dD, dw_out.unsqueeze(0)]  # A = -exp(A_log): dA_log = dA·A
+             ddfw.unsqueeze(1), dbias, dA * kw[7], dD, dw_out.unsqueeze(0)]  # A = -exp(A_log): dA_log = dA·A
     return (None if dwin is None else dwin.view(batch, k, 1)), grads
 
 
@@ -625,11 +625,10 @@ def _graph_backward(wg: Tensor, weights: list, wants: list, outs: tuple, grads: 
     ``outs`` = :meth:`fsg.ssm.mamba.Mamba.stream_pre_scan` (``wg``: the slice of the window it
     ran on): ``d_window[sl]`` is set, the weights' gradients are added to ``acc``."""
     du, dz, ddelta, dB, dC = grads
-    graph_outs, graph_grads = [outs[0], outs[1], outs[2], outs[3], outs[4]], [du, dz, ddelta, dB.transpose(1, 2),
-                                                                              dC.transpose(1, 2)]
+    graph_grads = [du, dz, ddelta, dB.transpose(1, 2), dC.transpose(1, 2)]  # outs: u, z, delta, B, C
     inputs = [wg] + weights
     wanted = [t for t, w in zip(inputs, wants) if w]
-    pairs = [(o, g) for o, g in zip(graph_outs, graph_grads) if o is not None and o.requires_grad]
+    pairs = [(o, g) for o, g in zip(outs, graph_grads) if o is not None and o.requires_grad]
     if not (wanted and pairs):
         return
     got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
@@ -643,11 +642,13 @@ def _graph_backward(wg: Tensor, weights: list, wants: list, outs: tuple, grads: 
 
 class _MambaStream(torch.autograd.Function):
     """The streaming step of a Mamba block keeping only its input window for the backward pass
-    (plus the old state, which the caller holds anyway): the backward recomputes the cheap
-    projections with a graph, runs the step's backward kernel (which also recomputes the output
-    ``y`` for ``out_proj``'s gradient and, in place, writes the new state over the old) and
-    back-propagates through the projections; forward and backward run slice by slice of rows
-    (:data:`_SLICE_BYTES`)."""
+    (plus the old state, which the caller holds anyway, or, for a float32 state written out of
+    place, the new one). A one-token step of a d_model = 1 block (FSG's slow-net) runs in one
+    kernel each way (:func:`_block_step_fwd`, :func:`_block_step_bwd`): the projections, the scan
+    step and ``out_proj`` forward; backward, the same recomputed, their gradients, and in place
+    the new state written over the old. Otherwise the backward recomputes the cheap projections,
+    runs the step's backward kernel (which also recomputes ``y`` for ``out_proj``'s gradient) and
+    back-propagates through the projections, slice by slice of rows (:data:`_SLICE_BYTES`)."""
 
     @staticmethod
     def forward(ctx, window, block, box, w_in, conv_w, conv_b, w_x, w_dt, b_dt, A_log, D, w_out):  # type: ignore[override]

@@ -418,7 +418,8 @@ class Mamba(nn.Module):
         ``du`` (B, d_inner, T), ``dzx`` / ``ddlt`` (B, T), ``dB`` / ``dC`` (B, d_state, T): the
         gradients of the five outputs (``z`` and ``delta`` through their ``x`` factors; their
         ``w`` factors' gradients are the caller's). Returns ``(d_window or None, dw_u (d_inner,),
-        dconv_w (d_inner, d_conv), dconv_b (d_inner,), dx_proj_w (1 + 2·d_state, d_inner))``, float32 (float64 for a float64 window).
+        dconv_w (d_inner, d_conv), dconv_b (d_inner,), dx_proj_w (1 + 2·d_state, d_inner))``,
+        float32 (float64 for a float64 window).
         """
         if self.d_model != 1 or self.dt_rank != 1:
             raise ValueError("stream_pre_scan_backward needs d_model = dt_rank = 1")
