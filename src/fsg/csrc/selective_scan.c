@@ -1469,7 +1469,21 @@ FSG_ALWAYS_INLINE void step_bwd_thread(int64_t Bt, int64_t D, const int64_t N, c
 /* fmt: the state's storage format (FSG_F32, FSG_BF16, FSG_F16); h0 / last / hnew point to it.
    Forward: `last` NULL writes no new state; `out` NULL computes no output. Backward: `hnew`
    non-NULL receives the new state (it may be h0: each row is written after its last read).
-   One parallel region per (N = 16 or any, fmt): see step_fwd_thread. */
+   One parallel region per (N = 16 or any, fmt): see step_fwd_thread. FSG_DISPATCH(M_) runs
+   M_(N_, FMT_) for this call's (N, fmt), with N = 16 (the slow-net's d_state) a constant. */
+#define FSG_DISPATCH(M_)                                   \
+    do {                                                   \
+        if (fmt == FSG_BF16) {                             \
+            if (N == 16) M_(16, FSG_BF16);                 \
+            else M_(N, FSG_BF16);                          \
+        } else if (fmt == FSG_F16) {                       \
+            if (N == 16) M_(16, FSG_F16);                  \
+            else M_(N, FSG_F16);                           \
+        } else {                                           \
+            if (N == 16) M_(16, FSG_F32);                  \
+            else M_(N, FSG_F32);                           \
+        }                                                  \
+    } while (0)
 #define FSG_STEP_FWD(N_, FMT_)                                                                              \
     do {                                                                                                    \
         _Pragma("omp parallel num_threads(nthreads)")                                                      \
@@ -1483,16 +1497,7 @@ FSG_API int fsg_scan_step_fwd(int64_t Bt, int64_t D, int64_t N, int fmt, const f
                               int nthreads) {
     if (nthreads < 1) nthreads = 1;
     int failed = 0;
-    if (fmt == FSG_BF16) {
-        if (N == 16) FSG_STEP_FWD(16, FSG_BF16);
-        else FSG_STEP_FWD(N, FSG_BF16);
-    } else if (fmt == FSG_F16) {
-        if (N == 16) FSG_STEP_FWD(16, FSG_F16);
-        else FSG_STEP_FWD(N, FSG_F16);
-    } else {
-        if (N == 16) FSG_STEP_FWD(16, FSG_F32);
-        else FSG_STEP_FWD(N, FSG_F32);
-    }
+    FSG_DISPATCH(FSG_STEP_FWD);
     return failed;
 }
 
@@ -1514,16 +1519,7 @@ FSG_API int fsg_scan_step_bwd(int64_t Bt, int64_t D, int64_t N, int fmt, const f
     double *bufA = (double *)calloc((size_t)nthreads * STEP_ASZ(D, N), sizeof(double));
     if (!bufA) return 1;
     int failed = 0;
-    if (fmt == FSG_BF16) {
-        if (N == 16) FSG_STEP_BWD(16, FSG_BF16);
-        else FSG_STEP_BWD(N, FSG_BF16);
-    } else if (fmt == FSG_F16) {
-        if (N == 16) FSG_STEP_BWD(16, FSG_F16);
-        else FSG_STEP_BWD(N, FSG_F16);
-    } else {
-        if (N == 16) FSG_STEP_BWD(16, FSG_F32);
-        else FSG_STEP_BWD(N, FSG_F32);
-    }
+    FSG_DISPATCH(FSG_STEP_BWD);
     step_bwd_reduce(bufA, nthreads, D, N, dA, dD, dbias, ddw, dzw);
     free(bufA);
     return failed;
@@ -1732,20 +1728,6 @@ FSG_ALWAYS_INLINE void block_bwd_thread(int64_t Bt, int64_t D, const int64_t N, 
         _Pragma("omp parallel num_threads(nthreads)")                                                    \
         block_bwd_thread(Bt, D, N_, FMT_, win, &w, A, Dv, bias, h0, dout, hnew, hfrom, dwin, bufA, bufB, &failed); \
     } while (0)
-/* dispatch on (N = 16 or any, fmt), as fsg_scan_step_fwd */
-#define FSG_BLOCK_DISPATCH(M_)                             \
-    do {                                                   \
-        if (fmt == FSG_BF16) {                             \
-            if (N == 16) M_(16, FSG_BF16);                 \
-            else M_(N, FSG_BF16);                          \
-        } else if (fmt == FSG_F16) {                       \
-            if (N == 16) M_(16, FSG_F16);                  \
-            else M_(N, FSG_F16);                           \
-        } else {                                           \
-            if (N == 16) M_(16, FSG_F32);                  \
-            else M_(N, FSG_F32);                           \
-        }                                                  \
-    } while (0)
 
 /* The block's forward: `out` (Bt; NULL: none), the new state into `last` (NULL: none; may be h0:
    in place). Returns nonzero when out of memory. */
@@ -1757,7 +1739,7 @@ FSG_API int fsg_stream_block_fwd(int64_t Bt, int64_t D, int64_t N, int64_t K, in
     if (nthreads < 1) nthreads = 1;
     const block_w_t w = {K, 1 + 2 * N, cwT, conv_b, w_u, w_x, dfw, zfw, w_out};
     int failed = 0;
-    FSG_BLOCK_DISPATCH(FSG_BLOCK_FWD);
+    FSG_DISPATCH(FSG_BLOCK_FWD);
     return failed;
 }
 
@@ -1780,7 +1762,7 @@ FSG_API int fsg_stream_block_bwd(int64_t Bt, int64_t D, int64_t N, int64_t K, in
     double *bufA = (double *)calloc((size_t)nthreads * STEP_ASZ(D, N), sizeof(double));
     double *bufB = (double *)calloc((size_t)nthreads * bsz, sizeof(double));
     int failed = !bufA || !bufB;
-    if (!failed) FSG_BLOCK_DISPATCH(FSG_BLOCK_BWD);
+    if (!failed) FSG_DISPATCH(FSG_BLOCK_BWD);
     if (!failed) {
         step_bwd_reduce(bufA, nthreads, D, N, dA, dD, dbias, ddfw, dzfw);
         float *outs[5] = {dw_x, dcwT, dconv_b, dw_u, dw_out};
