@@ -206,6 +206,29 @@ def test_backend_without_16bit_support_emulates_the_semantics():
         ssm.unregister_backend("plain-user")
 
 
+def test_compute_dtype_state_is_the_plain_step_and_keeps_last_out():
+    """state_dtype equal to the compute dtype (float32, e.g. FSG's float32 stream on a backend
+    without the low-memory step) is the plain step: a backend's op gets ``last_out`` (the spare
+    state buffer) and no state_dtype, whether it supports 16-bit states or not."""
+    seen = []
+
+    def op(u, delta, A, B, C, last_out=None, **kw):
+        seen.append((last_out, "state_dtype" in kw))
+        return selective_scan_ref(u, delta, A, B, C, **kw)
+
+    ssm.register_backend(ssm.Backend("step-user", selective_scan=selective_scan_ref, selective_scan_step=op))
+    try:
+        inp = step_inputs(seed=2)
+        buf = torch.empty(40, 12, 16)
+        with ssm.use_backend("step-user"):
+            y, last = ssm.selective_scan_step(**inp, delta_softplus=True, return_last_state=True,
+                                              initial_state=torch.randn(40, 12, 16), last_out=buf,
+                                              state_dtype=torch.float32)
+        assert seen == [(buf, False)]
+    finally:
+        ssm.unregister_backend("step-user")
+
+
 # ----------------------------------------------------------------------------------------------
 # Mamba.stream: the low-memory, in-place step
 

@@ -305,6 +305,8 @@ def selective_scan_step(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
     kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                   return_last_state=return_last_state, initial_state=initial_state)
     op = backend.selective_scan_step
+    if state_dtype == compute_dtype(u.dtype) and (initial_state is None or initial_state.dtype == state_dtype):
+        state_dtype = None  # nothing to widen or round: the plain step (which honours last_out everywhere)
     if state_dtype is not None:
         if op is not None and getattr(op, "supports_state_dtype", False):
             return op(u, delta, A, B, C, last_out=last_out, state_dtype=state_dtype, **kwargs)
