@@ -132,9 +132,10 @@ class FSG(Estimator):
       step reads the stored state, computes in float32 (``G_slow`` from the unrounded new
       state) and stores the new state rounded to nearest even. A 16-bit state is also updated
       in place (the backward pass of the step writes the new state over the old one, so one
-      copy exists instead of two) and, with ``recompute``, the step keeps nothing of the
-      slow-net's activations for the backward pass (see :meth:`fsg.ssm.mamba.Mamba.stream`); the
-      float32 state keeps the previous behaviour exactly (two alternating state buffers).
+      copy exists instead of two). The float32 state keeps two alternating buffers (the new
+      state is written into the spare one). Either way, with ``recompute`` the step keeps
+      nothing of the slow-net's activations for the backward pass (see
+      :meth:`fsg.ssm.mamba.Mamba.stream`; on the CPU one kernel each way does the whole step).
     * carried state (the stream layout's per-weight Mamba state ``s⁽ᵗ⁾``; the lstm-fc slow-net's
       ``(h, c)``): :meth:`directions` computes ``(G_slow, s⁽ᵗ⁾)`` from ``s⁽ᵗ⁻¹⁾`` and leaves ``s⁽ᵗ⁾``
       pending (:attr:`pending_stream`); :meth:`commit`, called by the trainer after the step's
