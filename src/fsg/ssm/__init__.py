@@ -11,6 +11,7 @@ Modules:
   :func:`causal_conv1d_ref`, :func:`check_scan_shapes`), the fallback of every backend.
 * :mod:`fsg.ssm.cpu`: the compiled C kernels for the CPU (formerly ``fsg.scan_cpu``).
 * :mod:`fsg.ssm.backends`: :class:`Backend`, the registry, the selection and the dispatchers.
+* :mod:`fsg.ssm.lowmem`: the low-memory Mamba block on a backend's scan kernels (``cpu``, ``triton``).
 * ``fsg.ssm.triton_scan``: Triton kernels for CUDA (optional; the ``"triton"`` backend).
 * :mod:`fsg.ssm.mamba`: the Mamba block (``d_model``-wide, ``mamba_ssm.Mamba``'s parameter names) and
   the old ``set_scan_impl`` names (deprecated).

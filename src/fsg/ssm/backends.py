@@ -49,8 +49,9 @@ Built-in backends:
   lazily. Its kernel has no initial state and only float32/float16/bfloat16 inputs with a float32
   ``A``: a scan with ``initial_state`` (streaming) or other dtypes is computed by the reference
   instead (same semantics). No conv or low-memory op (reference conv, checkpointed block).
-* ``"triton"``: :func:`fsg.ssm.triton_scan.selective_scan_triton` (CUDA), imported lazily; not
-  available (with the import error as reason) while that module or Triton is missing.
+* ``"triton"``: :func:`fsg.ssm.triton_scan.selective_scan_triton` (CUDA) and the low-memory block
+  (:class:`fsg.ssm.lowmem.MambaLowMemory` on its kernels), imported lazily; not available (with the
+  import error as reason) while that module or Triton is missing.
 """
 
 from __future__ import annotations
@@ -444,6 +445,14 @@ def _triton_scan(*args, **kwargs):
     return fn(*args, **kwargs)
 
 
+def _triton_low_memory(block, x):
+    if _lazy_import("triton", _import_triton)[0] is None:
+        return None  # a checkpointed block then
+    from fsg.ssm.triton_scan import mamba_low_memory_triton
+
+    return mamba_low_memory_triton(block, x)
+
+
 REFERENCE = register_backend(Backend(
     "reference", devices=None, selective_scan=selective_scan_ref, causal_conv1d=causal_conv1d_ref,
     description="plain PyTorch, any device; a Python loop over time (slow for long sequences)"))
@@ -462,9 +471,8 @@ MAMBA_SSM = register_backend(Backend(
 
 TRITON = register_backend(Backend(
     "triton", devices={"cuda"}, selective_scan=_triton_scan, selective_scan_step=_triton_scan, priority=20,
-    check_available=_triton_unavailable,
-    # selective_scan_triton takes `last_out` (streaming: one launch writes the new state there).
-    # Not yet wired: mamba_low_memory on scan_forward / scan_backward with the rank-1 delta / z
-    # factors (as fsg.ssm.cpu._MambaLowMemory does); meanwhile a checkpointed block running this
-    # backend's scan, and PyTorch's conv1d (the reference conv), are used.
-    description="Triton selective scan kernels (fsg.ssm.triton_scan)"))
+    mamba_low_memory=_triton_low_memory, check_available=_triton_unavailable,
+    # selective_scan_triton takes `last_out` (streaming: one launch writes the new state there);
+    # the low-memory block is fsg.ssm.lowmem's on scan_forward / scan_backward with the rank-1
+    # delta / z factors. The conv is PyTorch's conv1d (the reference conv).
+    description="Triton selective scan kernels (fsg.ssm.triton_scan) and low-memory block"))

@@ -47,6 +47,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fsg.ssm import lowmem as _lowmem
+from fsg.ssm.lowmem import ScanKernels
 from fsg.ssm.reference import check_scan_shapes, selective_scan_ref
 
 __all__ = ["selective_scan_fused", "selective_scan_step", "causal_conv1d_fused", "mamba_low_memory", "mamba_stream",
@@ -346,96 +348,23 @@ class _FusedScan(torch.autograd.Function):
                 dbias if has_bias else None, dh0, None, None, None)
 
 
-class _MambaLowMemory(torch.autograd.Function):
-    """A whole Mamba block whose backward recomputes everything but the scan's chunk states.
-
-    Forward (no graph): projections, conv, scan, output projection; saved: the block input
-    ``x`` and the scan's chunk-boundary states (``L/CHUNK × d_inner × d_state``). Backward:
-    recompute the cheap pre-scan part with a graph, run the scan backward (which recomputes the
-    states chunk by chunk and, on the way, the scan output ``y`` needed for ``out_proj``'s
-    gradient), then back-propagate through the recomputed pre-scan graph. Compared with
-    checkpointing the block, the scan's forward runs once instead of twice.
-    """
-
-    @staticmethod
-    def forward(ctx, x, block, w_in, conv_w, conv_b, w_x, w_dt, b_dt, A_log, D, w_out):  # type: ignore[override]
-        # d_model = dt_rank = 1: z = w_z ⊗ x and delta = w_dt ⊗ dlt are rank-1; the kernels take the
-        # factors, so neither (B, d_inner, T) tensor (nor its gradient) is ever written
-        factored = block.d_model == 1 and block.dt_rank == 1
-        with torch.no_grad():
-            A = -torch.exp(A_log.float())
-            if factored:
-                u, dlt, Bt, Ct = block.pre_scan_parts(x)
-                z_ = delta_ = None
-                dfac, zfac = _factors(block, x, dlt)
-            else:
-                u, z, delta, Bt, Ct = block.pre_scan(x)
-                z_, delta_, dfac, zfac = _f32(z), _f32(delta), None, None
-            B_ = Bt.float().transpose(1, 2).contiguous()
-            C_ = Ct.float().transpose(1, 2).contiguous()
-            y, states, _ = _scan_forward(_f32(u), delta_, A.contiguous(), B_, C_, _f32(D), z_, _f32(b_dt), None,
-                                         True, dfac=dfac, zfac=zfac)
-            out = torch.matmul(w_out.to(y.dtype), y).to(x.dtype).transpose(1, 2)
-        ctx.save_for_backward(x, states)
-        ctx.block, ctx.factored = block, factored
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
-        x, states = ctx.saved_tensors
-        block = ctx.block
-        d = block.d_inner
-        pre_params = [block.in_proj.weight, block.conv1d.weight, block.conv1d.bias, block.x_proj.weight]
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            if ctx.factored:
-                u, dlt, Bt, Ct = block.pre_scan_parts(xg)
-            else:
-                u, z, delta, Bt, Ct = block.pre_scan(xg)
-        A = -torch.exp(block.A_log.detach().float())
-        w_out = block.out_proj.weight.detach().float()
-        dout_t = dout.transpose(1, 2).float()  # (B, d_model, T)
-        dy = torch.matmul(w_out.t(), dout_t)  # (B, d_inner, T)
-        B_ = Bt.detach().float().transpose(1, 2).contiguous()
-        C_ = Ct.detach().float().transpose(1, 2).contiguous()
-        common = dict(want_y=True)
-        if ctx.factored:
-            dfac, zfac = _factors(block, x, dlt.detach())
-            du, (ddw, ddx), dA, dB, dC, dD, (dzw, dzx), dbias, _, y = _scan_backward(
-                _f32(u), None, A.contiguous(), B_, C_, _f32(block.D), None, _f32(block.dt_proj.bias), states, True,
-                dy, dfac=dfac, zfac=zfac, **common)
-            outs, grads_out = [u, dlt, Bt, Ct], [du, ddx.view_as(dlt), dB.transpose(1, 2), dC.transpose(1, 2)]
-        else:
-            du, ddelta, dA, dB, dC, dD, dz, dbias, _, y = _scan_backward(
-                _f32(u), _f32(delta), A.contiguous(), B_, C_, _f32(block.D), _f32(z), _f32(block.dt_proj.bias),
-                states, True, dy, **common)
-            outs, grads_out = [u, z, delta, Bt, Ct], [du, dz, ddelta, dB.transpose(1, 2), dC.transpose(1, 2)]
-        inputs = [xg] + pre_params + ([] if ctx.factored else [block.dt_proj.weight])
-        grads = torch.autograd.grad(outs, inputs, grads_out, allow_unused=True)
-        dx, dw_in, dconv_w, dconv_b, dw_x = grads[:5]
-        if ctx.factored:
-            dx = dx + dzx.view_as(dx)  # z = w_z ⊗ x
-            dw_in = dw_in.clone()
-            dw_in[d:, 0] += dzw
-            dw_dt = ddw.view_as(block.dt_proj.weight)
-        else:
-            dw_dt = grads[5]
-        d_wout = torch.einsum("bmt,bdt->md", dout_t, y)
-        d_alog = dA * A  # A = -exp(A_log)
-        cast = lambda g, p: None if g is None else g.to(p.dtype)
-        return (cast(dx, x), None, cast(dw_in, block.in_proj.weight), cast(dconv_w, block.conv1d.weight),
-                cast(dconv_b, block.conv1d.bias), cast(dw_x, block.x_proj.weight), cast(dw_dt, block.dt_proj.weight),
-                cast(dbias, block.dt_proj.bias), cast(d_alog, block.A_log), cast(dD, block.D),
-                cast(d_wout, block.out_proj.weight))
+def _lowmem_forward(u, delta, A, B, C, D, z, bias, dfac, zfac):
+    """:class:`fsg.ssm.lowmem.ScanKernels` ``forward`` with the C kernels (B, C to (batch, L, n))."""
+    y, states, _ = _scan_forward(u, delta, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D, z,
+                                 bias, None, True, dfac=dfac, zfac=zfac)
+    return y, states
 
 
-def _factors(block, x: Tensor, dlt: Tensor):
-    """The rank-1 factors ``(w_dt, dlt)`` of delta and ``(w_z, x)`` of z (d_model = dt_rank = 1)."""
-    batch, length = x.shape[0], x.shape[1]
-    d = block.d_inner
-    dfac = (block.dt_proj.weight.detach()[:, 0].float().contiguous(), dlt.detach().float().reshape(batch, length).contiguous())
-    zfac = (block.in_proj.weight.detach()[d:, 0].float().contiguous(), x.detach().float().reshape(batch, length).contiguous())
-    return dfac, zfac
+def _lowmem_backward(u, delta, A, B, C, D, z, bias, states, dy, dfac, zfac):
+    """:class:`fsg.ssm.lowmem.ScanKernels` ``backward`` with the C kernels."""
+    du, ddelta, dA, dB, dC, dD, dz, dbias, _, y = _scan_backward(
+        u, delta, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D, z, bias, states, True, dy,
+        want_y=True, dfac=dfac, zfac=zfac)
+    return du, ddelta, dA, dB.transpose(1, 2), dC.transpose(1, 2), dD, dz, dbias, y
+
+
+#: The C kernels for :class:`fsg.ssm.lowmem.MambaLowMemory`.
+LOW_MEMORY_KERNELS = ScanKernels(_lowmem_forward, _lowmem_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -779,14 +708,12 @@ def mamba_stream(block, window: Tensor, h: Optional[Tensor], state_dtype: torch.
 
 
 def mamba_low_memory(block, x: Tensor) -> Optional[Tensor]:
-    """``block(x)`` through :class:`_MambaLowMemory`, or None where the fused kernels do not
-    apply (not CPU, float64, unavailable)."""
+    """``block(x)`` through :class:`fsg.ssm.lowmem.MambaLowMemory` with the C kernels, or None
+    where they do not apply (not CPU, float64, unavailable)."""
     tensors = [x] + list(block.parameters())
     if any(t.device.type != "cpu" or t.dtype == torch.float64 for t in tensors) or not available():
         return None
-    return _MambaLowMemory.apply(x, block, block.in_proj.weight, block.conv1d.weight, block.conv1d.bias,
-                                 block.x_proj.weight, block.dt_proj.weight, block.dt_proj.bias, block.A_log, block.D,
-                                 block.out_proj.weight)
+    return _lowmem.mamba_low_memory(block, x, LOW_MEMORY_KERNELS)
 
 
 def selective_scan_fused(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,

@@ -74,6 +74,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fsg.ssm.lowmem import ScanKernels, mamba_low_memory
+
 __all__ = ["selective_scan_triton", "scan_forward", "scan_backward", "CHUNK"]
 
 #: Default steps per chunk: the time steps each thread keeps in registers on a GPU (memory for
@@ -694,3 +696,29 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     y, last = _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), int(chunk),
                                 block_d, [last_out])
     return (y, last) if return_last_state else y
+
+
+def _lowmem_forward(u, delta, A, B, C, D, z, bias, dfac, zfac):
+    """:class:`fsg.ssm.lowmem.ScanKernels` ``forward`` with the Triton kernels."""
+    y, states, _ = scan_forward(u, delta, A, B, C, D, z, bias, True, None, dfac=dfac, zfac=zfac)
+    return y, states
+
+
+def _lowmem_backward(u, delta, A, B, C, D, z, bias, states, dy, dfac, zfac):
+    """:class:`fsg.ssm.lowmem.ScanKernels` ``backward`` with the Triton kernels."""
+    du, ddelta, dA, dB, dC, dD, dz, dbias, _, y = scan_backward(u, delta, A, B, C, D, z, bias, True, None, states, dy,
+                                                               want_y=True, dfac=dfac, zfac=zfac)
+    return du, ddelta, dA, dB, dC, dD, dz, dbias, y
+
+
+#: The Triton kernels for :class:`fsg.ssm.lowmem.MambaLowMemory`.
+LOW_MEMORY_KERNELS = ScanKernels(_lowmem_forward, _lowmem_backward)
+
+
+def mamba_low_memory_triton(block, x: Tensor) -> Optional[Tensor]:
+    """The ``"triton"`` backend's ``mamba_low_memory`` op: ``block(x)`` keeping only ``x`` and the
+    scan's chunk states (:class:`fsg.ssm.lowmem.MambaLowMemory`; the scan's forward runs once, not
+    twice as in a checkpointed block), or None for float64 (the reference then checkpoints)."""
+    if any(t.dtype == torch.float64 for t in [x, *block.parameters()]):
+        return None
+    return mamba_low_memory(block, x, LOW_MEMORY_KERNELS)
