@@ -231,7 +231,7 @@ bench_json() {
     "$PY" -m fsg bench --device "$DEVICE" --json --timeout 45 $BENCH_ARGS > "$OUT/bench.json"
 }
 export -f bench_json
-step bench 110 "$OUT/bench.log" bash -c bench_json
+step bench 130 "$OUT/bench.log" bash -c bench_json
 
 # ---- real-data runs
 if [ -n "$DATA_PID" ]; then
@@ -304,7 +304,7 @@ try:
     f = lambda v, s="": "n/a" if v is None else f"{v:.4g}{s}"
     print(f"bench ({b.get('setup', {}).get('gpu', b.get('device'))}): step s (peak GPU MB): "
           + ", ".join(f"{k} {f(b.get(k + '_step_s'))} ({f(b.get(k + '_peak_gpu_mb'))})"
-                      for k in ("ste", "multifc", "fsg_flat", "fsg_stream")))
+                      for k in ("ste", "multifc", "fsg_flat", "fsg_stream", "fsg_stream_bf16")))
     print(f"bench scans fwd+bwd ({b.get('scan_backend')}): 184,321 tokens {f(b.get('scan_s'), ' s')}, "
           f"1,350,000 tokens {f(b.get('scan_long_s'), ' s')}, reference on 184,321 {f(b.get('ref_scan_s'), ' s')}")
 except Exception as e:

@@ -18,10 +18,11 @@ def test_bench_json_tiny(capsys):
     res = json.loads(capsys.readouterr().out)
     for k in KEYS:
         assert k in res
-    for k in ("ste_step_s", "fsg_flat_step_s", "fsg_stream_step_s", "scan_s", "multifc_step_s"):
+    for k in ("ste_step_s", "fsg_flat_step_s", "fsg_stream_step_s", "scan_s", "multifc_step_s",
+              "fsg_stream_bf16_step_s"):
         assert res[k] is not None and res[k] > 0, (k, res["notes"])
     assert res["device"] == "cpu" and all(k in res for k in EXTRA_KEYS)
-    for k in ("fsg_flat_peak_rss_mb", "fsg_stream_peak_rss_mb"):
+    for k in ("fsg_flat_peak_rss_mb", "fsg_stream_peak_rss_mb", "fsg_stream_bf16_peak_rss_mb"):
         assert res[k] > 50  # a whole process with torch loaded
     assert res["mambapy_scan_s"] is None and "skipped" in res["notes"]["mambapy_scan_s"]
     assert res["ratios"]["fsg_flat_step_vs_ste"] == res["fsg_flat_step_s"] / res["ste_step_s"]
@@ -49,7 +50,7 @@ def test_bench_cpu_has_the_new_keys_and_keeps_the_old(capsys, monkeypatch):
     monkeypatch.setattr(bench, "_spawn", fake_spawn)
     res = bench.run_benchmarks(skip_mambapy=True, scan_length=300)
     assert [a[a.index("--estimator") + 1] if "--estimator" in a else a[a.index("--impl") + 1] for a in calls] == \
-        ["ste", "multifc", "fsg", "fsg", "fused"]
+        ["ste", "multifc", "fsg", "fsg", "fsg", "fused"]
     assert all(a[a.index("--device") + 1] == "cpu" for a in calls)
     for k in KEYS + EXTRA_KEYS:
         assert k in res
@@ -87,7 +88,10 @@ def test_bench_cuda_plan_and_result_with_faked_children(monkeypatch):
     for k in KEYS + EXTRA_KEYS:
         assert k in res
     assert res["device"] == "cuda" and res["scan_backend"] == "triton"
-    assert res["ste_peak_gpu_mb"] == res["fsg_stream_peak_gpu_mb"] == 300.0
+    assert res["ste_peak_gpu_mb"] == res["fsg_stream_peak_gpu_mb"] == res["fsg_stream_bf16_peak_gpu_mb"] == 300.0
+    bf16 = [a for a in calls if '"state_dtype": "bfloat16"' in " ".join(a)]
+    assert len(bf16) == 1 and '"layout": "stream"' in " ".join(bf16[0])
+    assert res["ratios"]["fsg_stream_bf16_step_vs_ste"] == 1.0
     assert res["scan_long_s"] == 0.07 and res["scan_long_peak_gpu_mb"] == 100.0
     assert res["ref_scan_s"] == 8.0 and res["ratios"]["ref_vs_scan_time"] == 8.0 / 0.01
     assert res["ratios"]["ref_vs_scan_memory"] == 40.0
@@ -95,7 +99,7 @@ def test_bench_cuda_plan_and_result_with_faked_children(monkeypatch):
     assert res["notes"]["mambapy_scan"].startswith("mambapy is not installed")
     assert res["setup"]["gpu"] == "Fake GPU" and res["setup"]["ref_scan_tokens"] == 184321
     table = bench._table(res)
-    assert "peak GPU MB" in table and "1.35M tokens" in table and "reference" in table
+    assert "peak GPU MB" in table and "1.35M tokens" in table and "reference" in table and "bfloat16" in table
     json.dumps(res)
 
 

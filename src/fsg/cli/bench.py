@@ -14,6 +14,8 @@ machine, one after the other; ratios are taken between measurements of the same 
   ``pip install mambapy``). ``*_peak_rss_mb``: the peak resident memory *added* by the scan
   (peak minus the resident memory once the inputs exist).
 * ``multifc_step``: the MetaQuant MultiFC step of the same network (new keys ``multifc_*``).
+* ``fsg_stream_bf16_step``: the stream step with ``state_dtype="bfloat16"`` (the carried state
+  stored in 16 bits, one copy; keys ``fsg_stream_bf16_*``).
 
 ``--device cuda`` (one GPU): the same cases on the GPU (models, batches and scan inputs on the
 device), timed with CUDA events after the warm-up (``torch.cuda.synchronize()`` first; the scan
@@ -48,7 +50,8 @@ KEYS = ["ste_step_s", "fsg_flat_step_s", "fsg_stream_step_s", "fsg_flat_peak_rss
 #: measured on CUDA only, ``null`` with a note on the CPU).
 EXTRA_KEYS = ["device", "multifc_step_s", "multifc_peak_rss_mb", "ste_peak_gpu_mb", "multifc_peak_gpu_mb",
               "fsg_flat_peak_gpu_mb", "fsg_stream_peak_gpu_mb", "scan_backend", "scan_peak_gpu_mb", "scan_long_s",
-              "scan_long_peak_gpu_mb", "ref_scan_s", "ref_scan_peak_gpu_mb", "mambapy_scan_peak_gpu_mb"]
+              "scan_long_peak_gpu_mb", "ref_scan_s", "ref_scan_peak_gpu_mb", "mambapy_scan_peak_gpu_mb",
+              "fsg_stream_bf16_step_s", "fsg_stream_bf16_peak_rss_mb", "fsg_stream_bf16_peak_gpu_mb"]
 
 SCAN_LENGTH = 1 + 5 * 36864
 #: The flat history of every ResNet-20 weight (≈ 270,000 weights × L = 5): the long scan on CUDA.
@@ -301,6 +304,8 @@ def _bench_plan(common: dict, cuda: bool, scan_length: int, long_scan_length: in
         ("multifc_step", case("--case", "step", "--estimator", "multifc")),
         ("fsg_flat_step", case("--case", "step", "--estimator", "fsg")),
         ("fsg_stream_step", case("--case", "step", "--estimator", "fsg", "--options", json.dumps({"layout": "stream"}))),
+        ("fsg_stream_bf16_step", case("--case", "step", "--estimator", "fsg",
+                                      "--options", json.dumps({"layout": "stream", "state_dtype": "bfloat16"}))),
         ("scan", case("--case", "scan", "--impl", "fused")),
     ]
     if cuda:
@@ -358,7 +363,8 @@ _KEY_SOURCE = {"ste_step_s": "ste_step", "fsg_flat_step_s": "fsg_flat_step", "fs
                "fsg_flat_peak_rss_mb": "fsg_flat_step", "fsg_stream_peak_rss_mb": "fsg_stream_step",
                "scan_s": "scan", "scan_peak_rss_mb": "scan", "mambapy_scan_s": "mambapy_scan",
                "mambapy_scan_peak_rss_mb": "mambapy_scan", "multifc_step_s": "multifc_step",
-               "multifc_peak_rss_mb": "multifc_step", "scan_long_s": "scan_long", "ref_scan_s": "ref_scan"}
+               "multifc_peak_rss_mb": "multifc_step", "scan_long_s": "scan_long", "ref_scan_s": "ref_scan",
+               "fsg_stream_bf16_step_s": "fsg_stream_bf16_step", "fsg_stream_bf16_peak_rss_mb": "fsg_stream_bf16_step"}
 
 
 def _note_missing(result: dict, notes: Dict[str, str], cuda: bool) -> None:
@@ -380,7 +386,7 @@ def _ratios(result: dict, cuda: bool, scan_length: int) -> Dict[str, float]:
     """Step times × STE's; mambapy's and the reference scan's time (and memory) over fsg's scan."""
     ratios = {}
     if result["ste_step_s"]:
-        for k in ("multifc_step", "fsg_flat_step", "fsg_stream_step"):
+        for k in ("multifc_step", "fsg_flat_step", "fsg_stream_step", "fsg_stream_bf16_step"):
             if result[k + "_s"]:
                 ratios[k + "_vs_ste"] = result[k + "_s"] / result["ste_step_s"]
     if result["scan_s"] and result["mambapy_scan_s"]:
@@ -433,6 +439,8 @@ def _table(r: dict) -> str:
          r.get("fsg_flat_peak_gpu_mb"), ratios.get("fsg_flat_step_vs_ste")),
         ("FSG stream step", r["fsg_stream_step_s"], r["fsg_stream_peak_rss_mb"], r.get("fsg_stream_peak_gpu_mb"),
          ratios.get("fsg_stream_step_vs_ste")),
+        ("FSG stream step, bfloat16 state", r.get("fsg_stream_bf16_step_s"), r.get("fsg_stream_bf16_peak_rss_mb"),
+         r.get("fsg_stream_bf16_peak_gpu_mb"), ratios.get("fsg_stream_bf16_step_vs_ste")),
         (f"scan fwd+bwd, fsg {r.get('scan_backend') or 'fused'}" if cuda else "scan fwd+bwd, fsg fused", r["scan_s"],
          r["scan_peak_rss_mb"], r.get("scan_peak_gpu_mb"), None),
     ]
