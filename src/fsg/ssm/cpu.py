@@ -20,7 +20,10 @@ run over slices of rows, optionally updating the state in place from the backwar
 copy of the state instead of two). The backward of a single float32 step whose old state needs
 no gradient reads the new state the forward wrote instead of the old one: every term of the
 gradients that involves the old state does so as ``exp(Δ·A)·h₀ = h₁ − Δ·u·B``, so it computes
-no ``exp`` (the 16-bit in-place step cannot: its forward must leave the state as it was).
+no ``exp`` (the 16-bit in-place step cannot: its forward must leave the state as it was). For a
+d_model = 1 block and one new token (FSG's slow-net) the whole streaming step — projections,
+scan step, ``out_proj`` — is one kernel each way (``fsg_stream_block_fwd`` / ``_bwd``); the
+low-memory block of :mod:`fsg.ssm.lowmem` runs on this module's scan kernels.
 
 The C file is compiled at first use with the system C compiler (``$CC``, ``cc`` or ``gcc``;
 ``-O3 -march=native -fopenmp``) into a cache directory (``$FSG_CACHE``, else
