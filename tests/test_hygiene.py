@@ -84,3 +84,38 @@ def test_shared_helpers_are_public():
              for h in m._forward_pre_hooks.values()]
     assert hooks and all(isinstance(h, BinaryActivation) for h in hooks)
     assert callable(StepSnapshot.restore)
+
+
+#: What a machine with only PyTorch, Triton, numpy, Pillow and tqdm lacks of fsg's dependencies
+#: and extras (the project's GPU machine: no package registry, so nothing else can be installed).
+MISSING_ON_A_BARE_GPU_MACHINE = ["safetensors", "matplotlib", "tensorboardX", "mambapy", "mamba_ssm", "pytest"]
+
+
+def test_every_module_imports_with_only_torch_numpy_pillow_tqdm(tmp_path):
+    """``import fsg`` and every submodule (the CLI included) work where safetensors and the optional
+    packages are missing; exporting then fails with one line naming the package."""
+    import subprocess
+    import sys
+
+    code = f"""
+import importlib, pkgutil, sys
+for name in {MISSING_ON_A_BARE_GPU_MACHINE!r}:
+    sys.modules[name] = None  # `import name` raises ImportError
+import fsg
+mods = [m.name for m in pkgutil.walk_packages(fsg.__path__, "fsg.") if m.name != "fsg.ssm.triton_scan"]
+for m in mods:
+    importlib.import_module(m)
+from fsg.io.export import ExportError, write_safetensors
+import torch
+try:
+    write_safetensors({str(tmp_path / 'x.safetensors')!r}, {{"w": torch.zeros(2)}})
+except ExportError as e:
+    print("ExportError:", e)
+print(len(mods), "modules")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ExportError: writing or reading an exported model needs the safetensors package: pip install safetensors" \
+        in res.stdout
+    assert int(res.stdout.split()[-2]) > 30
+    assert not (tmp_path / "x.safetensors").exists()

@@ -75,8 +75,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
-import safetensors
-import safetensors.torch
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -118,6 +116,19 @@ def _short(text: object, limit: int = 120) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
+def _safetensors():
+    """The ``safetensors`` package, imported on first use (so that ``import fsg`` and training
+    work where it is missing, e.g. a GPU machine without a package registry); one-line
+    :class:`ExportError` if it is not installed."""
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError:
+        raise ExportError("writing or reading an exported model needs the safetensors package: "
+                          "pip install safetensors") from None
+    return safetensors
+
+
 def _data_start(blob: bytes) -> int:
     """Where the data buffer of a safetensors file starts: after the 8-byte header length and the header."""
     return 8 + int.from_bytes(blob[:8], "little")
@@ -135,6 +146,7 @@ def write_safetensors(path: PathLike, tensors: Dict[str, Tensor], metadata: Opti
         if t.dtype not in _DTYPE_NAMES:
             raise ExportError(f"tensor {name!r} has dtype {t.dtype}, which the file format cannot hold")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    safetensors = _safetensors()
     try:
         # the data buffer does not depend on the metadata: hash it, then write it with its checksum
         first = safetensors.torch.save(tensors, meta)
@@ -195,6 +207,7 @@ def read_safetensors(path: PathLike, check_sum: bool = True) -> Tuple[Dict[str, 
     if raw[:4] == b"PK\x03\x04":
         raise ExportError(f"{where} is a PyTorch zip file (a training checkpoint?), not an exported model: "
                           "run 'fsg export' on it first")
+    safetensors = _safetensors()
     try:
         tensors = safetensors.torch.load(raw)
     except Exception as e:  # noqa: BLE001 - SafetensorError, or anything a malformed header raises
