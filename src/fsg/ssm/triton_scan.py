@@ -384,7 +384,7 @@ def _bwd_local_kernel(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr
             tl.store(_state_ptr(dst_ptr, bidx, d, k, n, ssb, ssd, ssk, ssn), r, mask=dmask)
 
 
-@triton.jit(do_not_specialize=["ST"])
+@triton.jit(do_not_specialize=["ST", "NS"])
 def _bwd_main_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
                      z_ptr, zfw_ptr, zfx_ptr, h0_ptr, st_ptr, dst_ptr, dlast_ptr, dout_ptr,
                      du_ptr, ddelta_ptr, ddx_ptr, dz_ptr, dzx_ptr, dB_ptr, dC_ptr, dh0_ptr, y_ptr,
@@ -419,11 +419,12 @@ def _bwd_channels(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_
     store the rows n of this block's dB, dC partials, this program's dA row n and dh0; then the
     per-channel outputs."""
     tmask = t < L
-    d, dmask, m, rows, raw, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM, L,
-                                                   BD, DFAC, HAS_BIAS, SOFTPLUS)
-    u = _load_tc(u_ptr, rows, tt, m)
-    dout, z, sz, dyp = _gated_dy(dout_ptr, z_ptr, zfw_ptr, zfx_ptr, rows, bidx * L, d, tt, dmask, tmask, m, HAS_Z, ZFAC)
-    du = delta * u
+    # live across the loop over states: delta, du, dyp and the three sums (u, the raw delta, dout
+    # and z are loaded again after it: keeping them would spill registers on a GPU)
+    d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM, L,
+                                                 BD, DFAC, HAS_BIAS, SOFTPLUS)
+    du = delta * _load_tc(u_ptr, rows, tt, m)
+    _, _, _, dyp = _gated_dy(dout_ptr, z_ptr, zfw_ptr, zfx_ptr, rows, bidx * L, d, tt, dmask, tmask, m, HAS_Z, ZFAC)
     ddA = tl.zeros((T, d.shape[0]), dtype=tl.float32)  # sum_n log2(e) A dh a h_prev
     dhB = tl.zeros((T, d.shape[0]), dtype=tl.float32)  # sum_n dh B
     yp = tl.zeros((T, d.shape[0]), dtype=tl.float32)  # sum_n C h (only needed for dz and y)
@@ -443,18 +444,23 @@ def _bwd_channels(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_
             tl.store(dh0_ptr + (bidx * DIM + d) * NS + n, _row(a * dh, 0, T), mask=dmask & ((k + 0 * d) == 0))
         ddA += dh * ah * An[None, :]
         dhB += dh * Bn[:, None]
-    _bwd_outputs(u, raw, delta, dout, z, sz, dyp, ddA, dhB, yp, D_ptr, du_ptr, ddelta_ptr, dz_ptr, y_ptr, dfw_ptr,
-                 dfx_ptr, zfw_ptr, zfx_ptr, pv_ptr, ddx_ptr, dzx_ptr, jrow, rows, bidx, d, tt, dmask, tmask, m, DIM, L,
-                 DFAC, SOFTPLUS, HAS_D, HAS_Z, ZFAC, WANT_Y)
+    _bwd_outputs(delta, dyp, ddA, dhB, yp, u_ptr, delta_ptr, bias_ptr, dout_ptr, z_ptr, D_ptr, du_ptr, ddelta_ptr,
+                 dz_ptr, y_ptr, dfw_ptr, dfx_ptr, zfw_ptr, zfx_ptr, pv_ptr, ddx_ptr, dzx_ptr, jrow, rows, bidx, d, tt, dmask,
+                 tmask, m, DIM, L, DFAC, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, WANT_Y)
 
 
 @triton.jit
-def _bwd_outputs(u, raw, delta, dout, z, sz, dyp, ddA, dhB, yp, D_ptr, du_ptr, ddelta_ptr, dz_ptr, y_ptr, dfw_ptr,
-                 dfx_ptr, zfw_ptr, zfx_ptr, pv_ptr, ddx_ptr, dzx_ptr, jrow, rows, bidx, d, t, dmask, tmask, m, DIM, L,
-                 DFAC: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                 ZFAC: tl.constexpr, WANT_Y: tl.constexpr):
+def _bwd_outputs(delta, dyp, ddA, dhB, yp, u_ptr, delta_ptr, bias_ptr, dout_ptr, z_ptr, D_ptr, du_ptr, ddelta_ptr,
+                 dz_ptr, y_ptr, dfw_ptr, dfx_ptr, zfw_ptr, zfx_ptr, pv_ptr, ddx_ptr, dzx_ptr, jrow, rows, bidx, d, t,
+                 dmask, tmask, m, DIM, L, DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr, WANT_Y: tl.constexpr):
     """du, ddelta (or its factor partials), dz (likewise), y and pv = (dD, ddelta_bias, dw_delta,
-    dw_z) for the channels d, from the sums over states ddA, dhB, yp."""
+    dw_z) for the channels d, from the sums over states ddA, dhB, yp (u, the raw delta, dout and z
+    are loaded again here)."""
+    u = _load_tc(u_ptr, rows, t, m)
+    raw, _ = _delta_tile(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, rows, bidx * L, d, t, dmask, tmask, m, DFAC, HAS_BIAS,
+                         False)
+    dout, z, sz, _ = _gated_dy(dout_ptr, z_ptr, zfw_ptr, zfx_ptr, rows, bidx * L, d, t, dmask, tmask, m, HAS_Z, ZFAC)
     Dv = tl.zeros((d.shape[0],), dtype=tl.float32)
     if HAS_D:
         Dv += tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)
@@ -493,6 +499,13 @@ def _chunk_len(length: int, chunk: int) -> int:
     return max(1, min(chunk, triton.next_power_of_2(max(length, 1))))
 
 
+def gpu_tiling(device: torch.device) -> bool:
+    """Whether launches on ``device`` get the GPU tiling (channel blocks of one warp) rather than
+    the interpreter's (all channels at once): on CUDA tensors. ``benchmarks/triton_compile.py``
+    replaces it to compile the GPU tiling from CPU tensors."""
+    return device.type == "cuda"
+
+
 def _tiles(dim: int, T: int, device: torch.device, block_d: Optional[int] = None) -> Tuple[int, int]:
     """(BLOCK_D, num_warps) of the per-chunk kernels. On a GPU: _T_PER_THREAD time steps per thread
     (more go across warps, with a slower cross-warp scan), BLOCK_D = 32 channels across the lanes
@@ -500,7 +513,7 @@ def _tiles(dim: int, T: int, device: torch.device, block_d: Optional[int] = None
     channels (up to 64) at once."""
     along_t = max(1, T // _T_PER_THREAD)
     if block_d is None:
-        block_d = 32 if device.type == "cuda" else 64
+        block_d = 32 if gpu_tiling(device) else 64
     if block_d < 1 or block_d & (block_d - 1):
         raise ValueError(f"block_d must be a power of two, got {block_d}")
     block_d = min(block_d, triton.next_power_of_2(dim))
@@ -522,7 +535,7 @@ def _combine(st: Tensor, dsum: Tensor, A: Tensor, carry: Optional[Tensor], rever
     (sequence, state, channel block)."""
     batch, dim, nchunks, ns = st.shape
     kc = min(_KC, triton.next_power_of_2(nchunks))
-    bd = min(_KC_BD if st.device.type == "cuda" else 64, triton.next_power_of_2(dim))
+    bd = min(_KC_BD if gpu_tiling(st.device) else 64, triton.next_power_of_2(dim))
     warps = max(1, bd // 32) * max(1, kc // _T_PER_THREAD)
     _combine_kernel[(batch, ns, triton.cdiv(dim, bd))](st, dsum, A, carry, dim, ns, nchunks, *st.stride(), KC=kc,
                                                        BD=bd, HAS_C=carry is not None, REVERSE=reverse,
