@@ -155,11 +155,15 @@ def fsg_slow_expected(est, layer_index, history, layout):
 
 
 @pytest.mark.parametrize("update", ["combined", "fast"])
-@pytest.mark.parametrize("layout,lre", [("flat", True), ("temporal", True), ("flat", False)])
-def test_fsg_step_matches_spec(update, layout, lre):
+@pytest.mark.parametrize("layout,lre,batch_layers", [("flat", True, False), ("temporal", True, False),
+                                                     ("flat", False, False), ("flat", True, True),
+                                                     ("temporal", True, True)])
+def test_fsg_step_matches_spec(update, layout, lre, batch_layers):
     beta = 0.7
-    tr = mlp_trainer("fsg", lr=0.05, beta=beta, history=3, update=update, layout=layout, lre=lre, expand=8)
+    tr = mlp_trainer("fsg", lr=0.05, beta=beta, history=3, update=update, layout=layout, lre=lre, expand=8,
+                     batch_layers=batch_layers)
     est = tr.estimator
+    assert est.batches_layers() == batch_layers
     assert (est.lre is not None) == lre
     if lre:
         assert est.lre.num_embeddings == len(tr.layers) == 2
@@ -473,3 +477,50 @@ def test_fsg_stream_state_buffers_alternate():
         st = tr.estimator.stream_states[0]
         ptrs.append(st[1].data_ptr() if st is not None else None)
     assert ptrs[3] == ptrs[5] and ptrs[3] != ptrs[4]  # steady state: two buffers, alternating
+
+
+@pytest.mark.parametrize("layout", ["flat", "temporal"])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_fsg_batch_layers_batches_layers_and_trains_alike(layout, recompute):
+    """batch_layers on layers of 16, 16, 64 and 48 weights (history 3): flat batches the two
+    16-weight layers (3 slow-net calls per step instead of 4); temporal batches layers in order
+    up to the 64-weight layer's 256 tokens: [16, 16], [64], [48] (3 calls). The same training as
+    per layer up to float rounding: losses, latent weights and every hypernetwork parameter after
+    6 steps."""
+    from fsg.models import MLP
+
+    x, y = make_task(n=32, d=4, k=3)
+    runs = {}
+    for batch in (False, True):
+        torch.manual_seed(0)
+        tr = fsg.Trainer(fsg.binarize(MLP(4, [4, 4, 16], 3), "dorefa"), "fsg", lr=0.05, history=3, layout=layout,
+                         expand=8, batch_layers=batch, recompute=recompute)
+        assert tr.estimator.batches_layers() == batch
+        calls = []
+        hook = tr.estimator.slow.register_forward_hook(lambda m, a, out: calls.append(tuple(a[0].shape)))
+        losses = [tr.step(x, y).loss for _ in range(6)]
+        hook.remove()
+        runs[batch] = (tr, losses, calls)
+    (t0, l0, c0), (t1, l1, c1) = runs[False], runs[True]
+    assert [l.latent.numel() for l in t0.layers] == [16, 16, 64, 48]
+    if layout == "flat":  # the last step's calls: (rows, tokens per row, 1)
+        assert c0[-4:] == [(1, 49, 1), (1, 49, 1), (1, 193, 1), (1, 145, 1)]
+        assert c1[-3:] == [(2, 49, 1), (1, 193, 1), (1, 145, 1)]
+    else:
+        assert c0[-4:] == [(16, 4, 1), (16, 4, 1), (64, 4, 1), (48, 4, 1)]
+        assert c1[-3:] == [(32, 4, 1), (64, 4, 1), (48, 4, 1)]
+    assert len(c0) == 5 * 4 and len(c1) == 5 * 3  # steps 1-5 (step 0 only observes)
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-5, atol=1e-7)
+    for a, b in zip(t0.layers, t1.layers):
+        torch.testing.assert_close(b.latent, a.latent, rtol=1e-5, atol=1e-6)
+    for (name, a), (_, b) in zip(t0.estimator.named_parameters(), t1.estimator.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fsg_batch_layers_default_follows_the_slow_net_device():
+    est = fsg.estimators.FSG()
+    assert est.config.batch_layers is None and not est.batches_layers()  # CPU: per layer (earlier numbers)
+    assert not fsg.estimators.FSG(batch_layers=True, layout="stream").batches_layers()
+    assert not fsg.estimators.FSG(batch_layers=True, beta=0.0).batches_layers()
+    if torch.cuda.is_available():
+        assert est.to("cuda").batches_layers()

@@ -368,7 +368,7 @@ class Trainer:
 
         # 1-2. meta-gradient and look-ahead forward (or a plain forward at W)
         if meta:
-            directions = [est.directions(c) for c in self._contexts()]  # float32, outside autocast
+            directions = est.directions_all(self._contexts())  # float32, outside autocast
             params = self._lookahead_params(directions)
             with self._autocast():
                 out = functional_call(self.model, params, (x,))
@@ -398,7 +398,7 @@ class Trainer:
         if meta:
             updates = [u for _, u in directions]
         elif not est.lookahead and not est.natural_gradient:
-            updates = [est.directions(ctx)[1] for ctx in self._contexts()]
+            updates = [u for _, u in est.directions_all(self._contexts())]
         else:
             updates = []
         checked = self._checked_tensors(updates)

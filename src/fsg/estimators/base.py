@@ -74,6 +74,12 @@ class Estimator(nn.Module):
         """Return ``(D, U)`` for one layer; see the module docstring."""
         raise NotImplementedError
 
+    def directions_all(self, contexts: Sequence[LayerContext]) -> List[Tuple[Tensor, Tensor]]:
+        """:meth:`directions` of every layer of a step, in order (what the trainer calls). An
+        estimator may override it to compute the layers together (FSG's ``batch_layers``); the
+        result must be what the per-layer calls would give, up to floating-point rounding."""
+        return [self.directions(c) for c in contexts]
+
     def observe(self, index: int, grad: Tensor, w_tilde: Tensor) -> None:
         """Called after every backward with the new ``∂L/∂Ŵ`` and ``W̃`` of layer ``index``."""
 

@@ -60,6 +60,11 @@ class FSGConfig(EstimatorConfig):
     fast_lr: float = option(1e-2, "Adam learning rate of the fast-net", **_LR)
     slow_lr: float = option(1e-3, "Adam learning rate of the slow-net", **_LR)
     lre_lr: float = option(1e-3, "Adam learning rate of the layer embedding", **_LR)
+    batch_layers: Optional[bool] = option(
+        None, "mamba slow-net, layouts flat and temporal: run the slow-net on several layers at once (flat: layers of "
+        "equal size; temporal: any layers; no call longer than the largest layer's) instead of once per layer; the "
+        "same G_slow up to float rounding, far fewer kernel launches on a GPU",
+        kind="bool", default_text="on when the slow-net is on CUDA")
     state_dtype: str = option("float32", "layout stream: dtype of the carried per-weight Mamba state; 16 bits halve "
                               "it and keep one copy (float32 arithmetic, rounded to nearest even when stored)",
                               kind="choice", choices=tuple(STATE_DTYPES))
@@ -141,6 +146,13 @@ class FSG(Estimator):
       pending (:attr:`pending_stream`); :meth:`commit`, called by the trainer after the step's
       backward pass, makes it the carried state. A 16-bit in-place state is the exception the
       memory saving needs: the backward pass through ``G_slow`` overwrites it with ``s⁽ᵗ⁾``.
+    * ``batch_layers`` (layouts flat and temporal): the trainer asks for all layers' directions at
+      once (:meth:`directions_all`); the slow-net then runs on several layers at once
+      (:meth:`slow_gradients`; never more tokens per call than the largest layer's, so no more
+      memory): on a GPU, where a step of this size is mostly kernel launches, this divides the
+      slow-net's launches by the number of layers batched together.
+      Unset: on when the slow-net is on CUDA (on the CPU, per layer keeps earlier runs' numbers
+      bit for bit).
     * options: :class:`FSGConfig` (``FSG(**options)`` = ``FSG(FSGConfig(**options))``).
     """
 
@@ -197,15 +209,18 @@ class FSG(Estimator):
             self.stream_states[i], self._stream_spare[i] = state, spare
         self.pending_stream.clear()
 
-    def slow_gradient(self, index: int) -> Tensor:
-        """``G_slow`` of layer ``index`` from its history (the last entry is ``g⁽ᵗ⁻¹⁾``)."""
+    def _history(self, index: int) -> List[Tensor]:
         hist = list(self.hgs[index])
         if not hist:
             raise RuntimeError(f"FSG history of layer {index} is empty: observe() a gradient first")
-        shape = hist[-1].shape
+        return hist
+
+    def history_sequence(self, index: int) -> Tensor:
+        """Layouts flat and temporal: the slow-net input of layer ``index``, ``(1, 1 + k·n, 1)``
+        (flat: ``[e_l, vec g⁽ᵗ⁻ᵏ⁾, …, vec g⁽ᵗ⁻¹⁾]``) or ``(n, 1 + k, 1)`` (temporal), without the
+        leading ``e_l`` when ``lre`` is off."""
+        hist = self._history(index)
         n = hist[-1].numel()
-        if self.layout == "stream":
-            return self.stream_gradient(index, hist[-1].reshape(n, 1, 1)).reshape(shape)
         if self.layout == "flat":
             seq = torch.cat([h.reshape(-1) for h in hist]).view(1, -1, 1)
             first = self.lre.weight[index].view(1, 1, 1) if self.lre is not None else None
@@ -214,12 +229,48 @@ class FSG(Estimator):
             first = self.lre.weight[index].view(1, 1, 1).expand(n, 1, 1) if self.lre is not None else None
         if first is not None:
             seq = torch.cat([first.to(seq.dtype), seq], dim=1)
+        return seq
+
+    def _g_slow(self, index: int, out: Tensor) -> Tensor:
+        """``G_slow`` of layer ``index`` from the slow-net output on :meth:`history_sequence`: the
+        outputs at the last ``n`` positions (flat) or each weight's last output (temporal)."""
+        shape = self.hgs[index][-1].shape
+        g_slow = out[0, -shape.numel():, 0] if self.layout == "flat" else out[:, -1, 0]
+        return g_slow.reshape(shape)
+
+    def slow_gradient(self, index: int) -> Tensor:
+        """``G_slow`` of layer ``index`` from its history (the last entry is ``g⁽ᵗ⁻¹⁾``)."""
+        if self.layout == "stream":
+            last = self._history(index)[-1]
+            return self.stream_gradient(index, last.reshape(-1, 1, 1)).reshape(last.shape)
         # recompute: keep only this layer's input sequence (and the scan's chunk states) for the
         # backward pass, not the slow-net's activations — tens of (T, d_inner) tensors per layer
         # would otherwise stay alive until the task loss is back-propagated
-        out = self.slow(seq, low_memory=self.recompute)
-        g_slow = out[0, -n:, 0] if self.layout == "flat" else out[:, -1, 0]
-        return g_slow.reshape(shape)
+        return self._g_slow(index, self.slow(self.history_sequence(index), low_memory=self.recompute))
+
+    def slow_gradients(self, indices: List[int]) -> Dict[int, Tensor]:
+        """Layouts flat and temporal: ``G_slow`` of the layers ``indices``, the slow-net run on
+        several layers at once. The layers' :meth:`history_sequence` of equal length are
+        concatenated along the batch (flat: the layers of equal size, one row each; temporal: all
+        layers, ``n_l`` rows each) in layer order, a batch closed before it would hold more tokens
+        than the largest layer's own sequence (so no call needs more memory than the per-layer
+        calls), run together and split. Every row is its own sequence, so this is
+        :meth:`slow_gradient` of each layer up to float rounding (the slow-net's weight gradients
+        are summed over the batch in another order)."""
+        seqs = {i: self.history_sequence(i) for i in indices}
+        cap = max(s.shape[0] * s.shape[1] for s in seqs.values())
+        batches: Dict[int, List[List[int]]] = {}  # sequence length -> batches of layer indices
+        for i, s in seqs.items():
+            open_ = batches.setdefault(s.shape[1], [[]])
+            if sum(seqs[j].shape[0] for j in open_[-1] + [i]) * s.shape[1] > cap:
+                open_.append([])
+            open_[-1].append(i)
+        out: Dict[int, Tensor] = {}
+        for members in (b for bs in batches.values() for b in bs):
+            y = self.slow(torch.cat([seqs[i] for i in members]), low_memory=self.recompute)
+            for i, yi in zip(members, y.split([seqs[i].shape[0] for i in members])):
+                out[i] = self._g_slow(i, yi)
+        return out
 
     def stream_gradient(self, index: int, seq: Tensor) -> Tensor:
         """Layout ``stream``: ``G_slow`` (n,) from the carried state ``s⁽ᵗ⁻¹⁾`` and the new token
@@ -242,17 +293,35 @@ class FSG(Estimator):
         self.pending_stream[index] = (new_state, spare, finish)
         return out[:, -1, 0]
 
-    def directions(self, ctx: LayerContext) -> Tuple[Tensor, Tensor]:
+    def directions(self, ctx: LayerContext, g_slow: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """``(D, U)`` of one layer; ``g_slow``: its ``G_slow`` if already computed (else computed here)."""
         g_fast = ctx.grad * self.fast(ctx.w_tilde)
         cg_fast = ctx.calibration * g_fast
         if self.beta > 0:
             # G_slow enters without the calibration c, for either slow-net (as in the reference)
-            g_slow = self.slow.refined(ctx) if self.slow_net == "lstm-fc" else self.slow_gradient(ctx.index)
+            if g_slow is None:
+                g_slow = self.slow.refined(ctx) if self.slow_net == "lstm-fc" else self.slow_gradient(ctx.index)
             d = self.beta * g_slow + (1 - self.beta) * cg_fast
         else:
             d = cg_fast
         u = d.detach() if self.update == "combined" else cg_fast.detach()
         return d, u
+
+    def batches_layers(self) -> bool:
+        """Whether :meth:`directions_all` runs the slow-net for all layers together
+        (:meth:`slow_gradients`): ``batch_layers`` (unset: when the slow-net is on CUDA), for the
+        mamba slow-net with the flat or temporal layout and β > 0."""
+        if self.slow_net != "mamba" or self.layout not in ("flat", "temporal") or self.beta == 0:
+            return False
+        if self.config.batch_layers is None:
+            return next(self.slow.parameters()).is_cuda
+        return bool(self.config.batch_layers)
+
+    def directions_all(self, contexts) -> List[Tuple[Tensor, Tensor]]:
+        if not self.batches_layers():
+            return super().directions_all(contexts)
+        g_slow = self.slow_gradients([c.index for c in contexts])
+        return [self.directions(c, g_slow[c.index]) for c in contexts]
 
     def meta_param_groups(self) -> List[dict]:
         groups = [
