@@ -26,6 +26,20 @@ def test_bench_json_tiny(capsys):
         assert res[k] > 50  # a whole process with torch loaded
     assert res["mambapy_scan_s"] is None and "skipped" in res["notes"]["mambapy_scan_s"]
     assert res["ratios"]["fsg_flat_step_vs_ste"] == res["fsg_flat_step_s"] / res["ste_step_s"]
+    ops = res["aten_ops_per_step"]
+    assert set(ops) == {"ste_step", "multifc_step", "fsg_flat_step", "fsg_stream_step", "fsg_stream_bf16_step"}
+    assert 0 < ops["ste_step"] < ops["multifc_step"] < ops["fsg_flat_step"]
+    assert "ATen ops per step" in bench._table(res)
+
+
+def test_aten_ops_counts_operators_not_views_backward_included():
+    a = torch.randn(3, 3, requires_grad=True)
+    b = torch.randn(3, 3)
+    assert bench.aten_ops(lambda: (a.view(-1), a.t(), a[0])) == 0
+    assert bench.aten_ops(lambda: (a + b, torch.mm(a, b))) == 2
+    n_fwd = bench.aten_ops(lambda: (a * b).sum())
+    n_both = bench.aten_ops(lambda: (a * b).sum().backward())
+    assert n_fwd == 2 and n_both > n_fwd + 1  # backward: at least the expand of the sum's grad and a mul
 
 
 def test_bench_bad_input(capsys):
@@ -89,6 +103,11 @@ def test_bench_cuda_plan_and_result_with_faked_children(monkeypatch):
         assert k in res
     assert res["device"] == "cuda" and res["scan_backend"] == "triton"
     assert res["ste_peak_gpu_mb"] == res["fsg_stream_peak_gpu_mb"] == res["fsg_stream_bf16_peak_gpu_mb"] == 300.0
+    per_layer = [a for a in calls if '"batch_layers": false' in " ".join(a)]
+    assert len(per_layer) == 1 and res["fsg_flat_per_layer_step_s"] == 0.02
+    assert res["fsg_flat_per_layer_peak_gpu_mb"] == 300.0 and "fsg_flat_per_layer_peak_rss_mb" not in res
+    assert res["ratios"]["fsg_flat_per_layer_step_vs_ste"] == 1.0
+    assert "slow-net per layer" in bench._table(res)
     bf16 = [a for a in calls if '"state_dtype": "bfloat16"' in " ".join(a)]
     assert len(bf16) == 1 and '"layout": "stream"' in " ".join(bf16[0])
     assert res["ratios"]["fsg_stream_bf16_step_vs_ste"] == 1.0

@@ -17,6 +17,13 @@ machine, one after the other; ratios are taken between measurements of the same 
 * ``fsg_stream_bf16_step``: the stream step with ``state_dtype="bfloat16"`` (the carried state
   stored in 16 bits, one copy; keys ``fsg_stream_bf16_*``).
 
+* ``aten_ops_per_step``: per step measurement, the ATen operators (views excluded) one more,
+  untimed step dispatches, backward included: on a GPU each is at least one kernel launch, which
+  is what a ResNet-20 step's time is mostly made of there.
+* ``fsg_flat_per_layer_step`` (CUDA only): the flat step with ``batch_layers=False``; the
+  ``fsg_flat_step`` on CUDA runs the slow-net once per sequence length for all layers (FSG's
+  ``batch_layers``, on by default with CUDA), on the CPU once per layer (the CPU default).
+
 ``--device cuda`` (one GPU): the same cases on the GPU (models, batches and scan inputs on the
 device), timed with CUDA events after the warm-up (``torch.cuda.synchronize()`` first; the scan
 gets one untimed warm-up run, which also compiles the Triton kernels), with the peak GPU memory
@@ -51,7 +58,8 @@ KEYS = ["ste_step_s", "fsg_flat_step_s", "fsg_stream_step_s", "fsg_flat_peak_rss
 EXTRA_KEYS = ["device", "multifc_step_s", "multifc_peak_rss_mb", "ste_peak_gpu_mb", "multifc_peak_gpu_mb",
               "fsg_flat_peak_gpu_mb", "fsg_stream_peak_gpu_mb", "scan_backend", "scan_peak_gpu_mb", "scan_long_s",
               "scan_long_peak_gpu_mb", "ref_scan_s", "ref_scan_peak_gpu_mb", "mambapy_scan_peak_gpu_mb",
-              "fsg_stream_bf16_step_s", "fsg_stream_bf16_peak_rss_mb", "fsg_stream_bf16_peak_gpu_mb"]
+              "fsg_stream_bf16_step_s", "fsg_stream_bf16_peak_rss_mb", "fsg_stream_bf16_peak_gpu_mb",
+              "fsg_flat_per_layer_step_s", "fsg_flat_per_layer_peak_gpu_mb", "aten_ops_per_step"]
 
 SCAN_LENGTH = 1 + 5 * 36864
 #: The flat history of every ResNet-20 weight (≈ 270,000 weights × L = 5): the long scan on CUDA.
@@ -112,17 +120,38 @@ def _case_step(estimator: str, options: dict, steps: int, batch: int, threads: O
     if cuda:
         times = _cuda_timed(lambda: tr.step(x, y), steps)
         torch.cuda.synchronize()
-        return {"seconds": min(times), "mean_seconds": sum(times) / len(times), "peak_rss_mb": _rss_mb(),
-                "peak_gpu_mb": _gpu_mb(torch.cuda.max_memory_allocated()),
-                "peak_gpu_reserved_mb": _gpu_mb(torch.cuda.max_memory_reserved()),
-                "warmup_steps": warmup, "timed_steps": steps, "timing": "cuda events", "device": device}
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        tr.step(x, y)
-        times.append(time.perf_counter() - t0)
-    return {"seconds": min(times), "mean_seconds": sum(times) / len(times), "peak_rss_mb": _rss_mb(),
-            "warmup_steps": warmup, "timed_steps": steps}
+        res = {"seconds": min(times), "mean_seconds": sum(times) / len(times), "peak_rss_mb": _rss_mb(),
+               "peak_gpu_mb": _gpu_mb(torch.cuda.max_memory_allocated()),
+               "peak_gpu_reserved_mb": _gpu_mb(torch.cuda.max_memory_reserved()),
+               "warmup_steps": warmup, "timed_steps": steps, "timing": "cuda events", "device": device}
+    else:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            tr.step(x, y)
+            times.append(time.perf_counter() - t0)
+        res = {"seconds": min(times), "mean_seconds": sum(times) / len(times), "peak_rss_mb": _rss_mb(),
+               "warmup_steps": warmup, "timed_steps": steps}
+    res["aten_ops"] = aten_ops(lambda: tr.step(x, y))  # one more step, untimed
+    return res
+
+
+def aten_ops(fn) -> int:
+    """How many ATen operators (views excluded) ``fn()`` dispatches, its backward passes included: on
+    a GPU each is at least one kernel launch (fsg's own C and Triton kernels are not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as counter:
+        fn()
+    return counter.n
 
 
 def _scan_inputs(length: int, device: str = "cpu"):
@@ -308,8 +337,10 @@ def _bench_plan(common: dict, cuda: bool, scan_length: int, long_scan_length: in
                                       "--options", json.dumps({"layout": "stream", "state_dtype": "bfloat16"}))),
         ("scan", case("--case", "scan", "--impl", "fused")),
     ]
-    if cuda:
+    if cuda:  # the flat step above runs the slow-net once per sequence length (batch_layers, on with CUDA)
         plan += [
+            ("fsg_flat_per_layer_step", case("--case", "step", "--estimator", "fsg",
+                                             "--options", json.dumps({"batch_layers": False}))),
             ("scan_long", case("--case", "scan", "--impl", "fused", scan_length=long_scan_length)),
             ("ref_scan", case("--case", "scan", "--impl", "reference", scan_length=min(scan_length, REF_SCAN_MAX),
                               reps=ref_reps)),
@@ -336,7 +367,9 @@ def _run_plan(plan: list, result: dict, notes: Dict[str, str], skip_mambapy: boo
             notes[name] = f"failed: {e}"
             continue
         result[f"{name}_s"] = raw[name]["seconds"]
-        if name not in ("ste_step", "multifc_step", "scan_long", "ref_scan"):
+        if "aten_ops" in raw[name]:
+            result["aten_ops_per_step"] = dict(result["aten_ops_per_step"] or {}, **{name: raw[name]["aten_ops"]})
+        if name not in ("ste_step", "multifc_step", "scan_long", "ref_scan", "fsg_flat_per_layer_step"):
             result[f"{name.replace('_step', '')}_peak_rss_mb"] = raw[name]["peak_rss_mb"]
         if "peak_gpu_mb" in raw[name]:
             result[f"{name.replace('_step', '')}_peak_gpu_mb"] = raw[name]["peak_gpu_mb"]
@@ -372,10 +405,13 @@ def _note_missing(result: dict, notes: Dict[str, str], cuda: bool) -> None:
     for k in KEYS + EXTRA_KEYS:
         if result[k] is not None or k == "device":
             continue
-        if not cuda and (k.endswith("_gpu_mb") or k.startswith(("scan_long", "ref_scan")) or k == "scan_backend"):
+        if not cuda and (k.endswith("_gpu_mb") or k.startswith(("scan_long", "ref_scan", "fsg_flat_per_layer"))
+                         or k == "scan_backend"):
             notes.setdefault(k, "CUDA only (fsg bench --device cuda)")
         elif k in _KEY_SOURCE:
             notes[k] = notes.get(_KEY_SOURCE[k], "not measured")
+        elif k == "aten_ops_per_step":
+            notes[k] = "not measured"
         elif k.endswith("_peak_gpu_mb"):
             step = k.replace("_peak_gpu_mb", "")
             src = step if step in ("scan", "scan_long", "ref_scan", "mambapy_scan") else step + "_step"
@@ -386,7 +422,7 @@ def _ratios(result: dict, cuda: bool, scan_length: int) -> Dict[str, float]:
     """Step times × STE's; mambapy's and the reference scan's time (and memory) over fsg's scan."""
     ratios = {}
     if result["ste_step_s"]:
-        for k in ("multifc_step", "fsg_flat_step", "fsg_stream_step", "fsg_stream_bf16_step"):
+        for k in ("multifc_step", "fsg_flat_step", "fsg_stream_step", "fsg_stream_bf16_step", "fsg_flat_per_layer_step"):
             if result[k + "_s"]:
                 ratios[k + "_vs_ste"] = result[k + "_s"] / result["ste_step_s"]
     if result["scan_s"] and result["mambapy_scan_s"]:
@@ -445,6 +481,8 @@ def _table(r: dict) -> str:
          r["scan_peak_rss_mb"], r.get("scan_peak_gpu_mb"), None),
     ]
     if cuda:
+        rows.insert(3, ("FSG flat step, slow-net per layer", r.get("fsg_flat_per_layer_step_s"), None,
+                        r.get("fsg_flat_per_layer_peak_gpu_mb"), ratios.get("fsg_flat_per_layer_step_vs_ste")))
         rows += [
             ("scan fwd+bwd, 1.35M tokens", r.get("scan_long_s"), None, r.get("scan_long_peak_gpu_mb"), None),
             ("scan fwd+bwd, reference", r.get("ref_scan_s"), None, r.get("ref_scan_peak_gpu_mb"),
@@ -459,6 +497,9 @@ def _table(r: dict) -> str:
         gpu = f" {f(g, '12.0f'):>12}" if cuda else ""
         lines.append(f"{name:<34} {f(s, '9.3f'):>9} {f(m, '12.0f'):>12}{gpu} {f(ratio, '8.1f'):>8}")
     lines.append("ratio: × STE for steps; other scan's time / fsg's time for the scans. Scan memory: added by the scan.")
+    if r.get("aten_ops_per_step"):
+        lines.append("ATen ops per step (views excluded; each >= 1 kernel launch on a GPU): "
+                     + ", ".join(f"{k.replace('_step', '')} {v:,}" for k, v in r["aten_ops_per_step"].items()))
     for k, v in r["notes"].items():
         if not (not cuda and v.startswith("CUDA only")):
             lines.append(f"note: {k}: {v}")
