@@ -62,8 +62,9 @@ class FSGConfig(EstimatorConfig):
     lre_lr: float = option(1e-3, "Adam learning rate of the layer embedding", **_LR)
     batch_layers: Optional[bool] = option(
         None, "mamba slow-net, layouts flat and temporal: run the slow-net on several layers at once (flat: layers of "
-        "equal size; temporal: any layers; no call longer than the largest layer's) instead of once per layer; the "
-        "same G_slow up to float rounding, far fewer kernel launches on a GPU",
+        "equal size; temporal: any layers; no call longer than the largest layer's) and the fast-net once on all "
+        "layers, instead of once per layer; the same directions up to float rounding, far fewer kernel launches on a "
+        "GPU",
         kind="bool", default_text="on when the slow-net is on CUDA")
     state_dtype: str = option("float32", "layout stream: dtype of the carried per-weight Mamba state; 16 bits halve "
                               "it and keep one copy (float32 arithmetic, rounded to nearest even when stored)",
@@ -149,8 +150,9 @@ class FSG(Estimator):
     * ``batch_layers`` (layouts flat and temporal): the trainer asks for all layers' directions at
       once (:meth:`directions_all`); the slow-net then runs on several layers at once
       (:meth:`slow_gradients`; never more tokens per call than the largest layer's, so no more
-      memory): on a GPU, where a step of this size is mostly kernel launches, this divides the
-      slow-net's launches by the number of layers batched together.
+      memory) and the element-wise fast-net once on all layers' ``W̃``: on a GPU, where a step of
+      this size is mostly kernel launches, this divides their launches by the number of layers
+      batched together.
       Unset: on when the slow-net is on CUDA (on the CPU, per layer keeps earlier runs' numbers
       bit for bit).
     * options: :class:`FSGConfig` (``FSG(**options)`` = ``FSG(FSGConfig(**options))``).
@@ -293,9 +295,11 @@ class FSG(Estimator):
         self.pending_stream[index] = (new_state, spare, finish)
         return out[:, -1, 0]
 
-    def directions(self, ctx: LayerContext, g_slow: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """``(D, U)`` of one layer; ``g_slow``: its ``G_slow`` if already computed (else computed here)."""
-        g_fast = ctx.grad * self.fast(ctx.w_tilde)
+    def directions(self, ctx: LayerContext, g_slow: Optional[Tensor] = None,
+                   fast_out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """``(D, U)`` of one layer; ``g_slow`` / ``fast_out``: its ``G_slow`` / fast-net output ``F(W̃)``
+        if already computed (else computed here)."""
+        g_fast = ctx.grad * (self.fast(ctx.w_tilde) if fast_out is None else fast_out)
         cg_fast = ctx.calibration * g_fast
         if self.beta > 0:
             # G_slow enters without the calibration c, for either slow-net (as in the reference)
@@ -321,7 +325,9 @@ class FSG(Estimator):
         if not self.batches_layers():
             return super().directions_all(contexts)
         g_slow = self.slow_gradients([c.index for c in contexts])
-        return [self.directions(c, g_slow[c.index]) for c in contexts]
+        # the fast-net is element-wise: one call on every layer's W̃
+        fast = self.fast(torch.cat([c.w_tilde.reshape(-1) for c in contexts])).split([c.w_tilde.numel() for c in contexts])
+        return [self.directions(c, g_slow[c.index], f.view_as(c.w_tilde)) for c, f in zip(contexts, fast)]
 
     def meta_param_groups(self) -> List[dict]:
         groups = [
