@@ -231,7 +231,7 @@ bench_json() {
     "$PY" -m fsg bench --device "$DEVICE" --json --timeout 45 $BENCH_ARGS > "$OUT/bench.json"
 }
 export -f bench_json
-step bench 130 "$OUT/bench.log" bash -c bench_json
+step bench 150 "$OUT/bench.log" bash -c bench_json  # 10 measurements, each its own process
 
 # ---- real-data runs
 if [ -n "$DATA_PID" ]; then

@@ -150,9 +150,10 @@ def _lowmem(batch: int, dim: int, length: int, ns: int):
     x = _scan_inputs(batch, dim, length, ns, z=False)
     dfac = (torch.randn(dim), torch.randn(batch, length))
     zfac = (torch.randn(dim), torch.randn(batch, length))
-    y, states = ts._lowmem_forward(x["u"], None, x["A"], x["B"], x["C"], x["D"], None, x["delta_bias"], dfac, zfac)
-    ts._lowmem_backward(x["u"], None, x["A"], x["B"], x["C"], x["D"], None, x["delta_bias"], states,
-                        torch.zeros_like(y), dfac, zfac)
+    kernels = ts.LOW_MEMORY_KERNELS
+    y, states = kernels.forward(x["u"], None, x["A"], x["B"], x["C"], x["D"], None, x["delta_bias"], dfac, zfac)
+    kernels.backward(x["u"], None, x["A"], x["B"], x["C"], x["D"], None, x["delta_bias"], states, torch.zeros_like(y),
+                     dfac, zfac)
 
 
 def _stream(batch: int, dim: int, length: int, ns: int):
@@ -181,7 +182,7 @@ QUICK = 3
 
 def compile_all(arch: int, quick: bool) -> dict:
     target = GPUTarget("cuda", arch, 32)
-    previous = driver._active  # None without a GPU (reading .active would look for one)
+    previous, tiling = driver._active, ts.gpu_tiling  # _active: None without a GPU (.active would look for one)
     driver.set_active(StandInDriver(target))
     ts.gpu_tiling = lambda device: True
     rows, seen = [], set()
@@ -191,7 +192,7 @@ def compile_all(arch: int, quick: bool) -> dict:
                 rec.case = name
                 fn()
     finally:
-        driver._active = previous
+        driver._active, ts.gpu_tiling = previous, tiling
     limit = MAX_SHARED.get(arch)
     for case, name, k, seconds in rec.compiled:
         if k.hash in seen:
