@@ -198,10 +198,19 @@ def test_float64_uses_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bigger_shape():
     """The default tiling, more chunks than one combine tile, 100 channels (a partial last channel
-    block); then bf16 inputs."""
-    _compare(_inputs(b=2, d=100, L=9000, n=16, h0=True, seed=5), True, rtol=1e-4, atol=1e-4)
-    _compare(_inputs(b=2, d=37, L=777, n=16, h0=True, dtype=torch.bfloat16, seed=6), True,
-             rtol=3e-2, atol=3e-2, upcast=True)
+    block), against the float64 reference (each output's largest error over its largest value:
+    over 18,000 summed steps an element-wise float32-against-float32 check measures the two
+    summation orders, not the kernel); then bf16 inputs."""
+    for x, tol in [(_inputs(b=2, d=100, L=9000, n=16, h0=True, seed=5), 1e-5),
+                   (_inputs(b=2, d=37, L=777, n=16, h0=True, dtype=torch.bfloat16, seed=6), 3e-2)]:
+        y, last, grads = _run(ts.selective_scan_triton, x, True)
+        x64 = {k: v.double() if v is not None else None for k, v in x.items()}
+        yr, lastr, gradsr = _run(selective_scan_ref, x64, True)
+        for name, a, b in [("y", y, yr), ("last", last, lastr)] + [("d" + k, grads[k], gradsr[k]) for k in grads]:
+            want = x["u"].dtype if name == "y" else torch.float32 if name == "last" else x[name[1:]].dtype
+            assert a.dtype == want, name
+            err = float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-3))
+            assert err < tol, (name, err)
 
 
 def test_triton_backend_streaming_step_writes_the_state_buffer():

@@ -109,7 +109,10 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     only when a sum is not finite (a NaN, an infinity, or finite values whose sum overflows) are
     the elements checked one by one, so the answer is exact."""
     floats = [t for t in tensors if t.is_floating_point() or t.is_complex()]
-    if not floats or bool(torch.stack([t.sum() for t in floats]).isfinite().all()):
+    sums: Dict[torch.device, List[Tensor]] = {}  # per device (a CUDA run keeps e.g. Adam's step counts on the CPU)
+    for t in floats:
+        sums.setdefault(t.device, []).append(t.sum())
+    if all(bool(torch.stack(v).isfinite().all()) for v in sums.values()):
         return True
     return all(bool(t.isfinite().all()) for t in floats)
 

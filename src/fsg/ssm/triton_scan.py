@@ -191,12 +191,15 @@ def _scan_states(delta, du, An, Bn, h0):
 
 
 @triton.jit
-def _chunk_steps(L, ST, T: tl.constexpr):
-    """(bidx, k, t, tmask, tt) of a program of the per-chunk kernels: its sequence bidx (int64) and
-    chunk k, the chunk's time steps t (T,) and tmask = t < L, and tt = t * ST, the time offsets of
-    (T, BLOCK_D) tiles (ST = 1 but opaque: keeps time in registers, see _tiles)."""
-    bidx = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1)
+def _chunk_steps(L, K, ST, T: tl.constexpr):
+    """(bidx, k, t, tmask, tt) of a program of the per-chunk kernels (a 1-D grid of batch × K
+    programs: a grid's second and third dimensions stop at 65,535, fewer chunks than 1.35M tokens
+    have): its sequence bidx (int64) and chunk k, the chunk's time steps t (T,) and tmask = t < L,
+    and tt = t * ST, the time offsets of (T, BLOCK_D) tiles (ST = 1 but opaque: keeps time in
+    registers, see _tiles)."""
+    pid = tl.program_id(0)
+    bidx = (pid // K).to(tl.int64)
+    k = pid % K
     t = k * T + tl.arange(0, T)
     return bidx, k, t, t < L, t * ST
 
@@ -282,7 +285,7 @@ def _fwd_local_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr
                       DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """Chunk k's end state from a zero start, s = sum_t exp(A R_t) b_t, into states[:, :, k]; S_k
     into dsum[b, k, :]."""
-    bidx, k, t, tmask, tt = _chunk_steps(L, ST, T)
+    bidx, k, t, tmask, tt = _chunk_steps(L, K, ST, T)
     for d0 in range(0, DIM, BD):
         d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM,
                                                      L, BD, DFAC, HAS_BIAS, SOFTPLUS)
@@ -336,7 +339,7 @@ def _fwd_out_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, 
                     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr,
                     HAS_H0: tl.constexpr, WRITE_LAST: tl.constexpr):
     """y of chunk k, rescanned from the state before it; with WRITE_LAST also states[:, :, k]."""
-    bidx, k, t, tmask, tt = _chunk_steps(L, ST, T)
+    bidx, k, t, tmask, tt = _chunk_steps(L, K, ST, T)
     for d0 in range(0, DIM, BD):
         d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM,
                                                      L, BD, DFAC, HAS_BIAS, SOFTPLUS)
@@ -370,7 +373,7 @@ def _bwd_local_kernel(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr
                       SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr):
     """Gradient w.r.t. chunk k's start state from inside it, r = sum_t exp(A S_t) C_t dy'_t, into
     dst[:, :, k]; S_k into dsum[b, k, :]."""
-    bidx, k, t, tmask, tt = _chunk_steps(L, ST, T)
+    bidx, k, t, tmask, tt = _chunk_steps(L, K, ST, T)
     for d0 in range(0, DIM, BD):
         d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM,
                                                      L, BD, DFAC, HAS_BIAS, SOFTPLUS)
@@ -396,10 +399,10 @@ def _bwd_main_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr,
     block j: dB, dC go to the partials dB[j], dC[j] (batch, d_state, L) and the factors'
     x-gradients to ddx[j], dzx[j] (batch, L); per program p: pA[p] (d_state, d_inner) = dA and
     pv[p] (4, d_inner) = (dD, ddelta_bias, dw_delta, dw_z)."""
-    bidx, k, t, _, tt = _chunk_steps(L, ST, T)
+    bidx, k, t, _, tt = _chunk_steps(L, K, ST, T)
     prow = bidx * K + k
     for d0 in range(0, DIM, BD):
-        jrow = (d0 // BD) * tl.num_programs(0) + bidx  # this channel block's row of the (block, batch) partials
+        jrow = (d0 // BD) * (tl.num_programs(0) // K) + bidx  # this channel block's row of the (block, batch) partials
         _bwd_channels(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr,
                       zfx_ptr, h0_ptr, st_ptr, dst_ptr, dlast_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dh0_ptr,
                       y_ptr, pA_ptr + prow * NS * DIM, pv_ptr + prow * 4 * DIM, dB_ptr + jrow * NS * L,
@@ -592,10 +595,10 @@ def scan_forward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: Te
     with _on(dev):
         if K > 1:  # chunk end states: local ends, then their combination (launches 1 and 2)
             dsum = torch.empty(batch, K, dim, dtype=torch.float32, device=dev)
-            _fwd_local_kernel[(batch, K)](u, delta, dfw, dfx, bias, A, B, states, dsum, dim, length, ns, K,
+            _fwd_local_kernel[(batch * K,)](u, delta, dfw, dfx, bias, A, B, states, dsum, dim, length, ns, K,
                                           *states.stride(), 1, **flags)
             _combine(states, dsum, A, h0, reverse=False)
-        _fwd_out_kernel[(batch, K)](u, delta, dfw, dfx, bias, A, B, C, D, z, zfw, zfx, h0, states, y, dim, length,
+        _fwd_out_kernel[(batch * K,)](u, delta, dfw, dfx, bias, A, B, C, D, z, zfw, zfx, h0, states, y, dim, length,
                                     ns, K, *states.stride(), 1, HAS_D=D is not None,
                                     HAS_Z=z is not None or zfac is not None, ZFAC=zfac is not None,
                                     HAS_H0=h0 is not None, WRITE_LAST=K == 1, **flags)
@@ -644,11 +647,11 @@ def scan_backward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: T
     with _on(dev):
         if K > 1:
             dsum = torch.empty(batch, K, dim, **f32)
-            _bwd_local_kernel[(batch, K)](delta, dfw, dfx, bias, A, C, z, zfw, zfx, dout, dst, dsum, dim, length, ns,
+            _bwd_local_kernel[(batch * K,)](delta, dfw, dfx, bias, A, C, z, zfw, zfx, dout, dst, dsum, dim, length, ns,
                                           K, *dst.stride(), 1, **flags)
             _combine(dst, dsum, A, dlast, reverse=True)
         if length > 0:
-            _bwd_main_kernel[(batch, K)](
+            _bwd_main_kernel[(batch * K,)](
                 u, delta, dfw, dfx, bias, A, B, C, D, z, zfw, zfx, h0, st, dst, dlast, dout,
                 du, ddelta, ddx, dz, dzx, dB, dC, dh0, y, pA, pv, dim, length, ns, K,
                 *(st.stride() if st is not None else (0, 0, 0, 0)), 1, HAS_D=D is not None, HAS_H0=h0 is not None,
