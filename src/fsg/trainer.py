@@ -105,9 +105,9 @@ def check_nonfinite_policy(nonfinite: str, max_skips: int) -> Tuple[str, int]:
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
     """Whether every element of every (floating-point) tensor is finite. Fast path: one sum per
-    tensor, stacked, one synchronisation — a NaN or an infinity makes its tensor's sum non-finite;
-    only when a sum is not finite (a NaN, an infinity, or finite values whose sum overflows) are
-    the elements checked one by one, so the answer is exact."""
+    tensor, stacked per device, one synchronisation per device — a NaN or an infinity makes its
+    tensor's sum non-finite; only when a sum is not finite (a NaN, an infinity, or finite values
+    whose sum overflows) are the elements checked one by one, so the answer is exact."""
     floats = [t for t in tensors if t.is_floating_point() or t.is_complex()]
     sums: Dict[torch.device, List[Tensor]] = {}  # per device (a CUDA run keeps e.g. Adam's step counts on the CPU)
     for t in floats:
