@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh            # from the repository root; results in ./gpu-out
 #   OUT=/somewhere bash benchmarks/gpu_check.sh
 #
-# Made for one CUDA GPU (sized for an H200: about 5 minutes in all, DEADLINE seconds) on a machine
+# Made for one CUDA GPU (sized for an H200: under 5 minutes in all, DEADLINE seconds) on a machine
 # with PyTorch (CUDA), Triton, numpy, Pillow and tqdm but no package registry: nothing is
 # installed, fsg runs from src/ (PYTHONPATH). pytest and matplotlib are used when present.
 #
@@ -14,9 +14,13 @@
 #   env          torch / CUDA / Triton / optional packages, fsg's scan backend -> env.txt
 #   smoke        Triton scan vs the reference on CUDA (values, gradients), the device-resident
 #                data loader vs the CPU one, one bf16 FSG step (no pytest needed) -> smoke.log
-#   pytest-cuda  python -m pytest -m cuda (tests needing a GPU)       -> pytest-cuda.log/.xml
-#   triton-tests python -m pytest tests/test_ssm_triton.py (on CUDA)  -> triton-tests.log/.xml
-#   bench        fsg bench --device cuda --json                       -> bench.json, bench.log
+#   profile      benchmarks/gpu_profile.py: the 1.35M-token scan kernel by kernel (torch.profiler),
+#                one STE / FSG flat / FSG stream step profiled (device busy vs wall: launch-bound?),
+#                the scan's tiling sweep (25 s budget)            -> gpu_profile.json, profile.log
+#   pytest-cuda  python -m pytest -m cuda (tests needing a GPU; only with TESTS=1) -> pytest-cuda.log/.xml
+#   triton-tests python -m pytest tests/test_ssm_triton.py on CUDA (only with TESTS=1) -> triton-tests.log/.xml
+#   bench        fsg bench --device cuda --json --steps 2 --reps 1 --skip-mambapy, the reference scan
+#                timed on REF_SCAN_TOKENS tokens                    -> bench.json, bench.log
 #   runs         fsg train x4 on CIFAR-10 (JPEG copy) from the pre-trained ResNet-20: ste, multifc,
 #                fsg flat, fsg stream; dorefa, SGD lr 1e-3, batch 128, seed 0, MAX_STEPS steps,
 #                a step row every 10 steps, the whole test set at the end
@@ -31,11 +35,21 @@
 # files go to $OUT.
 #
 # Time: every step has a cap, and no step runs past DEADLINE (285 s from the start, for
-# everything): the runs share what is left (weights ste 2, multifc 2, fsg flat 4, fsg stream 3).
+# everything; 12 s of it kept for the plot and the summary). Until the runs, RUN_TIME (80) more
+# seconds are kept for them (when the data is there): a step that would eat into them is cut. On
+# an H200 (seconds, cap in brackets): nvidia-smi 1 [20], env 7 [30], smoke ~25 [40], profile ~55
+# [60], bench ~90 [100: nine measurements, each a fresh process of ~8 s start-up, imports and
+# warm-up; the repetitions are a small part], then the runs share the rest, ~95 s (weights ste 2,
+# multifc 2, fsg flat 4, fsg stream 3; a run finishing early leaves its time to the next). The
+# tests (pytest-cuda ~47 s, triton-tests over 50 s in the first run) do not fit beside those: they
+# run with TESTS=1, best with DEADLINE=400.
 #
 # Knobs (environment): OUT, DEVICE (cuda), MAX_STEPS (300), LOG_EVERY (10), DEADLINE (285),
-# GPU_DATA, WORK, PYTHON, BENCH_ARGS (extra `fsg bench` arguments), TEST_SUBSET (empty: the
-# whole test set), SKIP (space-separated step names, e.g. "bench run-fsg-stream").
+# RUN_TIME (80), TESTS (0; 1: run pytest-cuda and triton-tests), GPU_DATA, WORK, PYTHON,
+# BENCH_ARGS (extra `fsg bench` arguments), REF_SCAN_TOKENS (20001: the reference scan, a Python
+# loop over time, 15.8 s on fsg bench's 184,321 tokens, is timed on this many; 184321 for all),
+# PROFILE_ARGS (extra gpu_profile.py arguments), TEST_SUBSET (empty: the whole test set), SKIP
+# (space-separated step names, e.g. "bench run-fsg-stream").
 # Exit status: 0 when every step succeeded, else 1 (the files are written either way).
 
 set -u
@@ -45,9 +59,13 @@ DEVICE=${DEVICE:-cuda}
 MAX_STEPS=${MAX_STEPS:-300}
 LOG_EVERY=${LOG_EVERY:-10}
 DEADLINE=${DEADLINE:-285}
+RUN_TIME=${RUN_TIME:-80}
+TESTS=${TESTS:-0}
 GPU_DATA=${GPU_DATA:-gpu-data}
 WORK=${WORK:-$GPU_DATA/runs}
 BENCH_ARGS=${BENCH_ARGS:-}
+REF_SCAN_TOKENS=${REF_SCAN_TOKENS:-20001}
+PROFILE_ARGS=${PROFILE_ARGS:-}
 TEST_SUBSET=${TEST_SUBSET:-}
 SKIP=${SKIP:-}
 export FSG_CACHE=${FSG_CACHE:-$GPU_DATA/cache}
@@ -57,7 +75,7 @@ if [ ! -f pyproject.toml ] || [ ! -d src/fsg ]; then
     exit 2
 fi
 PY=${PYTHON:-$(command -v python || command -v python3)}
-export PY OUT DEVICE BENCH_ARGS
+export PY OUT DEVICE BENCH_ARGS REF_SCAN_TOKENS PROFILE_ARGS
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK" "$FSG_CACHE"
@@ -75,8 +93,10 @@ skipped() { case " $SKIP " in *" $1 "*) return 0 ;; esac; return 1; }
 
 # step NAME CAP LOG CMD...: run CMD (a program, or `bash -c FUNCTION` for an exported function)
 # under `timeout` (CAP seconds, less if the deadline is nearer; RESERVE seconds are kept for the
-# plot and the summary), its output to LOG, one line in summary.txt.
+# plot and the summary, HOLD more for the steps after this one), its output to LOG, one line in
+# summary.txt.
 RESERVE=12
+HOLD=0
 step() {
     local name=$1 cap=$2 log=$3
     shift 3
@@ -84,7 +104,7 @@ step() {
         note "SKIPPED  $name (SKIP)"
         return 0
     fi
-    local left=$(( $(remaining) - RESERVE ))
+    local left=$(( $(remaining) - RESERVE - HOLD ))
     local t=$(( cap < left ? cap : left ))
     if [ "$t" -lt 5 ]; then
         note "SKIPPED  $name: out of time (deadline ${DEADLINE}s)"
@@ -125,6 +145,7 @@ for split in ('train', 'test'):
     print(split, ds, f'{time.time() - t:.1f}s', flush=True)
 " "$TAR" > "$OUT/data.log" 2>&1 ) &
     DATA_PID=$!
+    HOLD=$RUN_TIME  # kept for the runs until they start
 else
     note "MISSING  $TAR or $PRETRAINED: the real-data runs will be skipped (put both in $GPU_DATA/)"
 fi
@@ -217,8 +238,15 @@ EOF
 export -f smoke
 step smoke 40 "$OUT/smoke.log" bash -c smoke
 
-# ---- tests
-if "$PY" -c "import pytest" 2> /dev/null; then
+# ---- profile: where the time goes (the sweep stops starting tilings at 45 s, the step's cap is 60)
+# shellcheck disable=SC2086 - PROFILE_ARGS is a list of arguments
+step profile 60 "$OUT/profile.log" "$PY" benchmarks/gpu_profile.py --device "$DEVICE" --out "$OUT" \
+    --sweep-budget 25 --deadline 45 $PROFILE_ARGS
+
+# ---- tests (TESTS=1)
+if [ "$TESTS" != 1 ]; then
+    note "SKIPPED  pytest-cuda, triton-tests: TESTS=$TESTS (~100 s more: TESTS=1 DEADLINE=400; smoke checks the scan)"
+elif "$PY" -c "import pytest" 2> /dev/null; then
     step pytest-cuda 50 "$OUT/pytest-cuda.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests \
         --ignore=tests/test_ssm_triton.py -k "not bench_cuda_tiny" --junitxml="$OUT/pytest-cuda.xml"
     step triton-tests 50 "$OUT/triton-tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_ssm_triton.py \
@@ -227,13 +255,17 @@ else
     note "SKIPPED  pytest-cuda, triton-tests: pytest is not installed here (the smoke step checks the Triton scan)"
 fi
 
-# ---- bench
+# ---- bench: nine measurements (mambapy skipped: not installed there), each its own process; the
+# reference scan on REF_SCAN_TOKENS tokens (fsg bench's REF_SCAN_MAX; bench.json's setup and notes say so)
 bench_json() {
     # shellcheck disable=SC2086 - BENCH_ARGS is a list of arguments
-    "$PY" -m fsg bench --device "$DEVICE" --json --timeout 45 $BENCH_ARGS > "$OUT/bench.json"
+    "$PY" -c "import sys, fsg.cli.bench as b; b.REF_SCAN_MAX = int(sys.argv[1]); sys.exit(b.main(sys.argv[2:]))" \
+        "$REF_SCAN_TOKENS" --device "$DEVICE" --json --timeout 45 --steps 2 --reps 1 --skip-mambapy $BENCH_ARGS \
+        > "$OUT/bench.json"
 }
 export -f bench_json
-step bench 150 "$OUT/bench.log" bash -c bench_json  # 10 measurements, each its own process
+step bench 100 "$OUT/bench.log" bash -c bench_json
+HOLD=0
 
 # ---- real-data runs
 if [ -n "$DATA_PID" ]; then
@@ -307,10 +339,33 @@ try:
     print(f"bench ({b.get('setup', {}).get('gpu', b.get('device'))}): step s (peak GPU MB): "
           + ", ".join(f"{k} {f(b.get(k + '_step_s'))} ({f(b.get(k + '_peak_gpu_mb'))})"
                       for k in ("ste", "multifc", "fsg_flat", "fsg_stream", "fsg_stream_bf16")))
-    print(f"bench scans fwd+bwd ({b.get('scan_backend')}): 184,321 tokens {f(b.get('scan_s'), ' s')}, "
-          f"1,350,000 tokens {f(b.get('scan_long_s'), ' s')}, reference on 184,321 {f(b.get('ref_scan_s'), ' s')}")
+    setup = b.get("setup", {})
+    print(f"bench scans fwd+bwd ({b.get('scan_backend')}): {setup.get('scan_tokens', 0):,} tokens "
+          f"{f(b.get('scan_s'), ' s')}, {setup.get('long_scan_tokens', 0):,} tokens {f(b.get('scan_long_s'), ' s')}, reference on "
+          f"{setup.get('ref_scan_tokens', 0):,} {f(b.get('ref_scan_s'), ' s')}")
 except Exception as e:
     print(f"bench: no result ({type(e).__name__}: {e})")
+try:
+    p = json.loads((out / "gpu_profile.json").read_text())
+    ms = lambda v: "n/a" if v is None else f"{1e3 * v:.2f} ms"
+    scan = p.get("scan", {})
+    if "wall_s" in scan:
+        kernels = ", ".join(f"{k['name']} {100 * (k['share'] or 0):.0f}%" for k in scan["kernels"][:4])
+        print(f"profile scan {scan['tokens']:,} tokens: wall {ms(scan['wall_s'])}, kernels {ms(scan['kernel_sum_s'])} "
+              f"({kernels})")
+    for name, c in p.get("steps", {}).get("cases", {}).items():
+        busy = "n/a" if c.get("device_busy") is None else f"{100 * c['device_busy']:.0f}%: {c['bound']}-bound"
+        print(f"profile step {name}: wall {ms(c['wall_s'])}, kernels {ms(c['kernel_sum_s'])} in {c['kernel_launches']} "
+              f"launches (device busy {busy}), peak GPU {c['peak_gpu_mb'] or 0:.0f} MB")
+    fastest = p.get("sweep", {}).get("fastest")
+    if fastest:
+        print(f"profile sweep: fastest chunk {fastest['chunk']} block_d {fastest['block_d'] or 'default'} "
+              f"{ms(fastest['seconds'])} ({len(p['sweep']['runs'])} tilings run)")
+    for name, sec in p.items():
+        if isinstance(sec, dict) and "error" in sec:
+            print(f"profile {name}: {sec['error']}")
+except Exception as e:
+    print(f"profile: no result ({type(e).__name__}: {e})")
 for d in sorted((out / "runs").glob("*/")):
     rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()] if (d / "metrics.jsonl").exists() else []
     steps = [r for r in rows if r.get("kind") == "step"]
