@@ -3,7 +3,7 @@
     python benchmarks/triton_compile.py [--arch 90] [--quick] [--json]
 
 Every kernel specialisation the CUDA path launches (FSG flat: plain and low-memory block; FSG
-stream and temporal steps; the general scan with an initial state, bf16/fp16 inputs, d_state 1
+stream and temporal steps, the streaming block step with a float32 and a bf16 state; the general scan with an initial state, bf16/fp16 inputs, d_state 1
 and 17) goes through Triton's own argument binding and compiler down to a cubin for ``sm_<arch>``
 (default 90: H100/H200), with the GPU tiling, from CPU tensors: a stand-in driver answers "device
 0 of compute capability <arch>" and nothing is launched. ``ptxas -v`` (the one bundled with
@@ -39,10 +39,14 @@ from triton.runtime.driver import driver  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 from fsg.ssm import triton_scan as ts  # noqa: E402
+from fsg.ssm import triton_stream as tst  # noqa: E402
+from fsg.ssm.mamba import Mamba  # noqa: E402
 
 #: Shared memory per block of a compute capability (bytes): what a launch may ask for at most.
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
-KERNELS = ("_fwd_local_kernel", "_combine_kernel", "_fwd_out_kernel", "_bwd_local_kernel", "_bwd_main_kernel")
+#: (module, kernel name) of every Triton kernel fsg launches.
+KERNELS = [(ts, name) for name in ("_fwd_local_kernel", "_combine_kernel", "_fwd_out_kernel", "_bwd_local_kernel",
+                                   "_bwd_main_kernel")] + [(tst, "_stream_fwd_kernel"), (tst, "_stream_bwd_kernel")]
 
 
 class StandInDriver:
@@ -105,14 +109,14 @@ class Recorder:
         self.failures: List[Tuple[str, str, str]] = []
 
     def __enter__(self):
-        for name in KERNELS:
-            fn = getattr(ts, name)
+        for mod, name in KERNELS:
+            fn = getattr(mod, name)
             fn.run = self._compile_with(name, fn)
         return self
 
     def __exit__(self, *exc):
-        for name in KERNELS:
-            vars(getattr(ts, name)).pop("run", None)
+        for mod, name in KERNELS:
+            vars(getattr(mod, name)).pop("run", None)
 
     def _compile_with(self, name: str, fn) -> Callable:
         run = type(fn).run
@@ -162,6 +166,16 @@ def _stream(batch: int, dim: int, length: int, ns: int):
     _fwd_bwd(x, h0=h0, last_out=torch.empty(batch, dim, ns))
 
 
+def _stream_block(batch: int, state_dtype: torch.dtype, in_place: bool):
+    """The one-token streaming step of FSG's slow-net (fsg.ssm.triton_stream), forward and backward."""
+    block = Mamba(d_model=1, d_state=16, d_conv=8, expand=100)
+    window = torch.randn(batch, 8, 1)
+    h = torch.zeros(batch, 100, 16, dtype=state_dtype)
+    h_new = h if in_place else torch.empty_like(h)
+    tst.stream_block_forward(block, window, h, None if in_place else h_new)
+    tst.stream_block_backward(block, window, h, h_new if in_place else None, torch.zeros(batch, 1, 1), False)
+
+
 #: (name, what it stands for, run it); the quick set is the first QUICK.
 CASES: List[Tuple[str, str, Callable[[], None]]] = [
     ("flat", "FSG flat, plain block: one ResNet-20 layer's 184,321 tokens, d_state 16",
@@ -170,6 +184,10 @@ CASES: List[Tuple[str, str, Callable[[], None]]] = [
     ("stream", "FSG stream step: 36,864 weights, 1 token, initial state, state written in place",
      lambda: _stream(36864, 100, 1, 16)),
     ("stream-first", "FSG stream, first step (LRE token + 1 gradient)", lambda: _stream(36864, 100, 2, 16)),
+    ("stream-block", "FSG stream step, the block step kernels: 36,864 weights, float32 state",
+     lambda: _stream_block(36864, torch.float32, False)),
+    ("stream-bf16", "FSG stream step, the block step kernels: bf16 state written in place by the backward",
+     lambda: _stream_block(36864, torch.bfloat16, True)),
     ("temporal", "FSG temporal: 36,864 sequences of 6 tokens", lambda: _fwd_bwd(_scan_inputs(36864, 100, 6, 16))),
     ("bf16-h0", "bf16 inputs, initial state and its gradient, 3 chunks",
      lambda: _fwd_bwd(_scan_inputs(2, 40, 40, 16, torch.bfloat16), h0=torch.randn(2, 40, 16), want_h0=True)),

@@ -89,3 +89,44 @@ def tensor_leaves(obj, path="state"):
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from tensor_leaves(v, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def fast_triton_interpreter():
+    """Under the interpreter: scan one step along the scan axis at a time (vectorised over the
+    other axes) instead of one element at a time, and skip re-patching triton.language at every
+    nested @triton.jit call (the kernel launch has already patched it). Interpreter-only speed-ups
+    for Triton test modules (``pytestmark = pytest.mark.usefixtures(...)``); they do not change
+    what the kernels compute."""
+    if torch.cuda.is_available():
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as ti
+
+    orig_scan, orig_patch = getattr(ti.ScanOps, "generic_scan", None), getattr(ti, "_patch_lang", None)
+
+    def generic_scan(self, input):
+        data = [a.handle.data for a in input]
+        outs, acc = [np.empty_like(x) for x in data], None
+        for i in range(data[0].shape[self.axis]):
+            sl = (slice(None),) * self.axis + (slice(i, i + 1),)
+            cur = tuple(self.to_tensor(x[sl], a.dtype) for x, a in zip(data, input))
+            acc = cur if acc is None else self.combine_fn.fn(*acc, *cur)
+            acc = acc if isinstance(acc, tuple) else (acc,)
+            for o, a in zip(outs, acc):
+                o[sl] = a.handle.data
+        return [self.to_tensor(o, a.dtype) for o, a in zip(outs, input)]
+
+    def patch_lang(fn):
+        mods = [v for v in fn.__globals__.values() if v is tl or v is tl.core]
+        if mods and not any(tl.core.is_builtin(m.program_id) for m in mods):
+            return ti._LangPatchScope()
+        return orig_patch(fn)
+
+    if orig_scan is not None and orig_patch is not None and hasattr(ti, "_LangPatchScope"):
+        ti.ScanOps.generic_scan, ti._patch_lang = generic_scan, patch_lang
+    yield
+    if orig_scan is not None and orig_patch is not None:
+        ti.ScanOps.generic_scan, ti._patch_lang = orig_scan, orig_patch

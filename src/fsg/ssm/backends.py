@@ -453,6 +453,14 @@ def _triton_low_memory(block, x):
     return mamba_low_memory_triton(block, x)
 
 
+def _triton_stream(block, window, h, state_dtype, in_place=False, state_buffer=None):
+    if _lazy_import("triton", _import_triton)[0] is None:
+        return None  # the ordinary autograd path then
+    from fsg.ssm.triton_stream import mamba_stream_triton
+
+    return mamba_stream_triton(block, window, h, state_dtype, in_place=in_place, state_buffer=state_buffer)
+
+
 REFERENCE = register_backend(Backend(
     "reference", devices=None, selective_scan=selective_scan_ref, causal_conv1d=causal_conv1d_ref,
     description="plain PyTorch, any device; a Python loop over time (slow for long sequences)"))
@@ -471,8 +479,10 @@ MAMBA_SSM = register_backend(Backend(
 
 TRITON = register_backend(Backend(
     "triton", devices={"cuda"}, selective_scan=_triton_scan, selective_scan_step=_triton_scan, priority=20,
-    mamba_low_memory=_triton_low_memory, check_available=_triton_unavailable,
+    mamba_low_memory=_triton_low_memory, check_available=_triton_unavailable, mamba_stream=_triton_stream,
     # selective_scan_triton takes `last_out` (streaming: one launch writes the new state there);
     # the low-memory block is fsg.ssm.lowmem's on scan_forward / scan_backward with the rank-1
-    # delta / z factors. The conv is PyTorch's conv1d (the reference conv).
-    description="Triton selective scan kernels (fsg.ssm.triton_scan) and low-memory block"))
+    # delta / z factors; the one-token streaming step of FSG's slow-net is one kernel each way
+    # (fsg.ssm.triton_stream). The conv is PyTorch's conv1d (the reference conv).
+    description="Triton selective scan kernels (fsg.ssm.triton_scan), low-memory block and streaming block step "
+                "(fsg.ssm.triton_stream, 16-bit state, in place)"))

@@ -528,27 +528,10 @@ def _stream_scan(block, window: Tensor, h: Optional[Tensor], h_new: Optional[Ten
     return out, (torch.cat(chunk_states) if chunk_states else None)
 
 
-class _PendingAdvance:
-    """The deferred in-place update of a streamed state (:func:`mamba_stream` with ``in_place``):
-    the backward kernel writes the new state over the old one once it has read it; calling this
-    object does it instead if the backward pass has not run, recomputing the step's inputs from
-    the saved window and the block's parameters as they were at the forward (a few kB, copied:
-    a meta step may have changed them since). Idempotent."""
-
-    def __init__(self, block, window: Tensor, h: Tensor):
-        self.block, self.window, self.h = block, window, h
-        self.weights = tuple(p.detach().clone() for p in _pre_scan_weights(block))
-        self.scan_params = tuple(p.detach().clone() for p in _scan_params(block))
-        self.done = False
-
-    def __call__(self) -> None:
-        if not self.done:
-            _stream_scan(self.block, self.window, self.h, self.h, self.weights, self.scan_params, want_out=False)
-            self.release()
-
-    def release(self) -> None:
-        self.done = True
-        self.block = self.window = self.h = self.weights = self.scan_params = None
+def _advance(block, window: Tensor, h: Tensor, params: tuple) -> None:
+    """:class:`fsg.ssm.lowmem.PendingAdvance`'s update: the step's new state written over ``h``
+    (``params``: the snapshot of :func:`_pre_scan_weights` + :func:`_scan_params`)."""
+    _stream_scan(block, window, h, h, params[:5], params[5:], want_out=False)
 
 
 def _graph_backward(wg: Tensor, weights: list, wants: list, outs: tuple, grads: tuple, d_window: Optional[Tensor],
@@ -702,7 +685,9 @@ def mamba_stream(block, window: Tensor, h: Optional[Tensor], state_dtype: torch.
     t_new = window.shape[1] - (block.d_conv - 1)
     if torch.is_grad_enabled() and (window.requires_grad or any(p.requires_grad for p in params)):
         # a single step in place: the backward kernel writes the new state (pending until then)
-        pending = _PendingAdvance(block, window.detach(), h) if (h_new is h and t_new == 1) else None
+        pending = (_lowmem.PendingAdvance(_advance, block, window.detach(), h,
+                                          _pre_scan_weights(block) + _scan_params(block))
+                   if (h_new is h and t_new == 1) else None)
         out = _MambaStream.apply(window, block, [h, h_new, pending], *_pre_scan_weights(block), block.dt_proj.bias,
                                  block.A_log, block.D, block.out_proj.weight)
         return out, h_new, pending

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["ScanKernels", "MambaLowMemory", "mamba_low_memory", "rank1_factors"]
+__all__ = ["ScanKernels", "MambaLowMemory", "mamba_low_memory", "rank1_factors", "PendingAdvance"]
 
 
 @dataclass(frozen=True)
@@ -132,3 +132,26 @@ def mamba_low_memory(block, x: Tensor, kernels: ScanKernels) -> Tensor:
     return MambaLowMemory.apply(x, block, kernels, block.in_proj.weight, block.conv1d.weight, block.conv1d.bias,
                                 block.x_proj.weight, block.dt_proj.weight, block.dt_proj.bias, block.A_log, block.D,
                                 block.out_proj.weight)
+
+
+class PendingAdvance:
+    """The deferred in-place update of a streamed state (a backend's ``mamba_stream`` with
+    ``in_place``): the backward kernel writes the new state over the old one ``h`` once it has
+    read it, then calls :meth:`release`; calling this object does the update instead if the
+    backward pass has not run: ``advance(block, window, h, snapshot)``, ``snapshot`` the
+    ``params`` as they were at the forward (a few kB, copied: a meta step may have changed them
+    since). Idempotent; ``done`` tells whether the old state is gone."""
+
+    def __init__(self, advance: Callable, block, window: Tensor, h: Tensor, params):
+        self.advance, self.block, self.window, self.h = advance, block, window, h
+        self.params = tuple(p.detach().clone() for p in params)
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.advance(self.block, self.window, self.h, self.params)
+            self.release()
+
+    def release(self) -> None:
+        self.done = True
+        self.advance = self.block = self.window = self.h = self.params = None

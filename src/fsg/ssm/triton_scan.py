@@ -108,7 +108,7 @@ def _adj_comb(f1, p1, g1, f2, p2, g2):
 
 
 @triton.jit
-def _softplus(x):
+def softplus_f32(x):
     """log(1 + exp(x)) like torch (x above 20 passes through), without cancellation."""
     e = tl.exp(-tl.abs(x))
     p = 1.0 + e
@@ -117,7 +117,8 @@ def _softplus(x):
 
 
 @triton.jit
-def _sigmoid(x):
+def sigmoid_f32(x):
+    """1 / (1 + exp(-x))."""
     return 1.0 / (1.0 + tl.exp(-x))
 
 
@@ -153,7 +154,7 @@ def _delta_tile(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, rows, xrow, d, t, dmask, 
         raw += tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     delta = raw
     if SOFTPLUS:
-        delta = _softplus(raw)
+        delta = softplus_f32(raw)
     return raw, tl.where(m, delta, 0.0)
 
 
@@ -164,7 +165,7 @@ def _gated_dy(dout_ptr, z_ptr, zfw_ptr, zfx_ptr, rows, xrow, d, t, dmask, tmask,
     dout = _load_tc(dout_ptr, rows, t, m)
     if HAS_Z:
         z = _load_series(z_ptr, zfw_ptr, zfx_ptr, rows, xrow, d, t, dmask, tmask, m, ZFAC)
-        sz = _sigmoid(z)
+        sz = sigmoid_f32(z)
         return dout, z, sz, dout * z * sz
     else:
         return dout, dout * 0.0, dout * 0.0, dout
@@ -357,7 +358,7 @@ def _fwd_out_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, 
             y += tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :] * u
         if HAS_Z:
             z = _load_series(z_ptr, zfw_ptr, zfx_ptr, rows, bidx * L, d, tt, dmask, tmask, m, ZFAC)
-            y *= z * _sigmoid(z)
+            y *= z * sigmoid_f32(z)
         tl.store(y_ptr + rows[None, :] + tt[:, None], y.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -470,7 +471,7 @@ def _bwd_outputs(delta, dyp, ddA, dhB, yp, u_ptr, delta_ptr, bias_ptr, dout_ptr,
     tl.store(du_ptr + rows[None, :] + t[:, None], (delta * dhB + Dv[None, :] * dyp).to(du_ptr.dtype.element_ty), mask=m)
     ddelta = ddA * 0.6931471805599453 + u * dhB  # ln(2): An = log2(e) A
     if SOFTPLUS:
-        ddelta *= tl.where(raw > 20.0, 1.0, _sigmoid(raw))
+        ddelta *= tl.where(raw > 20.0, 1.0, sigmoid_f32(raw))
     ddelta = tl.where(m, ddelta, 0.0)
     px = _store_series_grad(ddelta, ddelta_ptr, dfw_ptr, dfx_ptr, pv_ptr + 2 * DIM, rows, bidx * L, d, t, dmask,
                             tmask, m, DFAC)
@@ -551,7 +552,7 @@ def _states_buffer(batch: int, dim: int, nchunks: int, ns: int, device) -> Tenso
     return torch.empty(batch, nchunks, ns, dim, dtype=torch.float32, device=device).permute(0, 3, 1, 2)
 
 
-def _on(device: torch.device):
+def on_device(device: torch.device):
     """Launch on the tensors' GPU (Triton launches on the current device)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -592,7 +593,7 @@ def scan_forward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: Te
         states = _states_buffer(batch, dim, K, ns, dev)
     flags = dict(T=T, BD=bd, DFAC=dfac is not None, HAS_BIAS=bias is not None, SOFTPLUS=bool(delta_softplus),
                  num_warps=warps)
-    with _on(dev):
+    with on_device(dev):
         if K > 1:  # chunk end states: local ends, then their combination (launches 1 and 2)
             dsum = torch.empty(batch, K, dim, dtype=torch.float32, device=dev)
             _fwd_local_kernel[(batch * K,)](u, delta, dfw, dfx, bias, A, B, states, dsum, dim, length, ns, K,
@@ -644,7 +645,7 @@ def scan_backward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: T
         dh0 = dlast.float().clone()
     st = states if K > 1 else None
     dst = torch.empty_like(states) if K > 1 else None  # E_k per chunk (only with several chunks)
-    with _on(dev):
+    with on_device(dev):
         if K > 1:
             dsum = torch.empty(batch, K, dim, **f32)
             _bwd_local_kernel[(batch * K,)](delta, dfw, dfx, bias, A, C, z, zfw, zfx, dout, dst, dsum, dim, length, ns,
