@@ -14,11 +14,12 @@
 #   env          torch / CUDA / Triton / optional packages, fsg's scan backend -> env.txt
 #   smoke        Triton scan vs the reference on CUDA (values, gradients), the device-resident
 #                data loader vs the CPU one, one bf16 FSG step (no pytest needed) -> smoke.log
-#   profile      benchmarks/gpu_profile.py: the 1.35M-token scan kernel by kernel (torch.profiler),
-#                one STE / FSG flat / FSG stream step profiled (device busy vs wall: launch-bound?),
-#                the scan's tiling sweep (25 s budget)            -> gpu_profile.json, profile.log
-#   pytest-cuda  python -m pytest -m cuda (tests needing a GPU; only with TESTS=1) -> pytest-cuda.log/.xml
-#   triton-tests python -m pytest tests/test_ssm_triton.py on CUDA (only with TESTS=1) -> triton-tests.log/.xml
+#   profile      (only with PROFILE=1) benchmarks/gpu_profile.py: the 1.35M-token scan kernel by kernel
+#                (torch.profiler), one STE / FSG flat / FSG stream step profiled (device busy vs wall:
+#                launch-bound?), the scan's tiling sweep (25 s budget) -> gpu_profile.json, profile.log
+#   pytest-cuda  python -m pytest -m cuda (tests needing a GPU)       -> pytest-cuda.log/.xml
+#   triton-tests (only with TESTS=1) python -m pytest tests/test_ssm_triton.py tests/test_triton_stream.py
+#                on CUDA                                            -> triton-tests.log/.xml
 #   bench        fsg bench --device cuda --json --steps 2 --reps 1 --skip-mambapy, the reference scan
 #                timed on REF_SCAN_TOKENS tokens                    -> bench.json, bench.log
 #   runs         fsg train x4 on CIFAR-10 (JPEG copy) from the pre-trained ResNet-20: ste, multifc,
@@ -37,15 +38,16 @@
 # Time: every step has a cap, and no step runs past DEADLINE (285 s from the start, for
 # everything; 12 s of it kept for the plot and the summary). Until the runs, RUN_TIME (80) more
 # seconds are kept for them (when the data is there): a step that would eat into them is cut. On
-# an H200 (seconds, cap in brackets): nvidia-smi 1 [20], env 7 [30], smoke ~25 [40], profile ~55
-# [60], bench ~90 [100: nine measurements, each a fresh process of ~8 s start-up, imports and
-# warm-up; the repetitions are a small part], then the runs share the rest, ~95 s (weights ste 2,
-# multifc 2, fsg flat 4, fsg stream 3; a run finishing early leaves its time to the next). The
-# tests (pytest-cuda ~47 s, triton-tests over 50 s in the first run) do not fit beside those: they
-# run with TESTS=1, best with DEADLINE=400.
+# an H200 (seconds, cap in brackets; estimates from the first run): nvidia-smi 1 [20], env 7 [30],
+# smoke ~25 [40], pytest-cuda ~47 [50], bench ~90 [100: nine measurements, each a fresh process
+# of ~8 s start-up, imports and warm-up; the repetitions are a small part], then the runs share
+# the rest, ~100 s (weights ste 2, multifc 2, fsg flat 4, fsg stream 3; a run finishing early
+# leaves its time to the next). The profile (~55 s) and the Triton test files on CUDA (over 50 s)
+# do not fit beside those: PROFILE=1 / TESTS=1, each with about 60 s more DEADLINE.
 #
 # Knobs (environment): OUT, DEVICE (cuda), MAX_STEPS (300), LOG_EVERY (10), DEADLINE (285),
-# RUN_TIME (80), TESTS (0; 1: run pytest-cuda and triton-tests), GPU_DATA, WORK, PYTHON,
+# RUN_TIME (80), TESTS (0; 1: also the triton-tests step), PROFILE (0; 1: the profile step), GPU_DATA,
+# WORK, PYTHON,
 # BENCH_ARGS (extra `fsg bench` arguments), REF_SCAN_TOKENS (20001: the reference scan, a Python
 # loop over time, 15.8 s on fsg bench's 184,321 tokens, is timed on this many; 184321 for all),
 # PROFILE_ARGS (extra gpu_profile.py arguments), TEST_SUBSET (empty: the whole test set), SKIP
@@ -61,6 +63,7 @@ LOG_EVERY=${LOG_EVERY:-10}
 DEADLINE=${DEADLINE:-285}
 RUN_TIME=${RUN_TIME:-80}
 TESTS=${TESTS:-0}
+PROFILE=${PROFILE:-0}
 GPU_DATA=${GPU_DATA:-gpu-data}
 WORK=${WORK:-$GPU_DATA/runs}
 BENCH_ARGS=${BENCH_ARGS:-}
@@ -238,30 +241,35 @@ EOF
 export -f smoke
 step smoke 40 "$OUT/smoke.log" bash -c smoke
 
-# ---- profile: where the time goes (the sweep stops starting tilings at 45 s, the step's cap is 60)
-# shellcheck disable=SC2086 - PROFILE_ARGS is a list of arguments
-step profile 60 "$OUT/profile.log" "$PY" benchmarks/gpu_profile.py --device "$DEVICE" --out "$OUT" \
-    --sweep-budget 25 --deadline 45 $PROFILE_ARGS
+# ---- profile (PROFILE=1): where the time goes (the sweep stops starting tilings at 45 s, the cap is 60)
+if [ "$PROFILE" = 1 ]; then
+    # shellcheck disable=SC2086 - PROFILE_ARGS is a list of arguments
+    step profile 60 "$OUT/profile.log" "$PY" benchmarks/gpu_profile.py --device "$DEVICE" --out "$OUT" \
+        --sweep-budget 25 --deadline 45 $PROFILE_ARGS
+else
+    note "SKIPPED  profile: PROFILE=$PROFILE (~55 s more: PROFILE=1 DEADLINE=340)"
+fi
 
-# ---- tests (TESTS=1)
-if [ "$TESTS" != 1 ]; then
-    note "SKIPPED  pytest-cuda, triton-tests: TESTS=$TESTS (~100 s more: TESTS=1 DEADLINE=400; smoke checks the scan)"
-elif "$PY" -c "import pytest" 2> /dev/null; then
+# ---- tests: the cuda-marked ones; the Triton test file on CUDA with TESTS=1
+if "$PY" -c "import pytest" 2> /dev/null; then
     step pytest-cuda 50 "$OUT/pytest-cuda.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests \
         --ignore=tests/test_ssm_triton.py -k "not bench_cuda_tiny" --junitxml="$OUT/pytest-cuda.xml"
-    step triton-tests 50 "$OUT/triton-tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_ssm_triton.py \
-        --junitxml="$OUT/triton-tests.xml"
+    if [ "$TESTS" = 1 ]; then
+        step triton-tests 50 "$OUT/triton-tests.log" "$PY" -m pytest -q -p no:cacheprovider \
+            tests/test_ssm_triton.py tests/test_triton_stream.py --junitxml="$OUT/triton-tests.xml"
+    else
+        note "SKIPPED  triton-tests: TESTS=$TESTS (~50 s more: TESTS=1 DEADLINE=340; smoke checks the scan)"
+    fi
 else
     note "SKIPPED  pytest-cuda, triton-tests: pytest is not installed here (the smoke step checks the Triton scan)"
 fi
 
 # ---- bench: nine measurements (mambapy skipped: not installed there), each its own process; the
-# reference scan on REF_SCAN_TOKENS tokens (fsg bench's REF_SCAN_MAX; bench.json's setup and notes say so)
+# reference scan on REF_SCAN_TOKENS tokens (bench.json's setup and notes say so)
 bench_json() {
     # shellcheck disable=SC2086 - BENCH_ARGS is a list of arguments
-    "$PY" -c "import sys, fsg.cli.bench as b; b.REF_SCAN_MAX = int(sys.argv[1]); sys.exit(b.main(sys.argv[2:]))" \
-        "$REF_SCAN_TOKENS" --device "$DEVICE" --json --timeout 45 --steps 2 --reps 1 --skip-mambapy $BENCH_ARGS \
-        > "$OUT/bench.json"
+    "$PY" -m fsg bench --device "$DEVICE" --json --timeout 45 --steps 2 --reps 1 --skip-mambapy \
+        --ref-scan-length "$REF_SCAN_TOKENS" $BENCH_ARGS > "$OUT/bench.json"
 }
 export -f bench_json
 step bench 100 "$OUT/bench.log" bash -c bench_json

@@ -479,14 +479,15 @@ def test_fsg_stream_state_buffers_alternate():
     assert ptrs[3] == ptrs[5] and ptrs[3] != ptrs[4]  # steady state: two buffers, alternating
 
 
-@pytest.mark.parametrize("layout", ["flat", "temporal"])
-@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("layout,recompute", [("flat", True), ("flat", False), ("temporal", True),
+                                              ("temporal", False), ("stream", True)])
 def test_fsg_batch_layers_batches_layers_and_trains_alike(layout, recompute):
     """batch_layers on layers of 16, 16, 64 and 48 weights (history 3): flat batches the two
     16-weight layers (3 slow-net calls per step instead of 4); temporal batches layers in order
-    up to the 64-weight layer's 256 tokens: [16, 16], [64], [48] (3 calls). The same training as
-    per layer up to float rounding: losses, latent weights and every hypernetwork parameter after
-    6 steps."""
+    up to the 64-weight layer's 256 tokens: [16, 16], [64], [48] (3 calls); stream keeps the
+    slow-net per layer (each layer's state). The fast-net runs once per step instead of once per
+    layer. The same training as per layer up to float rounding: losses, latent weights and every
+    hypernetwork parameter after 6 steps."""
     from fsg.models import MLP
 
     x, y = make_task(n=32, d=4, k=3)
@@ -496,20 +497,28 @@ def test_fsg_batch_layers_batches_layers_and_trains_alike(layout, recompute):
         tr = fsg.Trainer(fsg.binarize(MLP(4, [4, 4, 16], 3), "dorefa"), "fsg", lr=0.05, history=3, layout=layout,
                          expand=8, batch_layers=batch, recompute=recompute)
         assert tr.estimator.batches_layers() == batch
-        calls = []
-        hook = tr.estimator.slow.register_forward_hook(lambda m, a, out: calls.append(tuple(a[0].shape)))
+        calls, fast = [], []
+        hooks = [tr.estimator.slow.register_forward_hook(lambda m, a, out: calls.append(tuple(a[0].shape))),
+                 tr.estimator.fast.register_forward_hook(lambda m, a, out: fast.append(a[0].numel()))]
+        if layout == "stream":  # the stream's calls go to the Mamba block's stream(), not the module's forward
+            stream = tr.estimator.slow.stream
+            tr.estimator.slow.stream = lambda seq, *a, **k: calls.append(tuple(seq.shape)) or stream(seq, *a, **k)
         losses = [tr.step(x, y).loss for _ in range(6)]
-        hook.remove()
-        runs[batch] = (tr, losses, calls)
-    (t0, l0, c0), (t1, l1, c1) = runs[False], runs[True]
+        for h in hooks:
+            h.remove()
+        runs[batch] = (tr, losses, calls, fast)
+    (t0, l0, c0, f0), (t1, l1, c1, f1) = runs[False], runs[True]
     assert [l.latent.numel() for l in t0.layers] == [16, 16, 64, 48]
-    if layout == "flat":  # the last step's calls: (rows, tokens per row, 1)
+    assert f0[-4:] == [16, 16, 64, 48] and f1[-1] == 144 and len(f0) == 4 * len(f1)
+    if layout == "stream":
+        assert c0[-4:] == c1[-4:] == [(16, 1, 1), (16, 1, 1), (64, 1, 1), (48, 1, 1)]
+    elif layout == "flat":  # the last step's calls: (rows, tokens per row, 1)
         assert c0[-4:] == [(1, 49, 1), (1, 49, 1), (1, 193, 1), (1, 145, 1)]
         assert c1[-3:] == [(2, 49, 1), (1, 193, 1), (1, 145, 1)]
     else:
         assert c0[-4:] == [(16, 4, 1), (16, 4, 1), (64, 4, 1), (48, 4, 1)]
         assert c1[-3:] == [(32, 4, 1), (64, 4, 1), (48, 4, 1)]
-    assert len(c0) == 5 * 4 and len(c1) == 5 * 3  # steps 1-5 (step 0 only observes)
+    assert len(c0) == 5 * 4 and len(c1) == 5 * (4 if layout == "stream" else 3)  # steps 1-5 (step 0 only observes)
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-5, atol=1e-7)
     for a, b in zip(t0.layers, t1.layers):
         torch.testing.assert_close(b.latent, a.latent, rtol=1e-5, atol=1e-6)
@@ -520,7 +529,8 @@ def test_fsg_batch_layers_batches_layers_and_trains_alike(layout, recompute):
 def test_fsg_batch_layers_default_follows_the_slow_net_device():
     est = fsg.estimators.FSG()
     assert est.config.batch_layers is None and not est.batches_layers()  # CPU: per layer (earlier numbers)
-    assert not fsg.estimators.FSG(batch_layers=True, layout="stream").batches_layers()
+    assert fsg.estimators.FSG(batch_layers=True, layout="stream").batches_layers()
+    assert not fsg.estimators.FSG(batch_layers=True, slow_net="lstm-fc").batches_layers()
     assert not fsg.estimators.FSG(batch_layers=True, beta=0.0).batches_layers()
     if torch.cuda.is_available():
         assert est.to("cuda").batches_layers()

@@ -287,11 +287,12 @@ def _spawn(argv: List[str], timeout: float) -> dict:
 def run_benchmarks(steps: int = 2, batch_size: int = 128, scan_reps: int = 2, threads: Optional[int] = None,
                    skip_mambapy: bool = False, timeout: float = 1800, log=None, model: str = "resnet20",
                    scan_length: int = SCAN_LENGTH, device: str = "cpu", long_scan_length: int = LONG_SCAN_LENGTH,
-                   ref_reps: int = 1) -> dict:
+                   ref_reps: int = 1, ref_scan_length: Optional[int] = None) -> dict:
     """Run every measurement (each in a subprocess) and return the result dictionary.
     ``model`` / ``scan_length`` / ``long_scan_length`` shrink the problem (for tests); the defaults
     are the benchmark. ``device``: ``"cpu"`` or a CUDA device (module docstring); ``ref_reps``:
-    timed runs of the reference scan on CUDA."""
+    timed runs of the reference scan on CUDA, on ``ref_scan_length`` tokens (None:
+    ``min(scan_length, REF_SCAN_MAX)``)."""
     log = log or (lambda msg: None)
     import torch
 
@@ -300,28 +301,30 @@ def run_benchmarks(steps: int = 2, batch_size: int = 128, scan_reps: int = 2, th
               "--scan-length": scan_length, "--device": device}
     if threads:
         common["--threads"] = threads
-    plan = _bench_plan(common, cuda, scan_length, long_scan_length, ref_reps)
+    ref_length = min(scan_length, REF_SCAN_MAX) if ref_scan_length is None else ref_scan_length
+    plan = _bench_plan(common, cuda, long_scan_length, ref_length, ref_reps)
     result: Dict[str, object] = {k: None for k in KEYS + EXTRA_KEYS}
     result["device"] = str(device)
     notes: Dict[str, str] = {}
     raw = _run_plan(plan, result, notes, skip_mambapy, timeout, log)
     result["ste_peak_rss_mb"] = raw.get("ste_step", {}).get("peak_rss_mb")
     result["multifc_peak_rss_mb"] = raw.get("multifc_step", {}).get("peak_rss_mb")
-    _note_scans(result, notes, raw, cuda, scan_length)
+    _note_scans(result, notes, raw, cuda, scan_length, ref_length)
     _note_missing(result, notes, cuda)
     if cuda:
         notes["ref_scan_long"] = (f"the reference scan is not timed on {long_scan_length:,} tokens: it is a Python "
                                   f"loop over time ({long_scan_length:,} sequential steps, each a few kernel launches) "
                                   "and holds L x d_inner x d_state float32 tensors (about "
                                   f"{3 * long_scan_length * 100 * 16 * 4 / 1e9:.0f} GB); ref_scan_s is on "
-                                  f"{min(scan_length, REF_SCAN_MAX):,} tokens")
-    ratios = _ratios(result, cuda, scan_length)
-    setup = _setup(model, batch_size, steps, scan_length, threads, device, cuda, long_scan_length, ref_reps)
+                                  f"{ref_length:,} tokens")
+    ratios = _ratios(result, cuda, scan_length == ref_length)
+    setup = _setup(model, batch_size, steps, scan_length, threads, device, cuda, long_scan_length, ref_length,
+                   ref_reps)
     result.update(ratios=ratios, notes=notes, raw=raw, setup=setup)
     return result
 
 
-def _bench_plan(common: dict, cuda: bool, scan_length: int, long_scan_length: int, ref_reps: int) -> list:
+def _bench_plan(common: dict, cuda: bool, long_scan_length: int, ref_length: int, ref_reps: int) -> list:
     """The measurements to run, in order: ``(name, child arguments)``."""
 
     def case(*argv, **overrides):  # the child's arguments: the case's, then the shared ones (overridden)
@@ -342,8 +345,7 @@ def _bench_plan(common: dict, cuda: bool, scan_length: int, long_scan_length: in
             ("fsg_flat_per_layer_step", case("--case", "step", "--estimator", "fsg",
                                              "--options", json.dumps({"batch_layers": False}))),
             ("scan_long", case("--case", "scan", "--impl", "fused", scan_length=long_scan_length)),
-            ("ref_scan", case("--case", "scan", "--impl", "reference", scan_length=min(scan_length, REF_SCAN_MAX),
-                              reps=ref_reps)),
+            ("ref_scan", case("--case", "scan", "--impl", "reference", scan_length=ref_length, reps=ref_reps)),
         ]
     plan.append(("mambapy_scan", case("--case", "scan", "--impl", "mambapy")))
     return plan
@@ -378,7 +380,8 @@ def _run_plan(plan: list, result: dict, notes: Dict[str, str], skip_mambapy: boo
     return raw
 
 
-def _note_scans(result: dict, notes: Dict[str, str], raw: Dict[str, dict], cuda: bool, scan_length: int) -> None:
+def _note_scans(result: dict, notes: Dict[str, str], raw: Dict[str, dict], cuda: bool, scan_length: int,
+                ref_length: int) -> None:
     """Record the CUDA scan backend, and note a reference-only backend, a missing mambapy, a shortened ref scan."""
     if "scan" in raw and cuda:
         result["scan_backend"] = raw["scan"].get("backend")
@@ -387,8 +390,8 @@ def _note_scans(result: dict, notes: Dict[str, str], raw: Dict[str, dict], cuda:
                                      "Python-loop reference")
     if "mambapy_scan" in notes and "No module named 'mambapy'" in notes["mambapy_scan"]:
         notes["mambapy_scan"] = "mambapy is not installed (pip install mambapy==1.2.0)"
-    if cuda and "ref_scan" in raw and scan_length > REF_SCAN_MAX:
-        notes["ref_scan"] = f"timed on {REF_SCAN_MAX:,} tokens (--scan-length is {scan_length:,})"
+    if cuda and "ref_scan" in raw and ref_length != scan_length:
+        notes["ref_scan"] = f"timed on {ref_length:,} tokens (--scan-length is {scan_length:,})"
 
 
 #: The measurement each result key comes from (whose note explains a missing value).
@@ -418,7 +421,7 @@ def _note_missing(result: dict, notes: Dict[str, str], cuda: bool) -> None:
             notes[k] = notes.get(src, "not measured")
 
 
-def _ratios(result: dict, cuda: bool, scan_length: int) -> Dict[str, float]:
+def _ratios(result: dict, cuda: bool, same_length: bool) -> Dict[str, float]:
     """Step times × STE's; mambapy's and the reference scan's time (and memory) over fsg's scan."""
     ratios = {}
     if result["ste_step_s"]:
@@ -431,7 +434,7 @@ def _ratios(result: dict, cuda: bool, scan_length: int) -> Dict[str, float]:
         if result[f"mambapy_scan_peak_{mem}_mb"] is not None and result[f"scan_peak_{mem}_mb"] is not None:
             ratios["mambapy_vs_scan_memory"] = (result[f"mambapy_scan_peak_{mem}_mb"]
                                                 / max(result[f"scan_peak_{mem}_mb"], 1e-9))
-    if result["scan_s"] and result["ref_scan_s"] and scan_length <= REF_SCAN_MAX:
+    if result["scan_s"] and result["ref_scan_s"] and same_length:
         ratios["ref_vs_scan_time"] = result["ref_scan_s"] / result["scan_s"]
         if result["ref_scan_peak_gpu_mb"] is not None and result["scan_peak_gpu_mb"]:
             ratios["ref_vs_scan_memory"] = result["ref_scan_peak_gpu_mb"] / max(result["scan_peak_gpu_mb"], 1e-9)
@@ -439,7 +442,7 @@ def _ratios(result: dict, cuda: bool, scan_length: int) -> Dict[str, float]:
 
 
 def _setup(model: str, batch_size: int, steps: int, scan_length: int, threads: Optional[int], device: str,
-           cuda: bool, long_scan_length: int, ref_reps: int) -> dict:
+           cuda: bool, long_scan_length: int, ref_length: int, ref_reps: int) -> dict:
     """The benchmark's setting: model, sizes, torch, threads, machine; on CUDA the GPU, CUDA, Triton and timing."""
     import torch
 
@@ -449,7 +452,7 @@ def _setup(model: str, batch_size: int, steps: int, scan_length: int, threads: O
              "machine": platform.machine(), "cpus": os.cpu_count(), "device": str(device)}
     if cuda:
         setup.update(gpu=torch.cuda.get_device_name(torch.device(device)), cuda=torch.version.cuda,
-                     long_scan_tokens=long_scan_length, ref_scan_tokens=min(scan_length, REF_SCAN_MAX),
+                     long_scan_tokens=long_scan_length, ref_scan_tokens=ref_length,
                      ref_scan_reps=ref_reps, timing="CUDA events after warm-up (steps: until the history is full; "
                      "scans: one untimed run); peak GPU memory: torch.cuda.max_memory_allocated")
         try:
@@ -524,6 +527,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--scan-length", type=int, default=SCAN_LENGTH, help="tokens of the scan measurement")
     p.add_argument("--long-scan-length", type=int, default=LONG_SCAN_LENGTH,
                    help="tokens of the long scan measurement (CUDA only)")
+    p.add_argument("--ref-scan-length", type=int, default=None,
+                   help=f"tokens of the reference scan (CUDA only; a Python loop over time; default: the scan's, "
+                        f"at most {REF_SCAN_MAX:,})")
     return p
 
 
@@ -550,8 +556,9 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    for name in ("steps", "batch_size", "reps", "scan_length", "long_scan_length"):
-        if getattr(args, name, 1) < 1:
+    for name in ("steps", "batch_size", "reps", "scan_length", "long_scan_length", "ref_scan_length"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
             print(f"fsg: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     from fsg.train.config import require_device
@@ -566,6 +573,7 @@ def run(args) -> int:
                          skip_mambapy=args.skip_mambapy, timeout=args.timeout, model=args.model,
                          scan_length=args.scan_length, device=device,
                          long_scan_length=getattr(args, "long_scan_length", LONG_SCAN_LENGTH),
+                         ref_scan_length=getattr(args, "ref_scan_length", None),
                          log=None if args.json else (lambda m: print(m, file=sys.stderr, flush=True)))
     print(json.dumps(res, indent=2) if args.json else _table(res))
     return 0

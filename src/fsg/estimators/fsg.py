@@ -61,10 +61,10 @@ class FSGConfig(EstimatorConfig):
     slow_lr: float = option(1e-3, "Adam learning rate of the slow-net", **_LR)
     lre_lr: float = option(1e-3, "Adam learning rate of the layer embedding", **_LR)
     batch_layers: Optional[bool] = option(
-        None, "mamba slow-net, layouts flat and temporal: run the slow-net on several layers at once (flat: layers of "
-        "equal size; temporal: any layers; no call longer than the largest layer's) and the fast-net once on all "
-        "layers, instead of once per layer; the same directions up to float rounding, far fewer kernel launches on a "
-        "GPU",
+        None, "mamba slow-net: run the fast-net once on all layers and, layouts flat and temporal, the slow-net on "
+        "several layers at once (flat: layers of equal size; temporal: any layers; no call longer than the largest "
+        "layer's), instead of once per layer (stream: the slow-net stays per layer, each layer has its own state); "
+        "the same directions up to float rounding, far fewer kernel launches on a GPU",
         kind="bool", default_text="on when the slow-net is on CUDA")
     state_dtype: str = option("float32", "layout stream: dtype of the carried per-weight Mamba state; 16 bits halve "
                               "it and keep one copy (float32 arithmetic, rounded to nearest even when stored)",
@@ -147,12 +147,13 @@ class FSG(Estimator):
       pending (:attr:`pending_stream`); :meth:`commit`, called by the trainer after the step's
       backward pass, makes it the carried state. A 16-bit in-place state is the exception the
       memory saving needs: the backward pass through ``G_slow`` overwrites it with ``s⁽ᵗ⁾``.
-    * ``batch_layers`` (layouts flat and temporal): the trainer asks for all layers' directions at
-      once (:meth:`directions_all`); the slow-net then runs on several layers at once
+    * ``batch_layers`` (the mamba slow-net): the trainer asks for all layers' directions at once
+      (:meth:`directions_all`); the element-wise fast-net then runs once on all layers' ``W̃``
+      and, layouts flat and temporal, the slow-net on several layers at once
       (:meth:`slow_gradients`; never more tokens per call than the largest layer's, so no more
-      memory) and the element-wise fast-net once on all layers' ``W̃``: on a GPU, where a step of
-      this size is mostly kernel launches, this divides their launches by the number of layers
-      batched together.
+      memory; stream: per layer, on each layer's state): on a GPU, where a step of this size is
+      mostly kernel launches, this divides their launches by the number of layers batched
+      together.
       Unset: on when the slow-net is on CUDA (on the CPU, per layer keeps earlier runs' numbers
       bit for bit).
     * options: :class:`FSGConfig` (``FSG(**options)`` = ``FSG(FSGConfig(**options))``).
@@ -312,10 +313,10 @@ class FSG(Estimator):
         return d, u
 
     def batches_layers(self) -> bool:
-        """Whether :meth:`directions_all` runs the slow-net for all layers together
-        (:meth:`slow_gradients`): ``batch_layers`` (unset: when the slow-net is on CUDA), for the
-        mamba slow-net with the flat or temporal layout and β > 0."""
-        if self.slow_net != "mamba" or self.layout not in ("flat", "temporal") or self.beta == 0:
+        """Whether :meth:`directions_all` runs the fast-net once on all layers and (layouts flat and
+        temporal) the slow-net on several layers together (:meth:`slow_gradients`): ``batch_layers``
+        (unset: when the slow-net is on CUDA), for the mamba slow-net and β > 0."""
+        if self.slow_net != "mamba" or self.beta == 0:
             return False
         if self.config.batch_layers is None:
             return next(self.slow.parameters()).is_cuda
@@ -324,7 +325,10 @@ class FSG(Estimator):
     def directions_all(self, contexts) -> List[Tuple[Tensor, Tensor]]:
         if not self.batches_layers():
             return super().directions_all(contexts)
-        g_slow = self.slow_gradients([c.index for c in contexts])
+        if self.layout == "stream":  # each layer's own carried state: the slow-net per layer
+            g_slow = {c.index: self.slow_gradient(c.index) for c in contexts}
+        else:
+            g_slow = self.slow_gradients([c.index for c in contexts])
         # the fast-net is element-wise: one call on every layer's W̃
         fast = self.fast(torch.cat([c.w_tilde.reshape(-1) for c in contexts])).split([c.w_tilde.numel() for c in contexts])
         return [self.directions(c, g_slow[c.index], f.view_as(c.w_tilde)) for c, f in zip(contexts, fast)]
