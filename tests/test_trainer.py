@@ -526,6 +526,15 @@ def test_fsg_batch_layers_batches_layers_and_trains_alike(layout, recompute):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_fsg_stream_state_in_place_where_it_must_be():
+    """One copy of the carried state for a 16-bit state_dtype, and for float32 on CUDA; two
+    alternating float32 buffers on the CPU (earlier runs' numbers)."""
+    assert not fsg.estimators.FSG(layout="stream").stream_in_place()
+    assert fsg.estimators.FSG(layout="stream", state_dtype="bfloat16").stream_in_place()
+    if torch.cuda.is_available():
+        assert fsg.estimators.FSG(layout="stream").to("cuda").stream_in_place()
+
+
 def test_fsg_batch_layers_default_follows_the_slow_net_device():
     est = fsg.estimators.FSG()
     assert est.config.batch_layers is None and not est.batches_layers()  # CPU: per layer (earlier numbers)

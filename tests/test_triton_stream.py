@@ -159,11 +159,13 @@ def test_declines_what_it_does_not_cover():
 
 
 @pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
-def test_fsg_stream_training_on_the_triton_step(triton_here, state_dtype):
+def test_fsg_stream_training_on_the_triton_step(triton_here, monkeypatch, state_dtype):
     """FSG's stream layout trained through the Triton step (the first, two-token call runs the
-    Triton scan, every later step the block step) follows the reference backend: the same losses
-    to float32 tolerance over four steps (a 16-bit state: to its rounding), and the carried state
-    keeps its dtype."""
+    Triton scan, every later step the block step), its state updated in place as on CUDA (a
+    float32 one too), follows the reference backend: the same losses to float32 tolerance over
+    four steps (a 16-bit state: to its rounding); the carried state keeps its dtype and, from the
+    second step on, its memory (one copy)."""
+    monkeypatch.setattr(fsg.estimators.FSG, "stream_in_place", lambda self: True)
     x, y = make_task(n=32, d=4)
     losses = {}
     for backend in ("reference", "triton-here"):
@@ -171,9 +173,12 @@ def test_fsg_stream_training_on_the_triton_step(triton_here, state_dtype):
             model = fsg.binarize(make_mlp(d=4, hidden=6), "dorefa").to(DEV)
             tr = fsg.Trainer(model, "fsg", optimizer="sgd", lr=0.05, layout="stream", expand=4, d_state=4,
                              state_dtype=state_dtype)
-            losses[backend] = [tr.step(x.to(DEV), y.to(DEV)).loss for _ in range(4)]
-            states = [s for s in tr.estimator.stream_states if s is not None]
-            assert states and all(s[1].dtype == getattr(torch, state_dtype) for s in states)
+            losses[backend] = [tr.step(x.to(DEV), y.to(DEV)).loss for _ in range(2)]
+            ptrs = [s[1].data_ptr() for s in tr.estimator.stream_states]
+            losses[backend] += [tr.step(x.to(DEV), y.to(DEV)).loss for _ in range(2)]
+            states = tr.estimator.stream_states
+            assert all(s[1].dtype == getattr(torch, state_dtype) for s in states)
+            assert [s[1].data_ptr() for s in states] == ptrs
     assert "stream_block_backward" in triton_here
     tol = 1e-5 if state_dtype == "float32" else 1e-2
     torch.testing.assert_close(torch.tensor(losses["triton-here"]), torch.tensor(losses["reference"]), rtol=tol,

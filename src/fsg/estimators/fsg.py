@@ -138,8 +138,9 @@ class FSG(Estimator):
       step reads the stored state, computes in float32 (``G_slow`` from the unrounded new
       state) and stores the new state rounded to nearest even. A 16-bit state is also updated
       in place (the backward pass of the step writes the new state over the old one, so one
-      copy exists instead of two). The float32 state keeps two alternating buffers (the new
-      state is written into the spare one). Either way, with ``recompute`` the step keeps
+      copy exists instead of two), and so is a float32 state on CUDA; a float32 state on the CPU
+      keeps two alternating buffers (the new state is written into the spare one; see
+      :meth:`stream_in_place`). Either way, with ``recompute`` the step keeps
       nothing of the slow-net's activations for the backward pass (see
       :meth:`fsg.ssm.mamba.Mamba.stream`; on the CPU one kernel each way does the whole step).
     * carried state (the stream layout's per-weight Mamba state ``s⁽ᵗ⁾``; the lstm-fc slow-net's
@@ -284,17 +285,25 @@ class FSG(Estimator):
         state = self.stream_states[index]
         if state is None and self.lre is not None:  # the stream starts with the layer's token
             seq = torch.cat([self.lre.weight[index].view(1, 1, 1).expand(n, 1, 1).to(seq.dtype), seq], dim=1)
-        if self.state_dtype == "float32":
+        if not self.stream_in_place():
             # the new state goes into the spare buffer (free: two steps old); the old one becomes the next spare
             out, new_state = self.slow.stream(seq, state, state_buffer=self._stream_spare[index],
                                               low_memory=self.recompute)
             spare, finish = (state[-1] if (state is not None and self.slow.kind == "mamba") else None), None
-        else:  # 16 bits, one copy: the step's backward pass writes the new state over the old
+        else:  # one copy: the step's backward pass writes the new state over the old
             out, new_state, finish = self.slow.mamba.stream(
                 seq, state, state_dtype=STATE_DTYPES[self.state_dtype], low_memory=self.recompute, in_place=True)
             spare = self._stream_spare[index]
         self.pending_stream[index] = (new_state, spare, finish)
         return out[:, -1, 0]
+
+    def stream_in_place(self) -> bool:
+        """Layout stream: whether each layer's carried state is one tensor updated in place by the
+        step's backward pass (a 16-bit ``state_dtype``; float32 when the slow-net is on CUDA, where
+        the state's two float32 copies would be most of the GPU memory of a step: 3.4 GB of
+        ResNet-20's), rather than two alternating float32 buffers (the CPU's float32, which keeps
+        earlier runs' numbers bit for bit)."""
+        return self.state_dtype != "float32" or next(self.slow.parameters()).is_cuda
 
     def directions(self, ctx: LayerContext, g_slow: Optional[Tensor] = None,
                    fast_out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
