@@ -283,6 +283,17 @@ def test_all_finite_is_exact():
     big = torch.full((1000,), 3e38)  # finite, but its sum overflows: the fast path's false alarm is checked
     assert all_finite([torch.ones(3), big]) and all_finite([]) and all_finite([torch.arange(3)])
     for bad in (float("nan"), float("inf"), -float("inf")):
-        t = torch.zeros(5)
-        t[2] = bad
-        assert not all_finite([torch.ones(3), t])
+        for dtype in (torch.float32, torch.bfloat16, torch.complex64):
+            t = torch.zeros(5, dtype=dtype)
+            t[2] = bad
+            assert not all_finite([torch.ones(3), t, torch.zeros(0)])
+
+
+def test_all_finite_checks_many_tensors_in_a_few_operators():
+    """The fast path is one multi-tensor norm per device, not an operator per tensor (each a kernel
+    launch on a GPU): 50 tensors, a handful of ATen operators."""
+    from fsg.cli.bench import aten_ops
+    from fsg.trainer import all_finite
+
+    tensors = [torch.randn(7) for _ in range(50)]
+    assert aten_ops(lambda: all_finite(tensors)) <= 10

@@ -104,15 +104,18 @@ def check_nonfinite_policy(nonfinite: str, max_skips: int) -> Tuple[str, int]:
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
-    """Whether every element of every (floating-point) tensor is finite. Fast path: one sum per
-    tensor, stacked per device, one synchronisation per device — a NaN or an infinity makes its
-    tensor's sum non-finite; only when a sum is not finite (a NaN, an infinity, or finite values
-    whose sum overflows) are the elements checked one by one, so the answer is exact."""
+    """Whether every element of every (floating-point) tensor is finite. Fast path: per device the
+    tensors' Euclidean norms in one multi-tensor call (``torch._foreach_norm``: a few kernel
+    launches on a GPU, not one per tensor), stacked, one synchronisation per device — a NaN or an
+    infinity makes its tensor's norm non-finite; only when a norm is not finite (a NaN, an
+    infinity, or finite values whose squares overflow) are the elements checked one by one, so the
+    answer is exact."""
     floats = [t for t in tensors if t.is_floating_point() or t.is_complex()]
-    sums: Dict[torch.device, List[Tensor]] = {}  # per device (a CUDA run keeps e.g. Adam's step counts on the CPU)
+    groups: Dict[torch.device, List[Tensor]] = {}  # per device (a CUDA run keeps e.g. Adam's step counts on the CPU)
     for t in floats:
-        sums.setdefault(t.device, []).append(t.sum())
-    if all(bool(torch.stack(v).isfinite().all()) for v in sums.values()):
+        groups.setdefault(t.device, []).append(t)
+    if all(bool(torch.stack([n.float() for n in torch._foreach_norm(v, 2)]).isfinite().all())
+           for v in groups.values()):
         return True
     return all(bool(t.isfinite().all()) for t in floats)
 
