@@ -144,7 +144,7 @@ class PendingAdvance:
 
     def __init__(self, advance: Callable, block, window: Tensor, h: Tensor, params):
         self.advance, self.block, self.window, self.h = advance, block, window, h
-        self.params = tuple(p.detach().clone() for p in params)
+        self.params = _snapshot(tuple(params))
         self.done = False
 
     def __call__(self) -> None:
@@ -155,3 +155,20 @@ class PendingAdvance:
     def release(self) -> None:
         self.done = True
         self.advance = self.block = self.window = self.h = self.params = None
+
+
+_last_snapshot: list = [None, None, None]  # (params, their versions, copies): the layers of a step share one
+
+
+def _snapshot(params: tuple) -> tuple:
+    """Copies of ``params``, shared by every call until one of them changes (its version counter:
+    an optimizer step updates it in place): a step's streamed layers share one slow-net, so one
+    copy per step instead of one per layer. The cache holds the parameters themselves, so their
+    identities stay theirs."""
+    versions = tuple(p._version for p in params)
+    held, held_versions, copies = _last_snapshot
+    if held is None or len(held) != len(params) or any(a is not b for a, b in zip(held, params)) \
+            or held_versions != versions:
+        copies = tuple(p.detach().clone() for p in params)
+        _last_snapshot[:] = [params, versions, copies]
+    return copies
