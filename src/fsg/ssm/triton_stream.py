@@ -104,6 +104,29 @@ def _row_forward(w, h0, cw, cb, wu, wz, wdt_x, WB, WC, dfw, An, Dv, bias, wo, KW
 
 
 @triton.jit
+def _row_backward(g, a, sg, u, Bv, Cv, raw, delta, z, eah0, h, yp, wo, WB, WC, wdt_x, dfw, An, Dv, dm, dn):
+    """One sequence's gradients from its output gradient ``g`` and :func:`_row_forward`'s
+    intermediates: ``dy'`` and ``dz`` (DP,), ``dh ⊙ δ`` (DP, NP), ``dB``, ``dC`` (NP,), the
+    gradient of the raw delta (before the softplus, DP,), ``d dlt`` and ``ā`` (the gradient of
+    the conv's pre-activation, DP,)."""
+    dy = g * wo
+    sz = sigmoid_f32(z)
+    dyp = dy * z * sz
+    dz = dy * yp * sz * (1.0 + z * (1.0 - sz))
+    dh = dyp[:, None] * Cv[None, :]  # (DP, NP)
+    dC = tl.sum(tl.where(dn, h * dyp[:, None], 0.0), axis=0)
+    dhd = dh * delta[:, None]
+    dB = tl.sum(dhd * u[:, None], axis=0)
+    du = Dv * dyp + tl.sum(dhd * Bv[None, :], axis=1)
+    ddelta = tl.sum(dh * (An * 0.6931471805599453 * eah0 + u[:, None] * Bv[None, :]), axis=1)  # ln 2: An = log2(e) A
+    draw = tl.where(dm, ddelta * tl.where(raw > 20.0, 1.0, sigmoid_f32(raw)), 0.0)
+    ddlt = tl.sum(draw * dfw, axis=0)
+    ubar = du + ddlt * wdt_x + tl.sum(WB * dB[None, :], axis=1) + tl.sum(WC * dC[None, :], axis=1)
+    abar = tl.where(dm, ubar * sg * (1.0 + a * (1.0 - sg)), 0.0)
+    return dyp, dz, dhd, dB, dC, draw, ddlt, abar
+
+
+@triton.jit
 def _stream_fwd_kernel(win_ptr, cw_ptr, cb_ptr, wi_ptr, wx_ptr, wdt_ptr, alog_ptr, D_ptr, bias_ptr, wo_ptr,
                        h0_ptr, out_ptr, hnew_ptr, NB, DIM, NS, KW, ROWS, hsb, hsd, hsn, osb, osd, osn,
                        DP: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, HAS_H0: tl.constexpr,
@@ -159,20 +182,8 @@ def _stream_bwd_kernel(win_ptr, cw_ptr, cb_ptr, wi_ptr, wx_ptr, wdt_ptr, alog_pt
             s, a, sg, u, dlt, Bv, Cv, raw, delta, x, z, eah0, h, yp, yg = _row_forward(
                 w, h0, cw, cb, wu, wz, wdt_x, WB, WC, dfw, An, Dv, bias, wo, KW, KP)
             g = tl.load(dout_ptr + b).to(tl.float32)
-            dy = g * wo
-            sz = sigmoid_f32(z)
-            dyp = dy * z * sz
-            dz = dy * yp * sz * (1.0 + z * (1.0 - sz))
-            dh = dyp[:, None] * Cv[None, :]  # (DP, NP)
-            dC = tl.sum(tl.where(dn, h * dyp[:, None], 0.0), axis=0)
-            dhd = dh * delta[:, None]
-            dB = tl.sum(dhd * u[:, None], axis=0)
-            du = Dv * dyp + tl.sum(dhd * Bv[None, :], axis=1)
-            ddelta = tl.sum(dh * (An * 0.6931471805599453 * eah0 + u[:, None] * Bv[None, :]), axis=1)  # ln 2: An = log2(e) A
-            draw = tl.where(dm, ddelta * tl.where(raw > 20.0, 1.0, sigmoid_f32(raw)), 0.0)
-            ddlt = tl.sum(draw * dfw, axis=0)
-            ubar = du + ddlt * wdt_x + tl.sum(WB * dB[None, :], axis=1) + tl.sum(WC * dC[None, :], axis=1)
-            abar = tl.where(dm, ubar * sg * (1.0 + a * (1.0 - sg)), 0.0)
+            dyp, dz, dhd, dB, dC, draw, ddlt, abar = _row_backward(g, a, sg, u, Bv, Cv, raw, delta, z, eah0, h, yp,
+                                                                   wo, WB, WC, wdt_x, dfw, An, Dv, dm, dn)
             ds = abar * wu
             gA += dhd * eah0
             gWB += u[:, None] * dB[None, :]
