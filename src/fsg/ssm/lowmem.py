@@ -164,7 +164,8 @@ def _snapshot(params: tuple) -> tuple:
     """Copies of ``params``, shared by every call until one of them changes (its version counter:
     an optimizer step updates it in place): a step's streamed layers share one slow-net, so one
     copy per step instead of one per layer. The cache holds the parameters themselves, so their
-    identities stay theirs."""
+    identities stay theirs. (A change through ``.data`` bypasses the version counter and would not
+    be seen; optimizers and ``load_state_dict`` update parameters in place, which it sees.)"""
     versions = tuple(p._version for p in params)
     held, held_versions, copies = _last_snapshot
     if held is None or len(held) != len(params) or any(a is not b for a, b in zip(held, params)) \
