@@ -30,6 +30,18 @@ def make_mlp(seed=0, d=8, hidden=12, k=3):
     return MLP(d, [hidden], k)
 
 
+def finish_after_a_meta_step(module, finish):
+    """Call a streamed state's ``finish()`` while ``module``'s parameters are changed (by 0.1, as a
+    meta step between the forward and ``finish()`` would), then restore them."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1)
+    finish()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.sub_(0.1)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test (small-op CLI runs are faster and less noisy so)."""

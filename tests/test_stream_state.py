@@ -18,7 +18,7 @@ from fsg.ssm.mamba import Mamba
 from fsg.ssm import cpu
 from fsg.ssm.reference import selective_scan_ref
 
-from conftest import make_mlp, make_task
+from conftest import finish_after_a_meta_step, make_mlp, make_task
 
 needs_kernel = pytest.mark.skipif(not cpu.available(), reason=f"fused kernels unavailable: {cpu.build_error()}")
 
@@ -367,13 +367,7 @@ def test_in_place_finish_without_backward_and_its_misuse():
     expected = a[1].clone()
     st = (ref[0], ref[1].clone())
     out, b, finish = m.stream(x1, st, state_dtype=torch.bfloat16, low_memory=True, in_place=True)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1)  # a meta step between the forward and finish()
-    finish()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.sub_(0.1)
+    finish_after_a_meta_step(m, finish)
     assert torch.equal(b[1], expected)
     with pytest.raises(RuntimeError, match="already advanced"):
         out.sum().backward()

@@ -20,7 +20,7 @@ from fsg.ssm import backends  # noqa: E402
 from fsg.ssm.mamba import Mamba  # noqa: E402
 from fsg.ssm import triton_stream as tst  # noqa: E402
 
-from conftest import make_mlp, make_task  # noqa: E402
+from conftest import finish_after_a_meta_step, make_mlp, make_task  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 HALF = [torch.bfloat16, torch.float16]
@@ -132,13 +132,7 @@ def test_finish_without_backward_and_its_misuse(triton_here):
         out.sum().backward()
         finish()
         out, (_, b), finish = m.stream(x, (x_hist, h.clone()), **kw)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1)  # a meta step between the forward and finish()
-    finish()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.sub_(0.1)
+    finish_after_a_meta_step(m, finish)
     torch.testing.assert_close(b.float(), a.float(), rtol=2 * EPS[torch.bfloat16], atol=0)
     with pytest.raises(RuntimeError, match="already advanced"):
         out.sum().backward()
