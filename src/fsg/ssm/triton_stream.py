@@ -161,7 +161,7 @@ def _stream_bwd_kernel(win_ptr, cw_ptr, cb_ptr, wi_ptr, wx_ptr, wdt_ptr, alog_pt
                        WRITE: tl.constexpr, WANT_WIN: tl.constexpr):
     """Backward of rows ``pid·ROWS ..`` (see the module docstring): ``dwin[b]`` (WANT_WIN), the
     new state into ``hnew`` (WRITE; may be ``h0``) and this program's partial weight gradients,
-    row ``pid`` of ``part`` (programs, TOT) in the parameters' layouts (see :func:`_grad_layout`)."""
+    row ``pid`` of ``part`` (programs, TOT) in the parameters' layouts (see :func:`_store_partials`)."""
     cw, cb, wu, wz, wdt_x, WB, WC, dfw, An, Dv, bias, wo = _weights(
         cw_ptr, cb_ptr, wi_ptr, wx_ptr, wdt_ptr, alog_ptr, D_ptr, bias_ptr, wo_ptr, DIM, NS, KW, DP, NP, KP)
     d, n, k = tl.arange(0, DP), tl.arange(0, NP), tl.arange(0, KP)
@@ -210,28 +210,27 @@ def _stream_bwd_kernel(win_ptr, cw_ptr, cb_ptr, wi_ptr, wx_ptr, wdt_ptr, alog_pt
 @triton.jit
 def _store_partials(p, d, n, k, dm, dn, km, DIM, NS, KW, An, gA, gWB, gWC, gcw, gwu, gwz, gcb, gwdt, gdfw, gbias, gD,
                     gwo):
-    """A program's partial gradients in :func:`_grad_layout`'s order: in_proj (w_u, w_z), conv1d
-    weight (d, k), conv1d bias, x_proj (dlt row, B rows, C rows), dt_proj weight, dt_proj bias,
-    A_log (dA·A), D, out_proj."""
+    """A program's partial gradients in :func:`_params`' order and layouts: conv1d weight (d, k),
+    conv1d bias, in_proj (w_u, w_z), x_proj (dlt row, B rows, C rows), dt_proj weight, A_log
+    (dA·A), D, dt_proj bias, out_proj."""
     R = 1 + 2 * NS
-    tl.store(p + d, gwu, mask=dm)
-    tl.store(p + DIM + d, gwz, mask=dm)
-    o = 2 * DIM
-    tl.store(p + o + d[None, :] * KW + k[:, None], gcw, mask=dm[None, :] & km[:, None])
-    o += DIM * KW
+    tl.store(p + d[None, :] * KW + k[:, None], gcw, mask=dm[None, :] & km[:, None])
+    o = DIM * KW
     tl.store(p + o + d, gcb, mask=dm)
-    o += DIM
+    tl.store(p + o + DIM + d, gwu, mask=dm)
+    tl.store(p + o + 2 * DIM + d, gwz, mask=dm)
+    o += 3 * DIM
     tl.store(p + o + d, gwdt, mask=dm)
     tl.store(p + o + (1 + n[None, :]) * DIM + d[:, None], gWB, mask=dn)
     tl.store(p + o + (1 + NS + n[None, :]) * DIM + d[:, None], gWC, mask=dn)
     o += R * DIM
     tl.store(p + o + d, gdfw, mask=dm)
-    tl.store(p + o + DIM + d, gbias, mask=dm)
-    o += 2 * DIM
+    o += DIM
     tl.store(p + o + d[:, None] * NS + n[None, :], gA * An * 0.6931471805599453, mask=dn)  # dA_log = dA·A
     o += DIM * NS
     tl.store(p + o + d, gD, mask=dm)
-    tl.store(p + o + DIM + d, gwo, mask=dm)
+    tl.store(p + o + DIM + d, gbias, mask=dm)
+    tl.store(p + o + 2 * DIM + d, gwo, mask=dm)
 
 
 def _params(block) -> tuple:
@@ -240,13 +239,6 @@ def _params(block) -> tuple:
     x_proj.weight, dt_proj.weight, A_log, D, dt_proj.bias, out_proj.weight."""
     return (block.conv1d.weight, block.conv1d.bias, block.in_proj.weight, block.x_proj.weight, block.dt_proj.weight,
             block.A_log, block.D, block.dt_proj.bias, block.out_proj.weight)
-
-
-def _grad_layout(block) -> list:
-    """(parameter, numel) in the order of the partials buffer (:func:`_store_partials`)."""
-    order = [block.in_proj.weight, block.conv1d.weight, block.conv1d.bias, block.x_proj.weight, block.dt_proj.weight,
-             block.dt_proj.bias, block.A_log, block.D, block.out_proj.weight]
-    return [(p, p.numel()) for p in order]
 
 
 def _strides(h: Optional[Tensor]) -> tuple:
@@ -282,25 +274,23 @@ def stream_block_forward(block, window: Tensor, h: Optional[Tensor], h_new: Opti
 def stream_block_backward(block, window: Tensor, h0: Optional[Tensor], h_new: Optional[Tensor], dout: Tensor,
                           want_window: bool):
     """The backward of :func:`stream_block_forward` from ``dout`` (B, 1, 1): ``(d_window (B,
-    d_conv, 1) or None, [the gradients of the block's parameters in the order of
-    fsg.ssm.cpu's block step: in_proj, conv1d weight, conv1d bias, x_proj, dt_proj weight,
-    dt_proj bias, A_log, D, out_proj])``, float32, each a view of one summed buffer; the new
+    d_conv, 1) or None, [the gradients of the block's parameters in :func:`_params`'
+    order])``, float32, each a view of one summed buffer; the new
     state is written into ``h_new`` (None: not written; may be ``h0``)."""
     batch = window.shape[0]
     win = window.detach().reshape(batch, -1).contiguous()
     grid, rows, consts = _launch_shape(block, batch)
-    layout = _grad_layout(block)
-    tot = sum(size for _, size in layout)
+    params = _params(block)
+    tot = sum(p.numel() for p in params)
     part = torch.empty(grid[0], tot, dtype=torch.float32, device=win.device)
     dwin = torch.empty(batch, block.d_conv, dtype=torch.float32, device=win.device) if want_window else None
     g = dout.detach().reshape(batch).float().contiguous()
     with on_device(win.device):
-        _stream_bwd_kernel[grid](win, *(p.detach() for p in _params(block)), h0, g, h_new, dwin, part, batch,
+        _stream_bwd_kernel[grid](win, *(p.detach() for p in params), h0, g, h_new, dwin, part, batch,
                                  block.d_inner, block.d_state, block.d_conv, rows, tot, *_strides(h0),
                                  *_strides(h_new), HAS_H0=h0 is not None,
                                  WRITE=h_new is not None, WANT_WIN=want_window, **consts)
-    grads = part.sum(0).split([size for _, size in layout])
-    grads = [gr.view_as(p) for gr, (p, _) in zip(grads, layout)]
+    grads = [gr.view_as(p) for gr, p in zip(part.sum(0).split([p.numel() for p in params]), params)]
     return (None if dwin is None else dwin.view(batch, block.d_conv, 1)), grads
 
 
@@ -328,8 +318,7 @@ class _StreamStep(torch.autograd.Function):
                                                 ctx.needs_input_grad[0])
         if pending is not None:
             pending.release()  # the new state is in place
-        by_param = {id(p): gr for (p, _), gr in zip(_grad_layout(block), grads)}
-        return (d_window, None, None) + tuple(by_param[id(p)].to(p.dtype) for p in _params(block))
+        return (d_window, None, None) + tuple(gr.to(p.dtype) for gr, p in zip(grads, _params(block)))
 
 
 def _advance(block, window: Tensor, h: Tensor, params: tuple) -> None:
