@@ -96,6 +96,62 @@ def ptxas_resources(ptx: str, arch: int) -> Dict[str, int]:
             "spill_loads": int(loads.group(1)) if loads else 0}
 
 
+def _cuobjdump(arch: int) -> str:
+    return os.path.join(os.path.dirname(_ptxas(arch)), "cuobjdump")
+
+
+def sass_instructions(cubin: bytes, arch: int) -> List[Tuple[int, str]]:
+    """(address, opcode and operands) of every SASS instruction of a cubin (``cuobjdump -sass``,
+    the one bundled with Triton), predicates stripped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run([_cuobjdump(arch), "-sass", path], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed: {res.stderr.strip()[-400:]}")
+    out = []
+    for line in res.stdout.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][^;]*);", line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2).strip()))
+    return out
+
+
+def _opcode(text: str) -> str:
+    return text.split()[0].split(".")[0]
+
+
+def sass_mix(cubin: bytes, arch: int) -> Dict[str, int]:
+    """Instruction counts of a kernel's innermost loop (the shortest backward branch: in fsg's
+    per-chunk kernels, the loop over the d_state states, the hot path) and of the whole kernel:
+    instructions, shuffles (``SHFL``: cross-lane traffic), ``MUFU`` (exp2 and friends)."""
+    ins = sass_instructions(cubin, arch)
+    loops = []
+    for addr, text in ins:
+        target = re.search(r"0x([0-9a-f]+)", text) if _opcode(text) == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            loops.append((addr - int(target.group(1), 16), int(target.group(1), 16), addr))
+    body = []
+    if loops:
+        _, lo, hi = min(loops)
+        body = [_opcode(t) for a, t in ins if lo <= a <= hi]
+    ops = [_opcode(t) for _, t in ins]
+    return {"loop_instructions": len(body), "loop_shfl": body.count("SHFL"), "loop_mufu": body.count("MUFU"),
+            "kernel_instructions": len(ops), "kernel_shfl": ops.count("SHFL")}
+
+
+def lanes_on_time(ttgir: str) -> bool:
+    """Whether any 2-D blocked layout of a kernel spreads its first axis over lanes. In fsg's
+    per-chunk kernels axis 0 of every 2-D tile is time (or chunks): a lane count > 1 there turns
+    the in-thread scans and sums over time into shuffles (see triton_scan._store_tc)."""
+    layouts = dict(re.findall(r"^#(blocked\d*) = #ttg\.blocked<\{[^}]*threadsPerWarp = \[(\d+), \d+\]", ttgir, re.M))
+    for rows, name in re.findall(r"tensor<(\d+)x\d+x[^,>]+, #(blocked\d*)>", ttgir):
+        if int(rows) > 1 and int(layouts.get(name, 1)) > 1:  # (1, C) tiles (one step) cannot spread time
+            return True
+    return False
+
+
 def _sm(arch: int) -> str:
     return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
 
@@ -198,7 +254,7 @@ CASES: List[Tuple[str, str, Callable[[], None]]] = [
 QUICK = 3
 
 
-def compile_all(arch: int, quick: bool) -> dict:
+def compile_all(arch: int, quick: bool, sass: bool = False) -> dict:
     target = GPUTarget("cuda", arch, 32)
     previous, tiling = driver._active, ts.gpu_tiling  # _active: None without a GPU (.active would look for one)
     driver.set_active(StandInDriver(target))
@@ -218,6 +274,10 @@ def compile_all(arch: int, quick: bool) -> dict:
         seen.add(k.hash)
         shared = int(k.metadata.shared)
         res = ptxas_resources(k.asm["ptx"], arch)
+        if sass:
+            res.update(sass_mix(k.asm["cubin"], arch))
+            if hasattr(ts, name):  # the scan kernels: axis 0 of their tiles is time (or chunks)
+                res["lanes_on_time"] = lanes_on_time(k.asm["ttgir"])
         rows.append(dict(case=case, kernel=name, num_warps=int(k.metadata.num_warps), shared_bytes=shared,
                          shared_ok=limit is None or shared <= limit, compile_s=round(seconds, 2), **res))
     failures = [dict(case=c, kernel=n, error=e) for c, n, e in rec.failures]
@@ -230,14 +290,23 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
     ap.add_argument("--quick", action="store_true", help=f"only the first {QUICK} cases (FSG flat and stream)")
     ap.add_argument("--json", action="store_true", help="also print one JSON object (last line)")
+    ap.add_argument("--sass", action="store_true",
+                    help="also disassemble each kernel: instructions and shuffles (SHFL) of its innermost loop and "
+                         "in all, and whether a scan kernel puts time across lanes")
     args = ap.parse_args(argv)
-    res = compile_all(args.arch, args.quick)
+    res = compile_all(args.arch, args.quick, args.sass)
     print(f"Triton {res['triton']}, target {res['target']}: {len(res['kernels'])} kernel specialisations compiled, "
           f"{len(res['failures'])} failed")
-    print(f"{'case':<13} {'kernel':<18} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'shared':>8} {'compile s':>9}")
+    extra = f" {'loop ins/shfl/mufu':>18} {'kernel ins/shfl':>15} {'time lanes':>10}" if args.sass else ""
+    print(f"{'case':<13} {'kernel':<18} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'shared':>8} {'compile s':>9}"
+          + extra)
     for r in res["kernels"]:
         spill = f"{r['spill_stores']}/{r['spill_loads']}"
         flag = "" if r["shared_ok"] else "  TOO MUCH SHARED MEMORY"
+        if args.sass:
+            loop = f"{r['loop_instructions']}/{r['loop_shfl']}/{r['loop_mufu']}"
+            whole = f"{r['kernel_instructions']}/{r['kernel_shfl']}"
+            flag = f" {loop:>18} {whole:>15} {str(r.get('lanes_on_time', '-')):>10}" + flag
         print(f"{r['case']:<13} {r['kernel']:<18} {r['num_warps']:>5} {r['registers']:>5} {spill:>12} "
               f"{r['shared_bytes']:>8} {r['compile_s']:>9}{flag}")
     for f in res["failures"]:

@@ -239,8 +239,8 @@ def test_kernels_compile_for_an_h100_h200_without_a_gpu(tmp_path):
 
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "triton_compile.py")
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
-    res = subprocess.run([sys.executable, script, "--quick", "--json"], capture_output=True, text=True, env=env,
-                         timeout=600)
+    res = subprocess.run([sys.executable, script, "--quick", "--json", "--sass"], capture_output=True, text=True,
+                         env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["ok"] and not out["failures"] and out["target"] == "sm_90a"
@@ -250,3 +250,14 @@ def test_kernels_compile_for_an_h100_h200_without_a_gpu(tmp_path):
             ("stream", "_fwd_out_kernel"), ("stream", "_bwd_main_kernel")} <= compiled
     assert all(k["registers"] > 0 for k in out["kernels"])
     assert any(p.suffix == ".cubin" for p in tmp_path.rglob("*"))  # really compiled, not found in a cache
+    # The scans and sums over a chunk's steps stay in each thread's registers: no scan kernel puts
+    # time across lanes, and the only shuffles of the hot loops (over the states) are the backward's
+    # two sums over the channels per step (dB, dC: 16 steps x 2 x 5 butterfly levels). Triton 3.6
+    # laid time across lanes (786 shuffles per state in the backward) until the tiles' memory
+    # accesses went 1-D; its reversed scans reversed the lanes too (79-395 shuffles) until tl.flip.
+    flat = {k["kernel"]: k for k in out["kernels"] if k["case"] == "flat"}
+    assert not any(k.get("lanes_on_time") for k in out["kernels"])
+    for name in ("_fwd_local_kernel", "_fwd_out_kernel", "_bwd_local_kernel"):
+        assert flat[name]["loop_shfl"] == 0 and flat[name]["loop_mufu"] > 0, flat[name]
+    assert 0 < flat["_bwd_main_kernel"]["loop_shfl"] <= 2 * 16 * 5, flat["_bwd_main_kernel"]
+    assert all(k["loop_shfl"] <= 8 for k in out["kernels"] if k["kernel"] == "_combine_kernel")

@@ -46,9 +46,10 @@ Backward, with ``g_t = C_t dy_t silu(z_t)`` and ``dh_t`` the gradient of ``h_t``
 Tiling (as ``mamba_ssm``'s CUDA kernel): a program of the per-chunk kernels takes one
 (sequence, chunk) and walks the channels in blocks of ``BLOCK_D`` (32 on a GPU: one warp); a
 block's series are (T × BLOCK_D) tiles with the channels across the lanes and the chunk's time
-steps in each thread's registers, so the scans over time are sequential in-thread recurrences (the
-time offsets of 2-D tiles are multiplied by an opaque runtime 1, ``ST``: otherwise Triton lays the
-time axis, contiguous in memory, across the lanes and every scan step becomes shuffles). Inside,
+steps in each thread's registers, so the scans over time are sequential in-thread recurrences (tiles
+are loaded and stored through 1-D views, see :func:`_store_tc`, and their time offsets are
+multiplied by an opaque runtime 1, ``ST``: otherwise Triton may lay the time axis, contiguous in
+memory, across the lanes and every scan step becomes shuffles). Inside,
 a loop over the ``d_state`` states (any d_state: no padding) carries the per-state tiles: for each
 state only a (BLOCK_D,) state vector and (T,) rows of B, C; sums over states (``y``, ``du``,
 ``ddelta``) accumulate in registers, sums over channels (``dB``, ``dC``) are reductions across
@@ -59,9 +60,12 @@ Nothing of size L × d_inner × d_state is ever in memory. All arithmetic is flo
 be float32, float16 or bfloat16 (upcast on load), float64 goes to the reference. On a CPU
 tensor the kernels run only under ``TRITON_INTERPRET=1`` (used by the tests).
 
-The reversed scans use ``tl.associative_scan(..., reverse=True)`` with non-commutative combines
-(semantics: ``flip(scan(flip(x)))`` with ``combine(later_total, earlier)``, as tested upstream in
-Triton's ``test_scan2d`` for ``linear_recurrence``).
+The reversed scans over a chunk's steps are ``flip(scan(flip(x)))`` written out with ``tl.flip``
+(the semantics of ``tl.associative_scan(..., reverse=True)``, with ``combine(later_total,
+earlier)``, as tested upstream in Triton's ``test_scan2d`` for ``linear_recurrence``): Triton's
+own reversed scan also reverses the lanes, which here hold independent channels, at a cost of
+79 shuffles per state and chunk in the backward kernel (395 with Triton 3.6), while ``tl.flip``
+of the in-register time axis compiles to nothing (``benchmarks/triton_compile.py --sass``).
 """
 
 from __future__ import annotations
@@ -129,9 +133,31 @@ def _row(x, j, T: tl.constexpr):
 
 
 @triton.jit
+def _flat(x):
+    """A (T, C) tile as a 1-D (T * C,) tensor, row-major (no data movement)."""
+    return tl.reshape(x, (x.shape[0] * x.shape[1],))
+
+
+@triton.jit
 def _load_tc(ptr, rows, t, m):
-    """Tile (T, C) of a row-major (rows, L) tensor at columns t; zero where m is False."""
-    return tl.load(ptr + rows[None, :] + t[:, None], mask=m, other=0.0).to(tl.float32)
+    """Tile (T, C) of a row-major (rows, L) tensor at columns t; zero where m is False.
+
+    The memory access is 1-D (see :func:`_store_tc`)."""
+    v = tl.load(_flat(ptr + rows[None, :] + t[:, None]), mask=_flat(m), other=0.0).to(tl.float32)
+    return tl.reshape(v, (t.shape[0], rows.shape[0]))
+
+
+@triton.jit
+def _store_tc(ptr, rows, t, x, m):
+    """Store the (T, C) tile x into a row-major (rows, L) tensor at columns t where m is True.
+
+    Loads and stores of tiles go through 1-D tensors so that Triton's layout does not depend on
+    a tie: with both axes' memory strides unknown, the coalescing pass of Triton 3.6 puts the
+    first axis (time) across the lanes and 3.9 the last (channels); a 1-D access has one layout
+    (element i on lane i mod 32, i.e. the channels across the lanes, time in registers), and
+    reshaping it back to (T, C) keeps it. Time across the lanes turns every scan and sum over time
+    into shuffles (``benchmarks/triton_compile.py --sass`` counts them)."""
+    tl.store(_flat(ptr + rows[None, :] + t[:, None]), _flat(x).to(ptr.dtype.element_ty), mask=_flat(m))
 
 
 @triton.jit
@@ -257,8 +283,8 @@ def _end_carry(dst_ptr, dlast_ptr, bidx, k, n, d, dmask, DIM, NS, K, ssb, ssd, s
 @triton.jit
 def _adjoint(a, g, E):
     """dh_t = g_t + a_{t+1} dh_{t+1} within the chunk, dh_{T-1} = g_{T-1} + E; (T, BLOCK_D) tiles."""
-    _, p, gs = tl.associative_scan((a, a * 0.0 + 1.0, g), 0, _adj_comb, reverse=True)
-    return gs + p * E[None, :]
+    _, p, gs = tl.associative_scan((tl.flip(a, 0), a * 0.0 + 1.0, tl.flip(g, 0)), 0, _adj_comb)
+    return tl.flip(gs, 0) + tl.flip(p, 0) * E[None, :]
 
 
 @triton.jit
@@ -271,7 +297,7 @@ def _store_series_grad(g, g_ptr, wptr, xptr, pw_ptr, rows, xrow, d, t, dmask, tm
         tl.store(pw_ptr + d, tl.sum(g * x[:, None], axis=0), mask=dmask)
         return tl.sum(g * w[None, :], axis=1)
     else:
-        tl.store(g_ptr + rows[None, :] + t[:, None], g.to(g_ptr.dtype.element_ty), mask=m)
+        _store_tc(g_ptr, rows, t, g, m)
         return tl.sum(g, axis=1) * 0.0
 
 
@@ -291,7 +317,7 @@ def _fwd_local_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr
         d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM,
                                                      L, BD, DFAC, HAS_BIAS, SOFTPLUS)
         u = _load_tc(u_ptr, rows, tt, m)
-        suffix = tl.cumsum(delta, axis=0, reverse=True)  # sum_{r >= t}: exact near the chunk end
+        suffix = tl.flip(tl.cumsum(tl.flip(delta, 0), axis=0), 0)  # sum_{r >= t}: exact near the chunk end
         rem = suffix - delta
         du = delta * u
         tl.store(dsum_ptr + (bidx * K + k) * DIM + d, _row(suffix, 0, T), mask=dmask)
@@ -317,8 +343,8 @@ def _combine_kernel(st_ptr, dsum_ptr, A_ptr, c_ptr, DIM, NS, K, ssb, ssd, ssk, s
         carry += tl.load(c_ptr + (bidx * DIM + d) * NS + n, mask=dmask, other=0.0).to(tl.float32)
     ntiles = tl.cdiv(K, KC)
     for i in range(0, ntiles):
-        if REVERSE:
-            kk = (ntiles - 1 - i) * KC + tl.arange(0, KC)
+        if REVERSE:  # the tile's chunks in reversed order: a forward scan over it runs backwards in k
+            kk = (ntiles - 1 - i) * KC + (KC - 1 - tl.arange(0, KC))
             km = (kk < K) & (kk >= 1)
         else:
             kk = i * KC + tl.arange(0, KC)
@@ -327,10 +353,10 @@ def _combine_kernel(st_ptr, dsum_ptr, A_ptr, c_ptr, DIM, NS, K, ssb, ssd, ssk, s
         ptr = _state_ptr(st_ptr, bidx, d[None, :], kk[:, None], n, ssb, ssd, ssk, ssn)
         s = tl.load(ptr, mask=m, other=0.0)
         S = tl.load(dsum_ptr + (bidx * K + kk[:, None]) * DIM + d[None, :], mask=m, other=0.0)
-        pq, ps = tl.associative_scan((tl.exp2(S * An[None, :]), s), 0, _lin_comb, reverse=REVERSE)
+        pq, ps = tl.associative_scan((tl.exp2(S * An[None, :]), s), 0, _lin_comb)
         e = ps + pq * carry[None, :]
         tl.store(ptr, e, mask=m)
-        carry = _row(e, 0 if REVERSE else KC - 1, KC)
+        carry = _row(e, KC - 1, KC)
 
 
 @triton.jit(do_not_specialize=["ST"])
@@ -359,7 +385,7 @@ def _fwd_out_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, 
         if HAS_Z:
             z = _load_series(z_ptr, zfw_ptr, zfx_ptr, rows, bidx * L, d, tt, dmask, tmask, m, ZFAC)
             y *= z * sigmoid_f32(z)
-        tl.store(y_ptr + rows[None, :] + tt[:, None], y.to(y_ptr.dtype.element_ty), mask=m)
+        _store_tc(y_ptr, rows, tt, y, m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +494,7 @@ def _bwd_outputs(delta, dyp, ddA, dhB, yp, u_ptr, delta_ptr, bias_ptr, dout_ptr,
     Dv = tl.zeros((d.shape[0],), dtype=tl.float32)
     if HAS_D:
         Dv += tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-    tl.store(du_ptr + rows[None, :] + t[:, None], (delta * dhB + Dv[None, :] * dyp).to(du_ptr.dtype.element_ty), mask=m)
+    _store_tc(du_ptr, rows, t, delta * dhB + Dv[None, :] * dyp, m)
     ddelta = ddA * 0.6931471805599453 + u * dhB  # ln(2): An = log2(e) A
     if SOFTPLUS:
         ddelta *= tl.where(raw > 20.0, 1.0, sigmoid_f32(raw))
@@ -487,7 +513,7 @@ def _bwd_outputs(delta, dyp, ddA, dhB, yp, u_ptr, delta_ptr, bias_ptr, dout_ptr,
                 tl.store(dzx_ptr + jrow * L + t, pz, mask=tmask)
             y *= z * sz
         if WANT_Y:
-            tl.store(y_ptr + rows[None, :] + t[:, None], y, mask=m)
+            _store_tc(y_ptr, rows, t, y, m)
     tl.store(pv_ptr + d, tl.sum(dyp * u, axis=0), mask=dmask)
     tl.store(pv_ptr + DIM + d, tl.sum(ddelta, axis=0), mask=dmask)
 
