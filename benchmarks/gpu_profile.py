@@ -23,8 +23,8 @@ every tiling of the sweep), so a run cut short keeps what it finished. Sections,
   step is launch-bound when the device is busy a small part of it), the kernel launches, the
   ATen operator events, the top operators by self device time and by self CPU time, the top
   kernels.
-* ``sweep``: the scan for ``chunk`` in (16, 32, 64) x ``block_d`` in (32, 64, 128), smallest
-  tiles first (they compile fastest), after the default tiling (the reference): a warm-up run
+* ``sweep``: the scan for the tilings ``(chunk, block_d, num_warps)`` of ``TILINGS`` (several
+  channels per lane first), after the default tiling (the reference): a warm-up run
   (which compiles), the best of three by CUDA events, and the largest difference of the output
   and the input gradients from the default tiling's over their largest value. A tiling that
   raises is recorded with its error; none starts after ``--sweep-budget`` seconds of the sweep, nor
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import os
 import sys
@@ -53,7 +52,12 @@ from types import SimpleNamespace
 #: ResNet-20 weight (5 x 270,000 tokens); --quick: what Triton's interpreter runs in about a second.
 FULL = dict(dim=100, n=16, length=1_350_000, model="resnet20", batch=128, reps=3)
 QUICK = dict(dim=8, n=2, length=40, model="small-cnn", batch=8, reps=1)
-CHUNKS, BLOCK_DS = (16, 32, 64), (32, 64, 128)
+#: (chunk, block_d, num_warps) of the sweep after the default, most promising first (the budget may
+#: cut it): fewer steps per chunk and several channels per lane (block_d > 32 x num_warps: the
+#: backward's sums over channels take fewer shuffles per channel), then longer chunks and wider
+#: blocks with one channel per lane (num_warps None: block_d / 32 x chunk / 16).
+TILINGS = [(8, 64, 1), (8, 32, 1), (8, 128, 2), (32, 32, None), (16, 64, None), (16, 128, None),
+           (32, 64, None), (64, 32, None)]
 #: (name, estimator, Trainer options) of the profiled steps.
 STEP_CASES = [("ste", "ste", {}), ("fsg_flat", "fsg", {}), ("fsg_stream", "fsg", {"layout": "stream"})]
 SECTIONS = ("scan", "steps", "sweep")
@@ -213,14 +217,14 @@ def scan_inputs(cfg):
     return [t.requires_grad_() for t in (u, delta, A, B, C, D)], dy
 
 
-def scan_once(ins, dy, chunk=None, block_d=None) -> list:
+def scan_once(ins, dy, chunk=None, block_d=None, num_warps=None) -> list:
     """Forward + backward of the Triton scan with the given tiling (None: the default):
     ``[y, du, ddelta, dA, dB, dC, dD]``, detached."""
     import torch
 
     from fsg.ssm.triton_scan import CHUNK, selective_scan_triton
 
-    y = selective_scan_triton(*ins[:5], D=ins[5], chunk=chunk or CHUNK, block_d=block_d)
+    y = selective_scan_triton(*ins[:5], D=ins[5], chunk=chunk or CHUNK, block_d=block_d, num_warps=num_warps)
     return [y.detach(), *torch.autograd.grad(y, ins, dy)]
 
 
@@ -316,22 +320,25 @@ def rel_diff(outs, ref) -> float:
 
 
 def tilings() -> list:
-    """(chunk, block_d) of the sweep, smallest tiles first: the default (block_d None) leads."""
+    """(chunk, block_d, num_warps) of the sweep: the default (block_d None) leads, then TILINGS."""
     from fsg.ssm.triton_scan import CHUNK
 
-    grid = sorted(itertools.product(CHUNKS, BLOCK_DS), key=lambda c: (c[0] * c[1], c[0]))
-    return [(CHUNK, None)] + grid
+    return [(CHUNK, None, None)] + TILINGS
 
 
-def run_tiling(cfg, ins, dy, chunk, block_d, ref):
+def run_tiling(cfg, ins, dy, tiling, ref):
     """One tiling: (row, its outputs). The warm-up (compile) run, then the best of ``reps``."""
     t0 = time.perf_counter()
-    outs = scan_once(ins, dy, chunk, block_d)
+    outs = scan_once(ins, dy, *tiling)
     sync(cfg)
     compile_s = time.perf_counter() - t0
-    seconds = min(timed(lambda: scan_once(ins, dy, chunk, block_d), cfg) for _ in range(cfg.reps))
+    seconds = min(timed(lambda: scan_once(ins, dy, *tiling), cfg) for _ in range(cfg.reps))
     diff = 0.0 if ref is None else rel_diff(outs, ref)
-    return {"chunk": chunk, "block_d": block_d, "seconds": seconds, "warmup_s": compile_s, "max_rel_diff": diff}, outs
+    return dict(_tiling_row(tiling), seconds=seconds, warmup_s=compile_s, max_rel_diff=diff), outs
+
+
+def _tiling_row(tiling) -> dict:
+    return dict(zip(("chunk", "block_d", "num_warps"), tiling))
 
 
 def sweep_section(cfg, save) -> dict:
@@ -340,15 +347,15 @@ def sweep_section(cfg, save) -> dict:
     ins, dy = scan_inputs(cfg)
     res = {"tokens": cfg.length, "budget_s": cfg.sweep_budget, "reps": cfg.reps, "runs": [], "not_run": []}
     start, ref = time.perf_counter(), None
-    for chunk, block_d in tilings():
+    for tiling in tilings():
         if time.perf_counter() - start > cfg.sweep_budget or time.perf_counter() > cfg.stop_at:
-            res["not_run"].append({"chunk": chunk, "block_d": block_d})
+            res["not_run"].append(_tiling_row(tiling))
             continue
         try:
-            row, outs = run_tiling(cfg, ins, dy, chunk, block_d, ref)
+            row, outs = run_tiling(cfg, ins, dy, tiling, ref)
             ref = outs if ref is None else ref
         except Exception as e:  # noqa: BLE001 - a tiling that cannot run is a result
-            row = {"chunk": chunk, "block_d": block_d, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+            row = dict(_tiling_row(tiling), error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
             if ref is None:
                 raise
         res["runs"].append(row)
@@ -422,15 +429,16 @@ def report_sweep(res) -> str:
     lines = [f"== sweep: scan tiling, {res['tokens']:,} tokens (best of {res['reps']}; diff: largest difference "
              "of y and the input gradients from the default tiling's over their largest value)"]
     cols = [("chunk", lambda r: str(r["chunk"])), ("block_d", lambda r: str(r["block_d"] or "default")),
-            ("fwd+bwd", lambda r: ms(r.get("seconds"))), ("first run", lambda r: f"{r.get('warmup_s', 0):.2f} s"),
+            ("warps", lambda r: str(r.get("num_warps") or "auto")), ("fwd+bwd", lambda r: ms(r.get("seconds"))), ("first run", lambda r: f"{r.get('warmup_s', 0):.2f} s"),
             ("diff", lambda r: f"{r['max_rel_diff']:.1e}" if "max_rel_diff" in r else r.get("error", ""))]
     lines.append(table(res["runs"], cols))
     if res["not_run"]:
         lines.append(f"  not run (out of time; sweep budget {res['budget_s']:.0f} s): "
-                     + ", ".join(f"{c['chunk']}x{c['block_d']}" for c in res["not_run"]))
+                     + ", ".join(f"{c['chunk']}x{c['block_d']}x{c.get('num_warps') or 'auto'}" for c in res["not_run"]))
     if res.get("fastest"):
         f = res["fastest"]
-        lines.append(f"  fastest: chunk {f['chunk']}, block_d {f['block_d'] or 'default'}: {ms(f['seconds'])}")
+        lines.append(f"  fastest: chunk {f['chunk']}, block_d {f['block_d'] or 'default'}, "
+                     f"num_warps {f.get('num_warps') or 'auto'}: {ms(f['seconds'])}")
     return "\n".join(lines)
 
 

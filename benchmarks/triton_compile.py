@@ -198,12 +198,12 @@ def _scan_inputs(batch: int, dim: int, length: int, ns: int, dtype=torch.float32
                 z=r(batch, dim, length) if z else None, delta_bias=torch.randn(dim, generator=g))
 
 
-def _fwd_bwd(x: dict, h0=None, last_out=None, want_h0=False, softplus=True):
+def _fwd_bwd(x: dict, h0=None, last_out=None, want_h0=False, softplus=True, **tiling):
     y, states, _ = ts.scan_forward(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
-                                   softplus, h0, last_out=last_out)
+                                   softplus, h0, last_out=last_out, **tiling)
     ts.scan_backward(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], softplus, h0,
                      states if states.shape[2] > 1 else None, torch.zeros_like(y),
-                     torch.zeros_like(h0) if h0 is not None else None, want_h0=want_h0)
+                     torch.zeros_like(h0) if h0 is not None else None, want_h0=want_h0, **tiling)
 
 
 def _lowmem(batch: int, dim: int, length: int, ns: int):
@@ -250,6 +250,8 @@ CASES: List[Tuple[str, str, Callable[[], None]]] = [
     ("fp16-ds17", "fp16 inputs, d_state 17, no z", lambda: _fwd_bwd(_scan_inputs(2, 40, 40, 17, torch.float16, z=False))),
     ("ds1", "d_state 1, long sequence (many combine tiles)", lambda: _fwd_bwd(_scan_inputs(1, 100, 5000, 1))),
     ("no-softplus", "no softplus", lambda: _fwd_bwd(_scan_inputs(2, 40, 40, 16), softplus=False)),
+    ("flat-2ch", "FSG flat, another tiling of the sweep: chunks of 8 steps, 2 channels per lane (64 per warp)",
+     lambda: _fwd_bwd(_scan_inputs(1, 100, 184321, 16), chunk=8, block_d=64, num_warps=1)),
 ]
 QUICK = 3
 

@@ -91,6 +91,14 @@ def test_many_chunks_and_channel_blocks(monkeypatch):
     _compare(_inputs(b=1, d=5, L=33, n=4, h0=True), True, chunk=4, block_d=2)
 
 
+def test_tiling_with_several_channels_per_lane():
+    """``num_warps`` below block_d / 32 (a tiling of the sweep in benchmarks/gpu_profile.py) gives
+    the same results; a num_warps that is not a power of two is refused."""
+    _compare(_inputs(b=1, d=5, L=33, n=4, h0=True), True, chunk=8, block_d=4, num_warps=1)
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        _compare(_inputs(b=1, d=5, L=33, n=4), True, chunk=8, block_d=4, num_warps=3)
+
+
 def test_long_chunks():
     """Chunks of 64 steps, whose end states must not lose precision (sums of delta over a chunk
     are large); two channel blocks."""

@@ -536,27 +536,34 @@ def gpu_tiling(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _tiles(dim: int, T: int, device: torch.device, block_d: Optional[int] = None) -> Tuple[int, int]:
+def _tiles(dim: int, T: int, device: torch.device, block_d: Optional[int] = None,
+           num_warps: Optional[int] = None) -> Tuple[int, int]:
     """(BLOCK_D, num_warps) of the per-chunk kernels. On a GPU: _T_PER_THREAD time steps per thread
     (more go across warps, with a slower cross-warp scan), BLOCK_D = 32 channels across the lanes
     of a warp by default (sums over channels stay within a warp); under the interpreter all
-    channels (up to 64) at once."""
+    channels (up to 64) at once. ``num_warps`` overrides the warps (a power of two; fewer than
+    BLOCK_D / 32 puts several channels on a lane: fewer shuffles per channel in the backward's sums
+    over channels, more registers per tile)."""
     along_t = max(1, T // _T_PER_THREAD)
     if block_d is None:
         block_d = 32 if gpu_tiling(device) else 64
     if block_d < 1 or block_d & (block_d - 1):
         raise ValueError(f"block_d must be a power of two, got {block_d}")
     block_d = min(block_d, triton.next_power_of_2(dim))
+    if num_warps is not None:
+        if num_warps < 1 or num_warps & (num_warps - 1):
+            raise ValueError(f"num_warps must be a power of two, got {num_warps}")
+        return block_d, num_warps
     return block_d, max(1, block_d // 32) * along_t
 
 
-def _scan_sizes(u: Tensor, A: Tensor, chunk: int, block_d: Optional[int]):
+def _scan_sizes(u: Tensor, A: Tensor, chunk: int, block_d: Optional[int], num_warps: Optional[int] = None):
     """(batch, d_inner, L, d_state, T, K, BLOCK_D, num_warps) of a scan of u (batch, d_inner, L) with
     A (d_inner, d_state): the chunk length T (:func:`_chunk_len`), the number of chunks K and the
     tiling of the per-chunk kernels (:func:`_tiles`)."""
     batch, dim, length = u.shape
     T = _chunk_len(length, chunk)
-    bd, warps = _tiles(dim, T, u.device, block_d)
+    bd, warps = _tiles(dim, T, u.device, block_d, num_warps)
     return batch, dim, length, A.shape[1], T, triton.cdiv(length, T), bd, warps
 
 
@@ -594,7 +601,7 @@ def _fac(fac) -> Tuple[Optional[Tensor], Optional[Tensor]]:
 def scan_forward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                  z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                  initial_state: Optional[Tensor] = None, dfac=None, zfac=None, chunk: int = CHUNK,
-                 last_out: Optional[Tensor] = None, block_d: Optional[int] = None):
+                 last_out: Optional[Tensor] = None, block_d: Optional[int] = None, num_warps: Optional[int] = None):
     """Forward scan, no autograd. Returns ``(y, states, last)``.
 
     Layouts as :func:`selective_scan_triton` (``B``, ``C``: (batch, d_state, L)). ``dfac`` /
@@ -604,8 +611,8 @@ def scan_forward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: Te
     holds the state at the end of every chunk of ``_chunk_len(L, chunk)`` steps (pass it to
     :func:`scan_backward`); ``last`` = ``states[:, :, -1]`` (a view; or ``last_out``, a float32
     (batch, d_inner, d_state) buffer the last state is written into). ``block_d``: channels per
-    inner step (a power of two; default: see :func:`_tiles`)."""
-    batch, dim, length, ns, T, K, bd, warps = _scan_sizes(u, A, chunk, block_d)
+    inner step, ``num_warps``: warps per program (powers of two; default: see :func:`_tiles`)."""
+    batch, dim, length, ns, T, K, bd, warps = _scan_sizes(u, A, chunk, block_d, num_warps)
     dev = u.device
     u, delta, A, B, C, D, z, bias, h0 = map(_c, (u, delta, A, B, C, D, z, delta_bias, initial_state))
     (dfw, dfx), (zfw, zfx) = _fac(dfac), _fac(zfac)
@@ -639,8 +646,8 @@ def scan_backward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: T
                   z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
                   initial_state: Optional[Tensor], states: Optional[Tensor], dout: Tensor,
                   dlast: Optional[Tensor] = None, want_h0: bool = False, want_y: bool = False, dfac=None, zfac=None,
-                  chunk: int = CHUNK, block_d: Optional[int] = None):
-    """Backward scan, no autograd; the inputs and ``chunk`` of :func:`scan_forward`, its ``states``
+                  chunk: int = CHUNK, block_d: Optional[int] = None, num_warps: Optional[int] = None):
+    """Backward scan, no autograd; the inputs and tiling of :func:`scan_forward`, its ``states``
     (unused, may be None, for a single chunk), the gradients ``dout`` of ``y`` and ``dlast`` (or
     None) of the last state.
 
@@ -649,7 +656,7 @@ def scan_backward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: T
     ``dbias``, ``dh0`` float32. With factors, ``ddelta`` / ``dz`` are the float32 pairs
     ``(dw, dx)`` of gradients of the factors. ``dz`` is None without z; ``dh0`` unless ``want_h0``
     and ``y`` (float32, recomputed, gated) unless ``want_y`` are None."""
-    batch, dim, length, ns, T, K, bd, warps = _scan_sizes(u, A, chunk, block_d)
+    batch, dim, length, ns, T, K, bd, warps = _scan_sizes(u, A, chunk, block_d, num_warps)
     dev = u.device
     nblk = triton.cdiv(dim, bd)
     u, delta, A, B, C, D, z, bias, h0, dout, dlast = map(
@@ -694,14 +701,14 @@ def scan_backward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: T
 class _TritonScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state,  # type: ignore[override]
-                softplus, chunk, block_d, last_out):
+                softplus, chunk, block_d, num_warps, last_out):
         y, states, last = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state,
-                                       chunk=chunk, last_out=last_out[0], block_d=block_d)
+                                       chunk=chunk, last_out=last_out[0], block_d=block_d, num_warps=num_warps)
         ctx.set_materialize_grads(False)
         # one chunk (streaming): the backward starts from initial_state; states may be last_out
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state,
                               states if states.shape[2] > 1 else None)
-        ctx.softplus, ctx.chunk, ctx.block_d = softplus, chunk, block_d
+        ctx.softplus, ctx.chunk, ctx.block_d, ctx.num_warps = softplus, chunk, block_d, num_warps
         return y, (last if last_out[0] is not None else last.clone())
 
     @staticmethod
@@ -711,23 +718,24 @@ class _TritonScan(torch.autograd.Function):
             dy = torch.zeros_like(u)
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, _ = scan_backward(
             u, delta, A, B, C, D, z, bias, ctx.softplus, h0, states, dy, dlast,
-            want_h0=h0 is not None and ctx.needs_input_grad[8], chunk=ctx.chunk, block_d=ctx.block_d)
+            want_h0=h0 is not None and ctx.needs_input_grad[8], chunk=ctx.chunk, block_d=ctx.block_d,
+            num_warps=ctx.num_warps)
         cast = lambda g, x: None if x is None or g is None else g.to(x.dtype)  # noqa: E731
         return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, bias), cast(dh0, h0),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                           z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                           delta_softplus: bool = False, return_last_state: bool = False,
                           initial_state: Optional[Tensor] = None, last_out: Optional[Tensor] = None,
-                          chunk: int = CHUNK, block_d: Optional[int] = None):
+                          chunk: int = CHUNK, block_d: Optional[int] = None, num_warps: Optional[int] = None):
     """Selective scan with the Triton kernels; signature and results of
     :func:`fsg.ssm.reference.selective_scan_ref` (``y`` in u's dtype, the last state float32),
     differentiable w.r.t. every tensor input. ``last_out``: a float32 (batch, d_inner, d_state)
     buffer to receive the last state (streaming; it must not be needed by anything else).
-    ``chunk``, ``block_d``: tiling (powers of two; see :func:`scan_forward`). float64 inputs go
-    to the reference."""
+    ``chunk``, ``block_d``, ``num_warps``: tiling (powers of two; see :func:`scan_forward`). float64
+    inputs go to the reference."""
     from fsg.ssm.reference import check_scan_shapes, selective_scan_ref
 
     check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -737,7 +745,7 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
                                   return_last_state=return_last_state, initial_state=initial_state)
     # the buffer travels inside a list: autograd must not treat it as an input
     y, last = _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), int(chunk),
-                                block_d, [last_out])
+                                block_d, num_warps, [last_out])
     return (y, last) if return_last_state else y
 
 
