@@ -125,7 +125,8 @@ def _opcode(text: str) -> str:
 def sass_mix(cubin: bytes, arch: int) -> Dict[str, int]:
     """Instruction counts of a kernel's innermost loop (the shortest backward branch: in fsg's
     per-chunk kernels, the loop over the d_state states, the hot path) and of the whole kernel:
-    instructions, shuffles (``SHFL``: cross-lane traffic), ``MUFU`` (exp2 and friends)."""
+    instructions, shuffles (``SHFL``: cross-lane traffic), ``MUFU`` (exp2 and friends) and, in the
+    loop, local-memory loads and stores (``LDL``/``STL``: register spills on the hot path)."""
     ins = sass_instructions(cubin, arch)
     loops = []
     for addr, text in ins:
@@ -138,7 +139,8 @@ def sass_mix(cubin: bytes, arch: int) -> Dict[str, int]:
         body = [_opcode(t) for a, t in ins if lo <= a <= hi]
     ops = [_opcode(t) for _, t in ins]
     return {"loop_instructions": len(body), "loop_shfl": body.count("SHFL"), "loop_mufu": body.count("MUFU"),
-            "kernel_instructions": len(ops), "kernel_shfl": ops.count("SHFL")}
+            "loop_spill_ops": body.count("LDL") + body.count("STL"), "kernel_instructions": len(ops),
+            "kernel_shfl": ops.count("SHFL")}
 
 
 def lanes_on_time(ttgir: str) -> bool:
@@ -299,16 +301,16 @@ def main(argv=None) -> int:
     res = compile_all(args.arch, args.quick, args.sass)
     print(f"Triton {res['triton']}, target {res['target']}: {len(res['kernels'])} kernel specialisations compiled, "
           f"{len(res['failures'])} failed")
-    extra = f" {'loop ins/shfl/mufu':>18} {'kernel ins/shfl':>15} {'time lanes':>10}" if args.sass else ""
+    extra = f" {'loop ins/shfl/mufu/spill':>24} {'kernel ins/shfl':>15} {'time lanes':>10}" if args.sass else ""
     print(f"{'case':<13} {'kernel':<18} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'shared':>8} {'compile s':>9}"
           + extra)
     for r in res["kernels"]:
         spill = f"{r['spill_stores']}/{r['spill_loads']}"
         flag = "" if r["shared_ok"] else "  TOO MUCH SHARED MEMORY"
         if args.sass:
-            loop = f"{r['loop_instructions']}/{r['loop_shfl']}/{r['loop_mufu']}"
+            loop = f"{r['loop_instructions']}/{r['loop_shfl']}/{r['loop_mufu']}/{r['loop_spill_ops']}"
             whole = f"{r['kernel_instructions']}/{r['kernel_shfl']}"
-            flag = f" {loop:>18} {whole:>15} {str(r.get('lanes_on_time', '-')):>10}" + flag
+            flag = f" {loop:>24} {whole:>15} {str(r.get('lanes_on_time', '-')):>10}" + flag
         print(f"{r['case']:<13} {r['kernel']:<18} {r['num_warps']:>5} {r['registers']:>5} {spill:>12} "
               f"{r['shared_bytes']:>8} {r['compile_s']:>9}{flag}")
     for f in res["failures"]:

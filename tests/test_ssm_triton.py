@@ -269,3 +269,4 @@ def test_kernels_compile_for_an_h100_h200_without_a_gpu(tmp_path):
         assert flat[name]["loop_shfl"] == 0 and flat[name]["loop_mufu"] > 0, flat[name]
     assert 0 < flat["_bwd_main_kernel"]["loop_shfl"] <= 2 * 16 * 5, flat["_bwd_main_kernel"]
     assert all(k["loop_shfl"] <= 8 for k in out["kernels"] if k["kernel"] == "_combine_kernel")
+    assert all(k["loop_spill_ops"] == 0 for k in flat.values())  # spills, if any, stay off the hot loop

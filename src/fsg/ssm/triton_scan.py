@@ -232,6 +232,18 @@ def _chunk_steps(L, K, ST, T: tl.constexpr):
 
 
 @triton.jit
+def _steps_mask(t, L, FULL: tl.constexpr):
+    """t < L, or a constant True for a chunk known to be whole (FULL): then every mask built from it
+    folds away. A mask of T steps costs a GPU thread T predicates, more than it has registers for:
+    in a hot loop they are packed into and out of general registers (~60-100 instructions per
+    state), so the per-chunk kernels run every chunk but a sequence's last one unmasked."""
+    if FULL:
+        return tl.full(t.shape, 1, tl.int1)
+    else:
+        return t < L
+
+
+@triton.jit
 def _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM, L, BD: tl.constexpr,
                    DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """(d, dmask, m, rows, raw, delta) of the channel block d0 .. d0 + BD - 1 of sequence bidx over
@@ -312,7 +324,21 @@ def _fwd_local_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr
                       DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """Chunk k's end state from a zero start, s = sum_t exp(A R_t) b_t, into states[:, :, k]; S_k
     into dsum[b, k, :]."""
-    bidx, k, t, tmask, tt = _chunk_steps(L, K, ST, T)
+    bidx, k, t, _, tt = _chunk_steps(L, K, ST, T)
+    if (k + 1) * T <= L:
+        _fwd_local_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, st_ptr, dsum_ptr, DIM, L, NS, K,
+                         ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC, HAS_BIAS, SOFTPLUS, True)
+    else:
+        _fwd_local_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, st_ptr, dsum_ptr, DIM, L, NS, K,
+                         ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC, HAS_BIAS, SOFTPLUS, False)
+
+
+@triton.jit
+def _fwd_local_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, st_ptr, dsum_ptr, DIM, L, NS, K,
+                     ssb, ssd, ssk, ssn, bidx, k, t, tt, T: tl.constexpr, BD: tl.constexpr, DFAC: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FULL: tl.constexpr):
+    """_fwd_local_kernel's work on its chunk (FULL: no step past the end, see _steps_mask)."""
+    tmask = _steps_mask(t, L, FULL)
     for d0 in range(0, DIM, BD):
         d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM,
                                                      L, BD, DFAC, HAS_BIAS, SOFTPLUS)
@@ -366,7 +392,25 @@ def _fwd_out_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, 
                     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr,
                     HAS_H0: tl.constexpr, WRITE_LAST: tl.constexpr):
     """y of chunk k, rescanned from the state before it; with WRITE_LAST also states[:, :, k]."""
-    bidx, k, t, tmask, tt = _chunk_steps(L, K, ST, T)
+    bidx, k, t, _, tt = _chunk_steps(L, K, ST, T)
+    if (k + 1) * T <= L:
+        _fwd_out_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr,
+                       zfx_ptr, h0_ptr, st_ptr, y_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC,
+                       HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0, WRITE_LAST, True)
+    else:
+        _fwd_out_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr,
+                       zfx_ptr, h0_ptr, st_ptr, y_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC,
+                       HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0, WRITE_LAST, False)
+
+
+@triton.jit
+def _fwd_out_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr, zfx_ptr,
+                   h0_ptr, st_ptr, y_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T: tl.constexpr,
+                   BD: tl.constexpr, DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                   HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr, HAS_H0: tl.constexpr,
+                   WRITE_LAST: tl.constexpr, FULL: tl.constexpr):
+    """_fwd_out_kernel's work on its chunk (FULL: see _steps_mask)."""
+    tmask = _steps_mask(t, L, FULL)
     for d0 in range(0, DIM, BD):
         d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM,
                                                      L, BD, DFAC, HAS_BIAS, SOFTPLUS)
@@ -400,7 +444,24 @@ def _bwd_local_kernel(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr
                       SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr):
     """Gradient w.r.t. chunk k's start state from inside it, r = sum_t exp(A S_t) C_t dy'_t, into
     dst[:, :, k]; S_k into dsum[b, k, :]."""
-    bidx, k, t, tmask, tt = _chunk_steps(L, K, ST, T)
+    bidx, k, t, _, tt = _chunk_steps(L, K, ST, T)
+    if (k + 1) * T <= L:
+        _bwd_local_chunk(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, zfw_ptr, zfx_ptr, dout_ptr,
+                         dst_ptr, dsum_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC, HAS_BIAS,
+                         SOFTPLUS, HAS_Z, ZFAC, True)
+    else:
+        _bwd_local_chunk(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, zfw_ptr, zfx_ptr, dout_ptr,
+                         dst_ptr, dsum_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC, HAS_BIAS,
+                         SOFTPLUS, HAS_Z, ZFAC, False)
+
+
+@triton.jit
+def _bwd_local_chunk(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, zfw_ptr, zfx_ptr, dout_ptr, dst_ptr,
+                     dsum_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T: tl.constexpr, BD: tl.constexpr,
+                     DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
+                     ZFAC: tl.constexpr, FULL: tl.constexpr):
+    """_bwd_local_kernel's work on its chunk (FULL: see _steps_mask)."""
+    tmask = _steps_mask(t, L, FULL)
     for d0 in range(0, DIM, BD):
         d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM,
                                                      L, BD, DFAC, HAS_BIAS, SOFTPLUS)
@@ -430,12 +491,20 @@ def _bwd_main_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr,
     prow = bidx * K + k
     for d0 in range(0, DIM, BD):
         jrow = (d0 // BD) * (tl.num_programs(0) // K) + bidx  # this channel block's row of the (block, batch) partials
-        _bwd_channels(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr,
-                      zfx_ptr, h0_ptr, st_ptr, dst_ptr, dlast_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dh0_ptr,
-                      y_ptr, pA_ptr + prow * NS * DIM, pv_ptr + prow * 4 * DIM, dB_ptr + jrow * NS * L,
-                      dC_ptr + jrow * NS * L, ddx_ptr, dzx_ptr, jrow, bidx, k, t, tt, d0, DIM, L, NS, K,
-                      ssb, ssd, ssk, ssn, T, BD, DFAC, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0, HAS_DLAST,
-                      WANT_H0, WANT_Y)
+        if (k + 1) * T <= L:
+            _bwd_channels(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr,
+                          zfx_ptr, h0_ptr, st_ptr, dst_ptr, dlast_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dh0_ptr,
+                          y_ptr, pA_ptr + prow * NS * DIM, pv_ptr + prow * 4 * DIM, dB_ptr + jrow * NS * L,
+                          dC_ptr + jrow * NS * L, ddx_ptr, dzx_ptr, jrow, bidx, k, t, tt, d0, DIM, L, NS, K,
+                          ssb, ssd, ssk, ssn, T, BD, DFAC, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0, HAS_DLAST,
+                          WANT_H0, WANT_Y, True)
+        else:
+            _bwd_channels(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr,
+                          zfx_ptr, h0_ptr, st_ptr, dst_ptr, dlast_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dh0_ptr,
+                          y_ptr, pA_ptr + prow * NS * DIM, pv_ptr + prow * 4 * DIM, dB_ptr + jrow * NS * L,
+                          dC_ptr + jrow * NS * L, ddx_ptr, dzx_ptr, jrow, bidx, k, t, tt, d0, DIM, L, NS, K,
+                          ssb, ssd, ssk, ssn, T, BD, DFAC, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0, HAS_DLAST,
+                          WANT_H0, WANT_Y, False)
 
 
 @triton.jit
@@ -444,11 +513,12 @@ def _bwd_channels(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_
                   pA_ptr, pv_ptr, dB_ptr, dC_ptr, ddx_ptr, dzx_ptr, jrow, bidx, k, t, tt, d0, DIM, L, NS, K,
                   ssb, ssd, ssk, ssn, T: tl.constexpr, BD: tl.constexpr, DFAC: tl.constexpr, HAS_BIAS: tl.constexpr,
                   SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr,
-                  HAS_H0: tl.constexpr, HAS_DLAST: tl.constexpr, WANT_H0: tl.constexpr, WANT_Y: tl.constexpr):
+                  HAS_H0: tl.constexpr, HAS_DLAST: tl.constexpr, WANT_H0: tl.constexpr, WANT_Y: tl.constexpr,
+                  FULL: tl.constexpr):
     """Backward of chunk k for the channels d = d0 .. d0 + BD - 1: per state n, recompute h, get dh,
     store the rows n of this block's dB, dC partials, this program's dA row n and dh0; then the
-    per-channel outputs."""
-    tmask = t < L
+    per-channel outputs (FULL: see _steps_mask)."""
+    tmask = _steps_mask(t, L, FULL)
     # live across the loop over states: delta, du, dyp and the three sums (u, the raw delta, dout
     # and z are loaded again after it: keeping them would spill registers on a GPU)
     d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM, L,
