@@ -543,3 +543,24 @@ def test_fsg_batch_layers_default_follows_the_slow_net_device():
     assert not fsg.estimators.FSG(batch_layers=True, beta=0.0).batches_layers()
     if torch.cuda.is_available():
         assert est.to("cuda").batches_layers()
+
+
+def test_lookahead_weights_flattened_equal_per_layer_bit_for_bit():
+    """W − η·D on all layers at once (views of one flat result) equals the per-layer arithmetic
+    exactly, forward and backward; mixed dtypes fall back to per layer."""
+    from fsg.trainer import lookahead_weights
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 3, 3)]
+    ws = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    ds = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    outs = lookahead_weights(ws, ds, 0.037)
+    want = [w - 0.037 * d for w, d in zip(ws, ds)]
+    assert [o.shape for o in outs] == [w.shape for w in ws]
+    assert all(torch.equal(o, e) for o, e in zip(outs, want))
+    cot = [torch.randn(s, generator=g) for s in shapes]
+    got_grads = torch.autograd.grad(outs, ws + ds, cot)
+    want_grads = torch.autograd.grad(want, ws + ds, cot)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+    mixed = lookahead_weights([ws[0], ws[1].double()], [ds[0], ds[1].double()], 0.5)
+    assert mixed[1].dtype == torch.float64 and torch.equal(mixed[0], ws[0] - 0.5 * ds[0])

@@ -194,6 +194,19 @@ class StepSnapshot:
                 c[:] = v
 
 
+def lookahead_weights(weights: List[Tensor], directions: List[Tensor], lr: float) -> List[Tensor]:
+    """``W − lr·D`` for every pair: on the weights flattened and concatenated (three operators and
+    their backward for all layers, not two per layer: on a GPU each is a launch), as views of
+    the result; the same numbers as per layer (element-wise). Per pair when dtypes or devices
+    differ."""
+    if len({(w.dtype, w.device, d.dtype) for w, d in zip(weights, directions)}) != 1:
+        return [w - lr * d for w, d in zip(weights, directions)]
+    w_flat = torch.cat([w.reshape(-1) for w in weights])
+    d_flat = torch.cat([d.reshape(-1) for d in directions])
+    out = (w_flat - lr * d_flat).split([w.numel() for w in weights])
+    return [o.view_as(w) for o, w in zip(out, weights)]
+
+
 def accuracy(out: Tensor, y: Tensor) -> Optional[float]:
     """Top-1 accuracy of classifier logits ``out`` (``[N, C]``) against integer labels ``y`` (``[N]``),
     as a float in [0, 1]; ``None`` when the output is not a classification (other shapes, float targets)."""
@@ -330,10 +343,12 @@ class Trainer:
         return ctxs
 
     def _lookahead_params(self, directions: List[Tuple[Tensor, Tensor]]) -> Dict[str, Tensor]:
+        """The look-ahead weights ``W − η·D`` (and biases ``b − η·d_b``) by state-dict key."""
         lr = self.lr
         params: Dict[str, Tensor] = {}
-        for layer, (d, _) in zip(self.layers, directions):
-            params[layer.weight_key] = layer.latent - lr * d
+        for layer, w_meta in zip(self.layers, lookahead_weights([l.latent for l in self.layers],
+                                                                 [d for d, _ in directions], lr)):
+            params[layer.weight_key] = w_meta
             if layer.bias_key is not None:
                 d_b = self._previous_direction(layer.module.bias)
                 if d_b is not None:

@@ -239,8 +239,10 @@ class FSG(Estimator):
         """``G_slow`` of layer ``index`` from the slow-net output on :meth:`history_sequence`: the
         outputs at the last ``n`` positions (flat) or each weight's last output (temporal)."""
         shape = self.hgs[index][-1].shape
-        g_slow = out[0, -shape.numel():, 0] if self.layout == "flat" else out[:, -1, 0]
-        return g_slow.reshape(shape)
+        # flattened first (a view): one slice or select, so one operator in the backward, not three
+        if self.layout == "flat":  # out (1, T, 1)
+            return out.reshape(-1)[-shape.numel():].reshape(shape)
+        return out.squeeze(-1)[:, -1].reshape(shape)  # out (n, T, 1)
 
     def slow_gradient(self, index: int) -> Tensor:
         """``G_slow`` of layer ``index`` from its history (the last entry is ``g⁽ᵗ⁻¹⁾``)."""
@@ -295,7 +297,8 @@ class FSG(Estimator):
                 seq, state, state_dtype=STATE_DTYPES[self.state_dtype], low_memory=self.recompute, in_place=True)
             spare = self._stream_spare[index]
         self.pending_stream[index] = (new_state, spare, finish)
-        return out[:, -1, 0]
+        # one token (every step but the first): a view, whose backward launches nothing
+        return out.view(n) if out.shape[1] == 1 else out[:, -1, 0]
 
     def stream_in_place(self) -> bool:
         """Layout stream: whether each layer's carried state is one tensor updated in place by the
@@ -309,15 +312,21 @@ class FSG(Estimator):
                    fast_out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(D, U)`` of one layer; ``g_slow`` / ``fast_out``: its ``G_slow`` / fast-net output ``F(W̃)``
         if already computed (else computed here)."""
-        g_fast = ctx.grad * (self.fast(ctx.w_tilde) if fast_out is None else fast_out)
-        cg_fast = ctx.calibration * g_fast
-        if self.beta > 0:
-            # G_slow enters without the calibration c, for either slow-net (as in the reference)
-            if g_slow is None:
-                g_slow = self.slow.refined(ctx) if self.slow_net == "lstm-fc" else self.slow_gradient(ctx.index)
-            d = self.beta * g_slow + (1 - self.beta) * cg_fast
-        else:
-            d = cg_fast
+        if self.beta > 0 and g_slow is None:
+            g_slow = self.slow.refined(ctx) if self.slow_net == "lstm-fc" else self.slow_gradient(ctx.index)
+        return self.combine(ctx.grad, ctx.calibration, self.fast(ctx.w_tilde) if fast_out is None else fast_out,
+                            g_slow)
+
+    def combine(self, grad: Tensor, calibration: Tensor, fast_out: Tensor,
+                g_slow: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """``(D, U)`` from a layer's ``g``, ``c``, fast-net output ``F(W̃)`` and ``G_slow`` (unused if
+        β = 0), element-wise (any shape, e.g. several layers flattened and concatenated)::
+
+            G_fast = g ⊙ F(W̃),   D = β·G_slow + (1−β)·c⊙G_fast,   U = D ("combined") or c⊙G_fast
+
+        ``G_slow`` enters without the calibration c, for either slow-net (as in the reference)."""
+        cg_fast = calibration * (grad * fast_out)
+        d = self.beta * g_slow + (1 - self.beta) * cg_fast if self.beta > 0 else cg_fast
         u = d.detach() if self.update == "combined" else cg_fast.detach()
         return d, u
 
@@ -338,9 +347,16 @@ class FSG(Estimator):
             g_slow = {c.index: self.slow_gradient(c.index) for c in contexts}
         else:
             g_slow = self.slow_gradients([c.index for c in contexts])
-        # the fast-net is element-wise: one call on every layer's W̃
-        fast = self.fast(torch.cat([c.w_tilde.reshape(-1) for c in contexts])).split([c.w_tilde.numel() for c in contexts])
-        return [self.directions(c, g_slow[c.index], f.view_as(c.w_tilde)) for c, f in zip(contexts, fast)]
+        # the fast-net and the combination are element-wise: one call on every layer's weights,
+        # flattened and concatenated (a few operators per step instead of a few per layer)
+        flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+        if any(c.calibration.shape != c.w_tilde.shape for c in contexts):  # a broadcast c: per layer
+            fast = self.fast(flat(c.w_tilde for c in contexts)).split([c.w_tilde.numel() for c in contexts])
+            return [self.directions(c, g_slow[c.index], f.view_as(c.w_tilde)) for c, f in zip(contexts, fast)]
+        sizes = [c.w_tilde.numel() for c in contexts]
+        d, u = self.combine(flat(c.grad for c in contexts), flat(c.calibration for c in contexts),
+                            self.fast(flat(c.w_tilde for c in contexts)), flat(g_slow[c.index] for c in contexts))
+        return [(dl.view_as(c.w_tilde), ul.view_as(c.w_tilde)) for c, dl, ul in zip(contexts, d.split(sizes), u.split(sizes))]
 
     def meta_param_groups(self) -> List[dict]:
         groups = [
