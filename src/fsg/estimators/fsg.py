@@ -350,7 +350,8 @@ class FSG(Estimator):
         # the fast-net and the combination are element-wise: one call on every layer's weights,
         # flattened and concatenated (a few operators per step instead of a few per layer)
         flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
-        if any(c.calibration.shape != c.w_tilde.shape for c in contexts):  # a broadcast c: per layer
+        kinds = {(t.dtype, t.device) for c in contexts for t in (c.grad, c.calibration, c.w_tilde, g_slow[c.index])}
+        if len(kinds) != 1 or any(c.calibration.shape != c.w_tilde.shape for c in contexts):  # per layer
             fast = self.fast(flat(c.w_tilde for c in contexts)).split([c.w_tilde.numel() for c in contexts])
             return [self.directions(c, g_slow[c.index], f.view_as(c.w_tilde)) for c, f in zip(contexts, fast)]
         sizes = [c.w_tilde.numel() for c in contexts]
