@@ -55,9 +55,10 @@ QUICK = dict(dim=8, n=2, length=40, model="small-cnn", batch=8, reps=1)
 #: (chunk, block_d, num_warps) of the sweep after the default, most promising first (the budget may
 #: cut it): fewer steps per chunk and several channels per lane (block_d > 32 x num_warps: the
 #: backward's sums over channels take fewer shuffles per channel), then longer chunks and wider
-#: blocks with one channel per lane (num_warps None: block_d / 32 x chunk / 16).
-TILINGS = [(8, 64, 1), (8, 32, 1), (8, 128, 2), (32, 32, None), (16, 64, None), (16, 128, None),
-           (32, 64, None), (64, 32, None)]
+#: blocks with one channel per lane (num_warps None: block_d / 32 x chunk / 16). A fourth entry sets
+#: triton_scan.COMBINE_STAGES (the default tiling with the combine kernels' loads pipelined).
+TILINGS = [(8, 64, 1), (16, None, None, 3), (8, 32, 1), (8, 128, 2), (32, 32, None), (16, 64, None),
+           (16, 128, None), (32, 64, None), (64, 32, None)]
 #: (name, estimator, Trainer options) of the profiled steps.
 STEP_CASES = [("ste", "ste", {}), ("fsg_flat", "fsg", {}), ("fsg_stream", "fsg", {"layout": "stream"})]
 SECTIONS = ("scan", "steps", "sweep")
@@ -217,15 +218,20 @@ def scan_inputs(cfg):
     return [t.requires_grad_() for t in (u, delta, A, B, C, D)], dy
 
 
-def scan_once(ins, dy, chunk=None, block_d=None, num_warps=None) -> list:
+def scan_once(ins, dy, chunk=None, block_d=None, num_warps=None, combine_stages=None) -> list:
     """Forward + backward of the Triton scan with the given tiling (None: the default):
     ``[y, du, ddelta, dA, dB, dC, dD]``, detached."""
     import torch
 
-    from fsg.ssm.triton_scan import CHUNK, selective_scan_triton
+    from fsg.ssm import triton_scan as ts
 
-    y = selective_scan_triton(*ins[:5], D=ins[5], chunk=chunk or CHUNK, block_d=block_d, num_warps=num_warps)
-    return [y.detach(), *torch.autograd.grad(y, ins, dy)]
+    default_stages = ts.COMBINE_STAGES
+    ts.COMBINE_STAGES = combine_stages or default_stages
+    try:
+        y = ts.selective_scan_triton(*ins[:5], D=ins[5], chunk=chunk or ts.CHUNK, block_d=block_d, num_warps=num_warps)
+        return [y.detach(), *torch.autograd.grad(y, ins, dy)]
+    finally:
+        ts.COMBINE_STAGES = default_stages
 
 
 def scan_section(cfg, save) -> dict:
@@ -338,7 +344,7 @@ def run_tiling(cfg, ins, dy, tiling, ref):
 
 
 def _tiling_row(tiling) -> dict:
-    return dict(zip(("chunk", "block_d", "num_warps"), tiling))
+    return dict(zip(("chunk", "block_d", "num_warps", "combine_stages"), tiling))
 
 
 def sweep_section(cfg, save) -> dict:
@@ -429,7 +435,8 @@ def report_sweep(res) -> str:
     lines = [f"== sweep: scan tiling, {res['tokens']:,} tokens (best of {res['reps']}; diff: largest difference "
              "of y and the input gradients from the default tiling's over their largest value)"]
     cols = [("chunk", lambda r: str(r["chunk"])), ("block_d", lambda r: str(r["block_d"] or "default")),
-            ("warps", lambda r: str(r.get("num_warps") or "auto")), ("fwd+bwd", lambda r: ms(r.get("seconds"))), ("first run", lambda r: f"{r.get('warmup_s', 0):.2f} s"),
+            ("warps", lambda r: str(r.get("num_warps") or "auto")),
+            ("combine stages", lambda r: str(r.get("combine_stages") or "default")), ("fwd+bwd", lambda r: ms(r.get("seconds"))), ("first run", lambda r: f"{r.get('warmup_s', 0):.2f} s"),
             ("diff", lambda r: f"{r['max_rel_diff']:.1e}" if "max_rel_diff" in r else r.get("error", ""))]
     lines.append(table(res["runs"], cols))
     if res["not_run"]:

@@ -254,7 +254,17 @@ CASES: List[Tuple[str, str, Callable[[], None]]] = [
     ("no-softplus", "no softplus", lambda: _fwd_bwd(_scan_inputs(2, 40, 40, 16), softplus=False)),
     ("flat-2ch", "FSG flat, another tiling of the sweep: chunks of 8 steps, 2 channels per lane (64 per warp)",
      lambda: _fwd_bwd(_scan_inputs(1, 100, 184321, 16), chunk=8, block_d=64, num_warps=1)),
+    ("flat-pipelined", "FSG flat, the sweep's combine kernels with their loads pipelined (COMBINE_STAGES 3)",
+     lambda: _with_combine_stages(3, lambda: _fwd_bwd(_scan_inputs(1, 100, 184321, 16)))),
 ]
+
+
+def _with_combine_stages(stages: int, fn: Callable[[], None]) -> None:
+    default, ts.COMBINE_STAGES = ts.COMBINE_STAGES, stages
+    try:
+        fn()
+    finally:
+        ts.COMBINE_STAGES = default
 QUICK = 3
 
 

@@ -43,7 +43,7 @@ def test_quick_profile_on_the_cpu(tmp_path):
     runs = [r for r in sweep["runs"] if "seconds" in r]
     assert runs[0]["block_d"] is None and runs[0]["max_rel_diff"] == 0.0  # the default tiling, the reference
     assert len(runs) >= 2 and all(r["seconds"] > 0 and r["max_rel_diff"] < 1e-4 for r in runs)
-    assert len(sweep["runs"]) + len(sweep["not_run"]) == 9  # the default and gpu_profile.TILINGS
+    assert len(sweep["runs"]) + len(sweep["not_run"]) == 10  # the default and gpu_profile.TILINGS
     assert (runs[1]["chunk"], runs[1]["block_d"], runs[1]["num_warps"]) == (8, 64, 1)  # two channels per lane
     for title in ("== scan:", "== steps:", "-- fsg_stream:", "== sweep:", "3 of 3 sections ok"):
         assert title in proc.stdout

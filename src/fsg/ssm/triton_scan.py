@@ -89,6 +89,13 @@ CHUNK = 16
 _T_PER_THREAD = 16
 #: Chunks per tile of the combine kernels on a GPU (16 per thread, 4 warps) and their channels.
 _KC, _KC_BD = 64, 32
+#: Software-pipelining stages of the combine kernels' loop over chunk tiles (Triton's
+#: ``tl.range(num_stages=...)``): above 1, the loads of the next tiles are in flight (``cp.async``)
+#: while a tile is scanned. The loop is sequential, with few programs for one long sequence
+#: (batch × d_state × channel blocks), so load latency may dominate it; pipelining adds about a
+#: quarter more instructions per tile (sm_90, Triton 3.6). 1 until measured on a GPU
+#: (``benchmarks/gpu_profile.py`` sweeps 3).
+COMBINE_STAGES = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +362,8 @@ def _fwd_local_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr,
 
 @triton.jit
 def _combine_kernel(st_ptr, dsum_ptr, A_ptr, c_ptr, DIM, NS, K, ssb, ssd, ssk, ssn,
-                    KC: tl.constexpr, BD: tl.constexpr, HAS_C: tl.constexpr, REVERSE: tl.constexpr):
+                    KC: tl.constexpr, BD: tl.constexpr, HAS_C: tl.constexpr, REVERSE: tl.constexpr,
+                    STAGES: tl.constexpr):
     """In place on states-like st (state n, channels d), with Q_k = exp(A S_k) and c the carry:
     forward, st[k] <- Q_k st[k-1] + st[k] for k = 0.. K-1 (st[-1] = c or 0);
     REVERSE, st[k] <- st[k] + Q_k st[k+1] for k = K-1 .. 1 (st[K] = c or 0)."""
@@ -368,7 +376,7 @@ def _combine_kernel(st_ptr, dsum_ptr, A_ptr, c_ptr, DIM, NS, K, ssb, ssd, ssk, s
     if HAS_C:
         carry += tl.load(c_ptr + (bidx * DIM + d) * NS + n, mask=dmask, other=0.0).to(tl.float32)
     ntiles = tl.cdiv(K, KC)
-    for i in range(0, ntiles):
+    for i in tl.range(0, ntiles, num_stages=STAGES):  # STAGES > 1: the next tiles' loads in flight
         if REVERSE:  # the tile's chunks in reversed order: a forward scan over it runs backwards in k
             kk = (ntiles - 1 - i) * KC + (KC - 1 - tl.arange(0, KC))
             km = (kk < K) & (kk >= 1)
@@ -646,7 +654,7 @@ def _combine(st: Tensor, dsum: Tensor, A: Tensor, carry: Optional[Tensor], rever
     warps = max(1, bd // 32) * max(1, kc // _T_PER_THREAD)
     _combine_kernel[(batch, ns, triton.cdiv(dim, bd))](st, dsum, A, carry, dim, ns, nchunks, *st.stride(), KC=kc,
                                                        BD=bd, HAS_C=carry is not None, REVERSE=reverse,
-                                                       num_warps=warps)
+                                                       STAGES=COMBINE_STAGES, num_warps=warps)
 
 
 def _states_buffer(batch: int, dim: int, nchunks: int, ns: int, device) -> Tensor:
