@@ -225,17 +225,17 @@ def _scan_states(delta, du, An, Bn, h0):
 
 
 @triton.jit
-def _chunk_steps(L, K, ST, T: tl.constexpr):
-    """(bidx, k, t, tmask, tt) of a program of the per-chunk kernels (a 1-D grid of batch × K
-    programs: a grid's second and third dimensions stop at 65,535, fewer chunks than 1.35M tokens
-    have): its sequence bidx (int64) and chunk k, the chunk's time steps t (T,) and tmask = t < L,
-    and tt = t * ST, the time offsets of (T, BLOCK_D) tiles (ST = 1 but opaque: keeps time in
-    registers, see _tiles)."""
+def _chunk_steps(K, ST, T: tl.constexpr):
+    """(bidx, k, t, tt) of a program of the per-chunk kernels (a 1-D grid of batch × K programs: a
+    grid's second and third dimensions stop at 65,535, fewer chunks than 1.35M tokens have): its
+    sequence bidx (int64) and chunk k, the chunk's time steps t (T,) and tt = t * ST, the time
+    offsets of (T, BLOCK_D) tiles (ST = 1 but opaque: keeps time in registers, see _store_tc).
+    The step mask is :func:`_steps_mask`'s."""
     pid = tl.program_id(0)
     bidx = (pid // K).to(tl.int64)
     k = pid % K
     t = k * T + tl.arange(0, T)
-    return bidx, k, t, t < L, t * ST
+    return bidx, k, t, t * ST
 
 
 @triton.jit
@@ -331,7 +331,7 @@ def _fwd_local_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr
                       DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """Chunk k's end state from a zero start, s = sum_t exp(A R_t) b_t, into states[:, :, k]; S_k
     into dsum[b, k, :]."""
-    bidx, k, t, _, tt = _chunk_steps(L, K, ST, T)
+    bidx, k, t, tt = _chunk_steps(K, ST, T)
     if (k + 1) * T <= L:
         _fwd_local_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, st_ptr, dsum_ptr, DIM, L, NS, K,
                          ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC, HAS_BIAS, SOFTPLUS, True)
@@ -400,7 +400,7 @@ def _fwd_out_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, 
                     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr,
                     HAS_H0: tl.constexpr, WRITE_LAST: tl.constexpr):
     """y of chunk k, rescanned from the state before it; with WRITE_LAST also states[:, :, k]."""
-    bidx, k, t, _, tt = _chunk_steps(L, K, ST, T)
+    bidx, k, t, tt = _chunk_steps(K, ST, T)
     if (k + 1) * T <= L:
         _fwd_out_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr,
                        zfx_ptr, h0_ptr, st_ptr, y_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC,
@@ -452,7 +452,7 @@ def _bwd_local_kernel(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr
                       SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr):
     """Gradient w.r.t. chunk k's start state from inside it, r = sum_t exp(A S_t) C_t dy'_t, into
     dst[:, :, k]; S_k into dsum[b, k, :]."""
-    bidx, k, t, _, tt = _chunk_steps(L, K, ST, T)
+    bidx, k, t, tt = _chunk_steps(K, ST, T)
     if (k + 1) * T <= L:
         _bwd_local_chunk(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, zfw_ptr, zfx_ptr, dout_ptr,
                          dst_ptr, dsum_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC, HAS_BIAS,
@@ -495,7 +495,7 @@ def _bwd_main_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr,
     block j: dB, dC go to the partials dB[j], dC[j] (batch, d_state, L) and the factors'
     x-gradients to ddx[j], dzx[j] (batch, L); per program p: pA[p] (d_state, d_inner) = dA and
     pv[p] (4, d_inner) = (dD, ddelta_bias, dw_delta, dw_z)."""
-    bidx, k, t, _, tt = _chunk_steps(L, K, ST, T)
+    bidx, k, t, tt = _chunk_steps(K, ST, T)
     prow = bidx * K + k
     for d0 in range(0, DIM, BD):
         jrow = (d0 // BD) * (tl.num_programs(0) // K) + bidx  # this channel block's row of the (block, batch) partials
