@@ -225,13 +225,9 @@ def scan_once(ins, dy, chunk=None, block_d=None, num_warps=None, combine_stages=
 
     from fsg.ssm import triton_scan as ts
 
-    default_stages = ts.COMBINE_STAGES
-    ts.COMBINE_STAGES = combine_stages or default_stages
-    try:
+    with ts.combine_stages(combine_stages):
         y = ts.selective_scan_triton(*ins[:5], D=ins[5], chunk=chunk or ts.CHUNK, block_d=block_d, num_warps=num_warps)
         return [y.detach(), *torch.autograd.grad(y, ins, dy)]
-    finally:
-        ts.COMBINE_STAGES = default_stages
 
 
 def scan_section(cfg, save) -> dict:
@@ -347,6 +343,12 @@ def _tiling_row(tiling) -> dict:
     return dict(zip(("chunk", "block_d", "num_warps", "combine_stages"), tiling))
 
 
+def _tiling_name(row: dict) -> str:
+    """e.g. ``chunk 8, block_d 64, num_warps 1, combine stages default``."""
+    return (f"chunk {row['chunk']}, block_d {row['block_d'] or 'default'}, num_warps {row.get('num_warps') or 'auto'}, "
+            f"combine stages {row.get('combine_stages') or 'default'}")
+
+
 def sweep_section(cfg, save) -> dict:
     """Section ``sweep`` (module docstring)."""
     fresh_memory(cfg)
@@ -436,16 +438,16 @@ def report_sweep(res) -> str:
              "of y and the input gradients from the default tiling's over their largest value)"]
     cols = [("chunk", lambda r: str(r["chunk"])), ("block_d", lambda r: str(r["block_d"] or "default")),
             ("warps", lambda r: str(r.get("num_warps") or "auto")),
-            ("combine stages", lambda r: str(r.get("combine_stages") or "default")), ("fwd+bwd", lambda r: ms(r.get("seconds"))), ("first run", lambda r: f"{r.get('warmup_s', 0):.2f} s"),
+            ("combine stages", lambda r: str(r.get("combine_stages") or "default")),
+            ("fwd+bwd", lambda r: ms(r.get("seconds"))), ("first run", lambda r: f"{r.get('warmup_s', 0):.2f} s"),
             ("diff", lambda r: f"{r['max_rel_diff']:.1e}" if "max_rel_diff" in r else r.get("error", ""))]
     lines.append(table(res["runs"], cols))
     if res["not_run"]:
         lines.append(f"  not run (out of time; sweep budget {res['budget_s']:.0f} s): "
-                     + ", ".join(f"{c['chunk']}x{c['block_d']}x{c.get('num_warps') or 'auto'}" for c in res["not_run"]))
+                     + ", ".join(_tiling_name(c) for c in res["not_run"]))
     if res.get("fastest"):
         f = res["fastest"]
-        lines.append(f"  fastest: chunk {f['chunk']}, block_d {f['block_d'] or 'default'}, "
-                     f"num_warps {f.get('num_warps') or 'auto'}: {ms(f['seconds'])}")
+        lines.append(f"  fastest: {_tiling_name(f)}: {ms(f['seconds'])}")
     return "\n".join(lines)
 
 

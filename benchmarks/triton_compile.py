@@ -255,16 +255,13 @@ CASES: List[Tuple[str, str, Callable[[], None]]] = [
     ("flat-2ch", "FSG flat, another tiling of the sweep: chunks of 8 steps, 2 channels per lane (64 per warp)",
      lambda: _fwd_bwd(_scan_inputs(1, 100, 184321, 16), chunk=8, block_d=64, num_warps=1)),
     ("flat-pipelined", "FSG flat, the sweep's combine kernels with their loads pipelined (COMBINE_STAGES 3)",
-     lambda: _with_combine_stages(3, lambda: _fwd_bwd(_scan_inputs(1, 100, 184321, 16)))),
+     lambda: _pipelined(_scan_inputs(1, 100, 184321, 16))),
 ]
 
 
-def _with_combine_stages(stages: int, fn: Callable[[], None]) -> None:
-    default, ts.COMBINE_STAGES = ts.COMBINE_STAGES, stages
-    try:
-        fn()
-    finally:
-        ts.COMBINE_STAGES = default
+def _pipelined(x: dict) -> None:
+    with ts.combine_stages(3):
+        _fwd_bwd(x)
 QUICK = 3
 
 

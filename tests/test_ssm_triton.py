@@ -270,3 +270,16 @@ def test_kernels_compile_for_an_h100_h200_without_a_gpu(tmp_path):
     assert 0 < flat["_bwd_main_kernel"]["loop_shfl"] <= 2 * 16 * 5, flat["_bwd_main_kernel"]
     assert all(k["loop_shfl"] <= 8 for k in out["kernels"] if k["kernel"] == "_combine_kernel")
     assert all(k["loop_spill_ops"] == 0 for k in flat.values())  # spills, if any, stay off the hot loop
+
+
+def test_combine_stages_sets_and_restores_the_pipelining():
+    """combine_stages (the sweep's pipelined combine kernels) sets COMBINE_STAGES for its block
+    only, also when the block raises; the results do not depend on it (the interpreter)."""
+    assert ts.COMBINE_STAGES == 1
+    with pytest.raises(RuntimeError):
+        with ts.combine_stages(3):
+            assert ts.COMBINE_STAGES == 3
+            raise RuntimeError
+    assert ts.COMBINE_STAGES == 1
+    with ts.combine_stages(3):
+        _compare(_inputs(b=1, d=3, L=40, n=2, h0=True), True, chunk=4)

@@ -94,8 +94,21 @@ _KC, _KC_BD = 64, 32
 #: while a tile is scanned. The loop is sequential, with few programs for one long sequence
 #: (batch × d_state × channel blocks), so load latency may dominate it; pipelining adds about a
 #: quarter more instructions per tile (sm_90, Triton 3.6). 1 until measured on a GPU
-#: (``benchmarks/gpu_profile.py`` sweeps 3).
+#: (``benchmarks/gpu_profile.py`` sweeps 3; :func:`combine_stages` sets it for a block of code).
 COMBINE_STAGES = 1
+
+
+@contextlib.contextmanager
+def combine_stages(stages: Optional[int]):
+    """Within the block, the combine kernels use ``stages`` pipelining stages (None: unchanged);
+    :data:`COMBINE_STAGES` is restored after it (the benchmarks' sweep and compile check)."""
+    global COMBINE_STAGES
+    previous = COMBINE_STAGES
+    COMBINE_STAGES = previous if stages is None else int(stages)
+    try:
+        yield
+    finally:
+        COMBINE_STAGES = previous
 
 
 # ---------------------------------------------------------------------------------------------
