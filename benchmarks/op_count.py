@@ -7,7 +7,8 @@ each step on the CPU with the ``"triton"`` backend's ops (scan, low-memory block
 step) as on CUDA, but with every Triton kernel replaced by a no-op that zeroes its tensor
 arguments (the numbers are meaningless, the operators are those of the CUDA path; fsg's own
 kernel launches are not counted), and with FSG's CUDA defaults (``batch_layers`` on, the stream
-state updated in place). It counts the ATen operators one step dispatches (views excluded,
+state updated in place, and the optimizers' multi-tensor ``foreach`` updates, PyTorch's
+default for CUDA parameters). It counts the ATen operators one step dispatches (views excluded,
 backward included: :func:`fsg.cli.bench.aten_ops`) after the warm-up. Prints a table, or one
 JSON object with ``--json``.
 """
@@ -77,6 +78,9 @@ def count(model_name: str, batch: int, estimator: str, options: dict) -> int:
     if estimator == "fsg":
         opts.setdefault("batch_layers", True)
     tr = fsg.Trainer(fsg.binarize(net, "dorefa"), estimator, optimizer="sgd", lr=1e-3, **opts)
+    for opt in [tr.optimizer, *tr.meta_optimizers.values()]:  # PyTorch's default for CUDA parameters
+        for group in opt.param_groups:
+            group["foreach"] = True
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
     for _ in range(1 + (options.get("history", 5) if estimator == "fsg" else 1)):

@@ -484,6 +484,78 @@ def test_fsg_16bit_state_resumes_exactly(dtype):
         assert torch.equal(a, b)
 
 
+def _round_trip(trainer, **kw):
+    buf = io.BytesIO()
+    torch.save(trainer.state_dict(), buf)
+    buf.seek(0)
+    fresh = fsg_trainer(trainer.estimator.state_dtype, optimizer="sgdm", **kw)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    return fresh
+
+
+def _one_tensor(states):
+    """Whether the layers' carried states are consecutive row blocks of one tensor."""
+    h = states[0][1]
+    offsets = [s[1].storage_offset() for s in states]
+    rows = [s[1].shape[0] * s[1].stride(0) for s in states]
+    return (all(s[1].untyped_storage().data_ptr() == h.untyped_storage().data_ptr() for s in states)
+            and offsets == [offsets[0] + sum(rows[:i]) for i in range(len(rows))])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fsg_joint_stream_state_in_place_and_resumed_without_a_copy(monkeypatch, dtype):
+    """batch_layers with the state updated in place (as on CUDA): all layers' states are rows of
+    one tensor, updated in place step after step (the same memory), and a checkpoint of it,
+    loaded, continues bit for bit with the states still that one loaded tensor (no re-packing
+    copy: the loaded memory is the one updated)."""
+    monkeypatch.setattr(fsg.estimators.FSG, "stream_in_place", lambda self: True)
+    full = fsg_trainer(dtype, optimizer="sgdm", batch_layers=True)
+    ref = [full.step(x, y).loss for _ in range(6)]
+    part = fsg_trainer(dtype, optimizer="sgdm", batch_layers=True)
+    got = [part.step(x, y).loss for _ in range(2)]
+    ptrs = [s[1].data_ptr() for s in part.estimator.stream_states]
+    got.append(part.step(x, y).loss)
+    assert [s[1].data_ptr() for s in part.estimator.stream_states] == ptrs and _one_tensor(part.estimator.stream_states)
+    fresh = _round_trip(part, batch_layers=True)
+    loaded = [s[1].data_ptr() for s in fresh.estimator.stream_states]
+    assert _one_tensor(fresh.estimator.stream_states)
+    got += [fresh.step(x, y).loss for _ in range(3)]
+    assert got == ref
+    assert [s[1].data_ptr() for s in fresh.estimator.stream_states] == loaded
+    for a, b in zip(full.estimator.stream_states, fresh.estimator.stream_states):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_fsg_per_layer_stream_state_is_packed_once_for_batch_layers():
+    """A checkpoint whose states are separate tensors (written per layer) continues with
+    batch_layers: the states are packed into one tensor at the first step, and training follows
+    the per-layer run up to float rounding."""
+    per_layer = fsg_trainer(optimizer="sgdm")
+    ref = [per_layer.step(x, y).loss for _ in range(6)]
+    part = fsg_trainer(optimizer="sgdm")
+    got = [part.step(x, y).loss for _ in range(3)]
+    fresh = _round_trip(part, batch_layers=True)
+    assert not _one_tensor(fresh.estimator.stream_states)
+    got += [fresh.step(x, y).loss for _ in range(3)]
+    assert _one_tensor(fresh.estimator.stream_states)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-7)
+    for a, b in zip(per_layer.estimator.stream_states, fresh.estimator.stream_states):
+        torch.testing.assert_close(b[1], a[1], rtol=1e-4, atol=1e-6)
+
+
+def test_joint_rows_is_a_view_of_consecutive_blocks_else_a_copy():
+    from fsg.estimators.fsg import joint_rows
+
+    base = torch.randn(10, 8, 1)[:, 1:]  # strided, like the carried conv window
+    parts = list(base.split([3, 0, 5, 2]))
+    j = joint_rows(parts)
+    assert j.data_ptr() == base.data_ptr() and j.stride() == base.stride() and torch.equal(j, base)
+    for shuffled in ([parts[2], parts[0], parts[3]], [parts[0], parts[3]], [parts[0], base[3:8].clone()]):
+        assert joint_rows(shuffled, copy=False) is None
+        c = joint_rows(shuffled)
+        assert torch.equal(c, torch.cat(shuffled)) and c.data_ptr() != base.data_ptr()
+
+
 def test_fsg_state_dtype_errors():
     with pytest.raises(ValueError, match=r"state_dtype must be one of 'float32', 'bfloat16', 'float16', got 'bf16'"):
         fsg.get_estimator("fsg", layout="stream", state_dtype="bf16")

@@ -484,8 +484,8 @@ def test_fsg_stream_state_buffers_alternate():
 def test_fsg_batch_layers_batches_layers_and_trains_alike(layout, recompute):
     """batch_layers on layers of 16, 16, 64 and 48 weights (history 3): flat batches the two
     16-weight layers (3 slow-net calls per step instead of 4); temporal batches layers in order
-    up to the 64-weight layer's 256 tokens: [16, 16], [64], [48] (3 calls); stream keeps the
-    slow-net per layer (each layer's state). The fast-net runs once per step instead of once per
+    up to the 64-weight layer's 256 tokens: [16, 16], [64], [48] (3 calls); stream runs all
+    layers in one call (their states one tensor). The fast-net runs once per step instead of once per
     layer. The same training as per layer up to float rounding: losses, latent weights and every
     hypernetwork parameter after 6 steps."""
     from fsg.models import MLP
@@ -511,14 +511,19 @@ def test_fsg_batch_layers_batches_layers_and_trains_alike(layout, recompute):
     assert [l.latent.numel() for l in t0.layers] == [16, 16, 64, 48]
     assert f0[-4:] == [16, 16, 64, 48] and f1[-1] == 144 and len(f0) == 4 * len(f1)
     if layout == "stream":
-        assert c0[-4:] == c1[-4:] == [(16, 1, 1), (16, 1, 1), (64, 1, 1), (48, 1, 1)]
+        assert c0[-4:] == [(16, 1, 1), (16, 1, 1), (64, 1, 1), (48, 1, 1)] and c1[-1] == (144, 1, 1)
+        assert c0[:4] == [(16, 2, 1), (16, 2, 1), (64, 2, 1), (48, 2, 1)] and c1[0] == (144, 2, 1)  # the LRE token first
+        states = t1.estimator.stream_states  # each layer's state: rows of one tensor
+        h = states[0][1]
+        assert all(s[1].untyped_storage().data_ptr() == h.untyped_storage().data_ptr() for s in states)
+        assert [s[1].storage_offset() for s in states] == [0, 16 * h[0].numel(), 32 * h[0].numel(), 96 * h[0].numel()]
     elif layout == "flat":  # the last step's calls: (rows, tokens per row, 1)
         assert c0[-4:] == [(1, 49, 1), (1, 49, 1), (1, 193, 1), (1, 145, 1)]
         assert c1[-3:] == [(2, 49, 1), (1, 193, 1), (1, 145, 1)]
     else:
         assert c0[-4:] == [(16, 4, 1), (16, 4, 1), (64, 4, 1), (48, 4, 1)]
         assert c1[-3:] == [(32, 4, 1), (64, 4, 1), (48, 4, 1)]
-    assert len(c0) == 5 * 4 and len(c1) == 5 * (4 if layout == "stream" else 3)  # steps 1-5 (step 0 only observes)
+    assert len(c0) == 5 * 4 and len(c1) == 5 * (1 if layout == "stream" else 3)  # steps 1-5 (step 0 only observes)
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-5, atol=1e-7)
     for a, b in zip(t0.layers, t1.layers):
         torch.testing.assert_close(b.latent, a.latent, rtol=1e-5, atol=1e-6)

@@ -18,10 +18,28 @@ from fsg.estimators.config import EstimatorConfig, option
 from fsg.estimators.metaquant import LSTMFC
 from fsg.estimators.nets import ElementwiseMLP, SlowNet
 
-__all__ = ["FSG", "FSGConfig"]
+__all__ = ["FSG", "FSGConfig", "joint_rows"]
 
 _LR = dict(kind="float", low=0, low_open=True)
 _SIZE = dict(kind="int", low=1)
+
+
+def joint_rows(parts: List[Tensor], copy: bool = True) -> Optional[Tensor]:
+    """``torch.cat(parts)`` along the first dimension, as a view without a copy when the parts
+    are consecutive row blocks of one tensor (e.g. ``t.split(sizes)``, also after a checkpoint
+    round trip: ``torch.save`` keeps views of one storage together): same storage, dtype and
+    strides, each part starting where the previous one ends. Otherwise a new tensor, or None if
+    not ``copy``."""
+    first = parts[0]
+    storage = first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    for t in parts:
+        if (t.dtype != first.dtype or t.device != first.device or t.shape[1:] != first.shape[1:] or t.stride() != first.stride()
+                or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset):
+            return torch.cat(parts) if copy else None
+        offset += t.shape[0] * t.stride(0)
+    rows = sum(t.shape[0] for t in parts)
+    return first.as_strided((rows,) + tuple(first.shape[1:]), first.stride(), first.storage_offset())
 
 
 @dataclass(frozen=True)
@@ -61,10 +79,10 @@ class FSGConfig(EstimatorConfig):
     slow_lr: float = option(1e-3, "Adam learning rate of the slow-net", **_LR)
     lre_lr: float = option(1e-3, "Adam learning rate of the layer embedding", **_LR)
     batch_layers: Optional[bool] = option(
-        None, "mamba slow-net: run the fast-net once on all layers and, layouts flat and temporal, the slow-net on "
-        "several layers at once (flat: layers of equal size; temporal: any layers; no call longer than the largest "
-        "layer's), instead of once per layer (stream: the slow-net stays per layer, each layer has its own state); "
-        "the same directions up to float rounding, far fewer kernel launches on a GPU",
+        None, "mamba slow-net: run the fast-net once on all layers and the slow-net on several layers at once "
+        "(flat: layers of equal size; temporal: any layers; no call longer than the largest layer's; stream: all "
+        "layers in one call, their states one tensor), instead of once per layer; the same directions up to float "
+        "rounding, far fewer kernel launches on a GPU",
         kind="bool", default_text="on when the slow-net is on CUDA")
     state_dtype: str = option("float32", "layout stream: dtype of the carried per-weight Mamba state; 16 bits halve "
                               "it and keep one copy (float32 arithmetic, rounded to nearest even when stored)",
@@ -152,9 +170,9 @@ class FSG(Estimator):
       (:meth:`directions_all`); the element-wise fast-net then runs once on all layers' ``W̃``
       and, layouts flat and temporal, the slow-net on several layers at once
       (:meth:`slow_gradients`; never more tokens per call than the largest layer's, so no more
-      memory; stream: per layer, on each layer's state): on a GPU, where a step of this size is
-      mostly kernel launches, this divides their launches by the number of layers batched
-      together.
+      memory); stream: all layers in one call (:meth:`stream_gradients`), the layers' carried
+      states rows of one tensor. On a GPU, where a step of this size is mostly kernel launches,
+      this divides their launches by the number of layers batched together.
       Unset: on when the slow-net is on CUDA (on the CPU, per layer keeps earlier runs' numbers
       bit for bit).
     * options: :class:`FSGConfig` (``FSG(**options)`` = ``FSG(FSGConfig(**options))``).
@@ -287,18 +305,55 @@ class FSG(Estimator):
         state = self.stream_states[index]
         if state is None and self.lre is not None:  # the stream starts with the layer's token
             seq = torch.cat([self.lre.weight[index].view(1, 1, 1).expand(n, 1, 1).to(seq.dtype), seq], dim=1)
-        if not self.stream_in_place():
-            # the new state goes into the spare buffer (free: two steps old); the old one becomes the next spare
-            out, new_state = self.slow.stream(seq, state, state_buffer=self._stream_spare[index],
-                                              low_memory=self.recompute)
-            spare, finish = (state[-1] if (state is not None and self.slow.kind == "mamba") else None), None
-        else:  # one copy: the step's backward pass writes the new state over the old
-            out, new_state, finish = self.slow.mamba.stream(
-                seq, state, state_dtype=STATE_DTYPES[self.state_dtype], low_memory=self.recompute, in_place=True)
-            spare = self._stream_spare[index]
+        out, new_state, spare, finish = self._stream_step(seq, state, self._stream_spare[index])
         self.pending_stream[index] = (new_state, spare, finish)
         # one token (every step but the first): a view, whose backward launches nothing
         return out.view(n) if out.shape[1] == 1 else out[:, -1, 0]
+
+    def _stream_step(self, seq: Tensor, state: Optional[tuple], spare: Optional[Tensor]):
+        """One call of the slow-net's recurrence: ``(out, new state, the next spare buffer,
+        finish)`` (see :meth:`stream_in_place`)."""
+        if not self.stream_in_place():
+            # the new state goes into the spare buffer (free: two steps old); the old one becomes the next spare
+            out, new_state = self.slow.stream(seq, state, state_buffer=spare, low_memory=self.recompute)
+            return out, new_state, (state[-1] if (state is not None and self.slow.kind == "mamba") else None), None
+        # one copy: the step's backward pass writes the new state over the old
+        out, new_state, finish = self.slow.mamba.stream(
+            seq, state, state_dtype=STATE_DTYPES[self.state_dtype], low_memory=self.recompute, in_place=True)
+        return out, new_state, spare, finish
+
+    def stream_gradients(self, indices: List[int]) -> Optional[Tensor]:
+        """Layout ``stream``: ``G_slow`` of the layers ``indices`` (all the estimator's layers, in
+        order) flattened and concatenated, from one slow-net call on all their weights at once:
+        the layers' carried states are one joint tensor, each layer's state a view of its rows
+        (what :meth:`commit` carries), so the call reads and writes them in place, with no copy.
+        Each weight is its own sequence, so this is :meth:`stream_gradient` of each layer up to
+        float rounding (the slow-net's weight gradients are summed in another order). States that
+        are not such views (a checkpoint written per layer, or by an earlier version) are packed
+        into one tensor at the first call (a copy, once). None (the caller goes per layer) for
+        other ``indices`` or if only some layers have a state."""
+        states = [self.stream_states[i] for i in indices]
+        if indices != list(range(len(self.stream_states))) or len({s is None for s in states}) != 1:
+            return None
+        last = [self._history(i)[-1] for i in indices]
+        sizes = [g.numel() for g in last]
+        seq = torch.cat([g.reshape(-1) for g in last]).view(-1, 1, 1)
+        if states[0] is None:  # every stream starts: the layers' tokens first
+            state = spare = None
+            if self.lre is not None:
+                rows = torch.repeat_interleave(torch.arange(len(sizes), device=seq.device),
+                                               torch.tensor(sizes, device=seq.device))
+                seq = torch.cat([self.lre.weight.view(-1)[rows].view(-1, 1, 1).to(seq.dtype), seq], dim=1)
+        else:
+            state = tuple(joint_rows([s[j] for s in states]) for j in range(len(states[0])))
+            spares = [self._stream_spare[i] for i in indices]
+            spare = None if any(t is None for t in spares) else joint_rows(spares, copy=False)
+        out, new_state, spare, finish = self._stream_step(seq, state, spare)
+        parts = [t.split(sizes) for t in new_state]
+        spare_parts = spare.split(sizes) if spare is not None else [None] * len(sizes)
+        for k, i in enumerate(indices):  # the same finish for every layer: it is idempotent
+            self.pending_stream[i] = (tuple(p[k] for p in parts), spare_parts[k], finish)
+        return out.view(-1) if out.shape[1] == 1 else out[:, -1, 0]
 
     def stream_in_place(self) -> bool:
         """Layout stream: whether each layer's carried state is one tensor updated in place by the
@@ -343,10 +398,15 @@ class FSG(Estimator):
     def directions_all(self, contexts) -> List[Tuple[Tensor, Tensor]]:
         if not self.batches_layers():
             return super().directions_all(contexts)
-        if self.layout == "stream":  # each layer's own carried state: the slow-net per layer
-            g_slow = {c.index: self.slow_gradient(c.index) for c in contexts}
+        indices = [c.index for c in contexts]
+        # stream: one call on every layer's weights (their states one joint tensor), G_slow already flat
+        g_flat = self.stream_gradients(indices) if self.layout == "stream" else None
+        if g_flat is not None:
+            g_slow = dict(zip(indices, g_flat.split([c.w_tilde.numel() for c in contexts])))
+        elif self.layout == "stream":  # each layer's own carried state: the slow-net per layer
+            g_slow = {i: self.slow_gradient(i) for i in indices}
         else:
-            g_slow = self.slow_gradients([c.index for c in contexts])
+            g_slow = self.slow_gradients(indices)
         # the fast-net and the combination are element-wise: one call on every layer's weights,
         # flattened and concatenated (a few operators per step instead of a few per layer)
         flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
@@ -356,7 +416,8 @@ class FSG(Estimator):
             return [self.directions(c, g_slow[c.index], f.view_as(c.w_tilde)) for c, f in zip(contexts, fast)]
         sizes = [c.w_tilde.numel() for c in contexts]
         d, u = self.combine(flat(c.grad for c in contexts), flat(c.calibration for c in contexts),
-                            self.fast(flat(c.w_tilde for c in contexts)), flat(g_slow[c.index] for c in contexts))
+                            self.fast(flat(c.w_tilde for c in contexts)),
+                            flat(g_slow[i] for i in indices) if g_flat is None else g_flat)
         return [(dl.view_as(c.w_tilde), ul.view_as(c.w_tilde)) for c, dl, ul in zip(contexts, d.split(sizes), u.split(sizes))]
 
     def meta_param_groups(self) -> List[dict]:
