@@ -238,17 +238,42 @@ def _nvidia_compiler_present() -> bool:
                                        "ptxas"))
 
 
+#: benchmarks/triton_compile.py with one more case in its quick set: FSG flat's low-memory block
+#: with resets (the slow-net's layers packed into one scan: every kernel of fsg.ssm.triton_scan
+#: with HAS_RESET).
+_COMPILE_WITH_RESETS = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import triton_compile as tc
+
+def lowmem_resets():
+    x, rs = tc._scan_inputs(1, 100, 184321, 16, z=False), torch.zeros(1, 184321, dtype=torch.bool)
+    rs[0, ::2000] = True
+    fac = lambda: (torch.randn(100), torch.randn(1, 184321))
+    kernels, dfac, zfac = tc.ts.LOW_MEMORY_KERNELS, fac(), fac()
+    args = (x["u"], None, x["A"], x["B"], x["C"], x["D"], None, x["delta_bias"])
+    y, states = kernels.forward(*args, dfac, zfac, resets=rs)
+    kernels.backward(*args, states, torch.zeros_like(y), dfac, zfac, resets=rs)
+
+tc.CASES.insert(tc.QUICK, ("flat-lowmem-resets", "FSG flat, low-memory block, with resets", lowmem_resets))
+tc.QUICK += 1
+sys.exit(tc.main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.skipif(not _nvidia_compiler_present(), reason="this Triton has no NVIDIA backend with its ptxas")
 def test_kernels_compile_for_an_h100_h200_without_a_gpu(tmp_path):
     """The interpreter does not compile: benchmarks/triton_compile.py compiles the kernels FSG flat and
-    stream launch (GPU tiling, Triton's own argument binding) down to sm_90a cubins, from scratch."""
+    stream launch (GPU tiling, Triton's own argument binding), and FSG flat's low-memory block's with
+    resets, down to sm_90a cubins, from scratch."""
     import json
     import subprocess
 
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "triton_compile.py")
+    bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
-    res = subprocess.run([sys.executable, script, "--quick", "--json", "--sass"], capture_output=True, text=True,
-                         env=env, timeout=600)
+    res = subprocess.run([sys.executable, "-c", _COMPILE_WITH_RESETS, bench, "--quick", "--json", "--sass"],
+                         capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["ok"] and not out["failures"] and out["target"] == "sm_90a"
@@ -256,6 +281,9 @@ def test_kernels_compile_for_an_h100_h200_without_a_gpu(tmp_path):
     assert {("flat", "_fwd_local_kernel"), ("flat", "_combine_kernel"), ("flat", "_fwd_out_kernel"),
             ("flat", "_bwd_local_kernel"), ("flat", "_bwd_main_kernel"), ("flat-lowmem", "_bwd_main_kernel"),
             ("stream", "_fwd_out_kernel"), ("stream", "_bwd_main_kernel")} <= compiled
+    resets = {k["kernel"]: k for k in out["kernels"] if k["case"] == "flat-lowmem-resets"}
+    assert set(resets) == {"_fwd_local_kernel", "_combine_kernel", "_fwd_out_kernel", "_bwd_local_kernel",
+                           "_bwd_main_kernel"}
     assert all(k["registers"] > 0 for k in out["kernels"])
     assert any(p.suffix == ".cubin" for p in tmp_path.rglob("*"))  # really compiled, not found in a cache
     # The scans and sums over a chunk's steps stay in each thread's registers: no scan kernel puts
@@ -270,6 +298,11 @@ def test_kernels_compile_for_an_h100_h200_without_a_gpu(tmp_path):
     assert 0 < flat["_bwd_main_kernel"]["loop_shfl"] <= 2 * 16 * 5, flat["_bwd_main_kernel"]
     assert all(k["loop_shfl"] <= 8 for k in out["kernels"] if k["kernel"] == "_combine_kernel")
     assert all(k["loop_spill_ops"] == 0 for k in flat.values())  # spills, if any, stay off the hot loop
+    # with resets (a_t = 0 there, chunks' end states and start-state gradients masked): the same
+    for name in ("_fwd_local_kernel", "_fwd_out_kernel", "_bwd_local_kernel"):
+        assert resets[name]["loop_shfl"] == 0 and resets[name]["loop_mufu"] > 0, resets[name]
+    assert 0 < resets["_bwd_main_kernel"]["loop_shfl"] <= 2 * 16 * 5, resets["_bwd_main_kernel"]
+    assert all(k["loop_spill_ops"] == 0 for k in resets.values())
 
 
 def test_combine_stages_sets_and_restores_the_pipelining():

@@ -18,7 +18,7 @@ without autograd, ``B``/``C`` channel-first ``(batch, d_state, L)`` as the block
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -39,7 +39,12 @@ class ScanKernels:
 
     ``u``, ``delta``, ``z``, ``y`` (batch, d_inner, L); ``B``, ``C`` and their gradients
     (batch, d_state, L); ``dfac`` / ``zfac``: ``(w (d_inner,), x (batch, L))`` or None (then
-    ``delta`` / ``z`` are given; with factors they are None)."""
+    ``delta`` / ``z`` are given; with factors they are None).
+
+    Optional keyword ``resets`` of both (bool (batch, L), see
+    :func:`fsg.ssm.reference.selective_scan_ref`): the recurrence restarts at the marked steps
+    (``h_{t-1}`` counts as 0). It is passed only when given: kernels without it (the CPU
+    backend's) serve every call without resets."""
 
     forward: Callable
     backward: Callable
@@ -64,7 +69,8 @@ class MambaLowMemory(torch.autograd.Function):
     """``block(x)`` keeping only ``x`` and the scan's chunk states (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, block, kernels, w_in, conv_w, conv_b, w_x, w_dt, b_dt, A_log, D, w_out):  # type: ignore[override]
+    def forward(ctx, x, block, kernels, resets, w_in, conv_w, conv_b, w_x, w_dt, b_dt, A_log, D,  # type: ignore[override]
+                w_out):
         factored = block.d_model == 1 and block.dt_rank == 1
         with torch.no_grad():
             A = -torch.exp(A_log.float())
@@ -76,16 +82,18 @@ class MambaLowMemory(torch.autograd.Function):
                 u, z, delta, Bt, Ct = block.pre_scan(x)
                 z_, delta_, dfac, zfac = _f32(z), _f32(delta), None, None
             y, states = kernels.forward(_f32(u), delta_, A.contiguous(), _f32(Bt), _f32(Ct), _f32(D), z_, _f32(b_dt),
-                                        dfac, zfac)
+                                        dfac, zfac, **_reset_kw(resets))
             out = torch.matmul(w_out.to(y.dtype), y).to(x.dtype).transpose(1, 2)
-        ctx.save_for_backward(x, states)
+        ctx.save_for_backward(x, states, *([] if resets is None else [resets]))  # as before without resets
         ctx.block, ctx.kernels, ctx.factored = block, kernels, factored
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
-        x, states = ctx.saved_tensors
+        x, states, *resets = ctx.saved_tensors
+        resets = resets[0] if resets else None
         block = ctx.block
+        reset_kw = _reset_kw(resets)
         d = block.d_inner
         pre_params = [block.in_proj.weight, block.conv1d.weight, block.conv1d.bias, block.x_proj.weight]
         with torch.enable_grad():
@@ -102,11 +110,11 @@ class MambaLowMemory(torch.autograd.Function):
         if ctx.factored:
             dfac, zfac = rank1_factors(block, x, dlt.detach())
             du, (ddw, ddx), dA, dB, dC, dD, (dzw, dzx), dbias, y = ctx.kernels.backward(
-                _f32(u), None, *scan_in, None, _f32(block.dt_proj.bias), states, dy, dfac, zfac)
+                _f32(u), None, *scan_in, None, _f32(block.dt_proj.bias), states, dy, dfac, zfac, **reset_kw)
             outs, grads_out = [u, dlt, Bt, Ct], [du, ddx.view_as(dlt), dB, dC]
         else:
             du, ddelta, dA, dB, dC, dD, dz, dbias, y = ctx.kernels.backward(
-                _f32(u), _f32(delta), *scan_in, _f32(z), _f32(block.dt_proj.bias), states, dy, None, None)
+                _f32(u), _f32(delta), *scan_in, _f32(z), _f32(block.dt_proj.bias), states, dy, None, None, **reset_kw)
             outs, grads_out = [u, z, delta, Bt, Ct], [du, dz, ddelta, dB, dC]
         inputs = [xg] + pre_params + ([] if ctx.factored else [block.dt_proj.weight])
         grads = torch.autograd.grad(outs, inputs, grads_out, allow_unused=True)
@@ -121,15 +129,22 @@ class MambaLowMemory(torch.autograd.Function):
         d_wout = torch.einsum("bmt,bdt->md", dout_t, y)
         d_alog = dA * A  # A = -exp(A_log)
         cast = lambda g, p: None if g is None else g.to(p.dtype)  # noqa: E731
-        return (cast(dx, x), None, None, cast(dw_in, block.in_proj.weight), cast(dconv_w, block.conv1d.weight),
+        return (cast(dx, x), None, None, None, cast(dw_in, block.in_proj.weight), cast(dconv_w, block.conv1d.weight),
                 cast(dconv_b, block.conv1d.bias), cast(dw_x, block.x_proj.weight), cast(dw_dt, block.dt_proj.weight),
                 cast(dbias, block.dt_proj.bias), cast(d_alog, block.A_log), cast(dD, block.D),
                 cast(d_wout, block.out_proj.weight))
 
 
-def mamba_low_memory(block, x: Tensor, kernels: ScanKernels) -> Tensor:
-    """``block(x)`` through :class:`MambaLowMemory` with a backend's ``kernels``."""
-    return MambaLowMemory.apply(x, block, kernels, block.in_proj.weight, block.conv1d.weight, block.conv1d.bias,
+def _reset_kw(resets: Optional[Tensor]) -> dict:
+    """The kernels' keyword arguments for ``resets``: none without resets (see :class:`ScanKernels`)."""
+    return {} if resets is None else {"resets": resets}
+
+
+def mamba_low_memory(block, x: Tensor, kernels: ScanKernels, resets: Optional[Tensor] = None) -> Tensor:
+    """``block(x)`` through :class:`MambaLowMemory` with a backend's ``kernels``; ``resets`` (bool
+    (batch, L) or None) restart the scan's recurrence at the marked tokens (only the scan's: the
+    causal convolution still sees the tokens before a reset)."""
+    return MambaLowMemory.apply(x, block, kernels, resets, block.in_proj.weight, block.conv1d.weight, block.conv1d.bias,
                                 block.x_proj.weight, block.dt_proj.weight, block.dt_proj.bias, block.A_log, block.D,
                                 block.out_proj.weight)
 

@@ -24,7 +24,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_scan_shapes(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None) -> None:
+def check_scan_shapes(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, resets=None) -> None:
     """Raise ValueError unless the arguments have the layouts of :func:`selective_scan_ref`."""
     if u.dim() != 3:
         raise ValueError(f"u must have shape (batch, d_inner, L), got {tuple(u.shape)}")
@@ -50,6 +50,11 @@ def check_scan_shapes(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
             f"initial_state must have shape (batch, d_inner, d_state) = {(batch, dim, dstate)}, "
             f"got {tuple(initial_state.shape)}"
         )
+    if resets is not None and (tuple(resets.shape) != (batch, length) or resets.dtype != torch.bool):
+        raise ValueError(
+            f"resets must be a bool tensor of shape (batch, L) = {(batch, length)}, "
+            f"got {resets.dtype} {tuple(resets.shape)}"
+        )
 
 
 def selective_scan_ref(
@@ -64,6 +69,7 @@ def selective_scan_ref(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     initial_state: Optional[Tensor] = None,
+    resets: Optional[Tensor] = None,
 ):
     """Reference selective scan, plain PyTorch, differentiable by autograd.
 
@@ -81,7 +87,16 @@ def selective_scan_ref(
         y[b,d,t]   = sum_n C[b,n,t] * h_t[b,d,n]  (+ D[d] * u[b,d,t])
         y          <- y * silu(z)                 (if z is given)
 
-    with ``h_{-1} = initial_state`` (zeros if None).  Returns ``y`` in the
+    with ``h_{-1} = initial_state`` (zeros if None).
+
+    ``resets`` (bool, ``(batch, L)``): ``resets[b, t]`` restarts the recurrence at step ``t``,
+    i.e. ``h_{t-1}`` counts as 0 there (several sequences packed into one scan)::
+
+        h_t[b,d,n] = (0 if resets[b,t] else exp(delta[b,d,t] * A[d,n])) * h_{t-1}[b,d,n]
+                     + delta[b,d,t] * B[b,n,t] * u[b,d,t]
+
+    so nothing (value or gradient) crosses a reset; with ``resets[b, 0]`` the initial state of
+    sequence ``b`` is unused.  Returns ``y`` in the
     dtype of ``u`` and, if ``return_last_state``, also the final state
     ``h_{L-1}`` of shape ``(batch, d_inner, d_state)`` (in the compute dtype).
 
@@ -89,7 +104,7 @@ def selective_scan_ref(
     float64).  The decay and input terms are built for all time steps at
     once; only the recurrence itself is a Python loop over time.
     """
-    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, resets)
     dtype_in = u.dtype
     ct = compute_dtype(dtype_in)
     batch, dim, length = u.shape
@@ -108,6 +123,8 @@ def selective_scan_ref(
     # Time-major (L, batch, d_inner, d_state) so each step reads a contiguous slice.
     delta_t = delta.permute(2, 0, 1)  # (L, b, d)
     deltaA = torch.exp(delta_t[..., None] * A)  # (L, b, d, n)
+    if resets is not None:  # the decay into a restarting step is 0
+        deltaA = deltaA.masked_fill(resets.t()[:, :, None, None], 0.0)
     deltaB_u = (delta_t * u.permute(2, 0, 1))[..., None] * B.permute(2, 0, 1)[:, :, None, :]  # (L, b, d, n)
 
     if initial_state is None:

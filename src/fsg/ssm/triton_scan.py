@@ -43,6 +43,16 @@ Backward, with ``g_t = C_t dy_t silu(z_t)`` and ``dh_t`` the gradient of ``h_t``
    ``a_t``). ``dA``, ``dD``, ``ddelta_bias`` (and factor gradients) are float32 per-program
    partial sums, reduced with ``torch.sum`` (deterministic; no atomics).
 
+Resets (``resets``, bool (batch, L): several sequences packed one after the other into one
+scan): ``a_t = 0`` at a marked step, i.e. ``h_t = b_t``, nothing crosses it either way. The
+kernels get them behind a constexpr ``HAS_RESET`` (without resets none of it is compiled) as a
+(T,) row per chunk, like the rows of B and C: ``_scan_states`` sets ``a_t = 0`` (the rescans,
+``dh``, ``a_t h_{t-1} = h_t - b_t`` and ``dh_{-1}`` follow); ``_fwd_local_kernel`` counts only
+the steps with no reset in ``(t, chunk end]``, ``_bwd_local_kernel`` only those with none in
+``[chunk start, t]`` (counts of resets, never infinite deltas: ``R_t`` is a difference of sums);
+both store ``S_k = +inf`` for a chunk with a reset, which ``_combine_kernel`` turns into
+``Q_k = 0`` (also for ``A = 0``).
+
 Tiling (as ``mamba_ssm``'s CUDA kernel): a program of the per-chunk kernels takes one
 (sequence, chunk) and walks the channels in blocks of ``BLOCK_D`` (32 on a GPU: one warp); a
 block's series are (T × BLOCK_D) tiles with the channels across the lanes and the chunk's time
@@ -228,13 +238,57 @@ def _state_rows(A_ptr, B_ptr, C_ptr, bidx, n, d, t, dmask, tmask, NS, L):
 
 
 @triton.jit
-def _scan_states(delta, du, An, Bn, h0):
+def _scan_states(delta, du, An, Bn, h0, rs, HAS_RESET: tl.constexpr):
     """(a, b, h) of one state on a (T, BLOCK_D) tile: a_t = exp(delta_t A) = exp2(delta_t An),
-    b_t = du_t B_t, h_t = a_t h_{t-1} + b_t from h0 (BLOCK_D,)."""
+    or 0 at a reset (HAS_RESET, rs_t True: h_{t-1} counts as 0), b_t = du_t B_t,
+    h_t = a_t h_{t-1} + b_t from h0 (BLOCK_D,)."""
     a = tl.exp2(delta * An[None, :])
+    if HAS_RESET:
+        a = tl.where(rs[:, None], 0.0, a)
     b = du * Bn[:, None]
     pa, pb = tl.associative_scan((a, b), 0, _lin_comb)
     return a, b, pa * h0[None, :] + pb
+
+
+@triton.jit
+def _reset_steps(rs_ptr, bidx, t, tmask, L, HAS_RESET: tl.constexpr):
+    """The resets of a chunk's steps t (T,; int1): resets[b, t] (HAS_RESET; False past the end),
+    else a constant False."""
+    if HAS_RESET:
+        return tl.load(rs_ptr + bidx * L + t, mask=tmask, other=0) != 0
+    else:
+        return tl.full(t.shape, 0, tl.int1)
+
+
+@triton.jit
+def _reset_counts(rs, T: tl.constexpr, BD: tl.constexpr, SUFFIX: tl.constexpr):
+    """A (T, BLOCK_D) tile counting a chunk's resets rs (T,) in (t, chunk end] (SUFFIX; 0: step t
+    reaches the chunk's end state) or in [chunk start, t] (0: the chunk's start state reaches step
+    t). Whole numbers, exact in float32 (a reset is never an infinite delta: no inf - inf)."""
+    r = tl.broadcast_to(tl.where(rs, 1.0, 0.0)[:, None], (T, BD))
+    if SUFFIX:
+        return tl.flip(tl.cumsum(tl.flip(r, 0), axis=0), 0) - r
+    else:
+        return tl.cumsum(r, axis=0)
+
+
+@triton.jit
+def _chunk_decay_sum(S, rs, T: tl.constexpr, BD: tl.constexpr, HAS_RESET: tl.constexpr):
+    """S_k (BLOCK_D,) as stored for the combine kernels: the chunk's sum of delta, or +inf if the
+    chunk has a reset (rs (T,); its decay Q_k is then 0, see _chunk_decay)."""
+    if HAS_RESET:
+        return tl.where(_row(_reset_counts(rs, T, BD, False), T - 1, T) > 0.0, float("inf"), S)
+    else:
+        return S
+
+
+@triton.jit
+def _chunk_decay(S, An, HAS_RESET: tl.constexpr):
+    """Q_k = exp(A S_k) = exp2(S_k An); 0 for S_k = +inf (a chunk with a reset; even for A = 0)."""
+    Q = tl.exp2(S * An)
+    if HAS_RESET:
+        Q = tl.where(S == float("inf"), 0.0, Q)
+    return Q
 
 
 @triton.jit
@@ -339,26 +393,29 @@ def _store_series_grad(g, g_ptr, wptr, xptr, pw_ptr, rows, xrow, d, t, dmask, tm
 
 
 @triton.jit(do_not_specialize=["ST"])
-def _fwd_local_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, st_ptr, dsum_ptr,
+def _fwd_local_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, st_ptr, dsum_ptr, rs_ptr,
                       DIM, L, NS, K, ssb, ssd, ssk, ssn, ST, T: tl.constexpr, BD: tl.constexpr,
-                      DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+                      DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr):
     """Chunk k's end state from a zero start, s = sum_t exp(A R_t) b_t, into states[:, :, k]; S_k
-    into dsum[b, k, :]."""
+    into dsum[b, k, :]. With resets only the steps after the chunk's last reset count, and S_k =
+    +inf if it has one (Q_k = 0)."""
     bidx, k, t, tt = _chunk_steps(K, ST, T)
     if (k + 1) * T <= L:
-        _fwd_local_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, st_ptr, dsum_ptr, DIM, L, NS, K,
-                         ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC, HAS_BIAS, SOFTPLUS, True)
+        _fwd_local_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, st_ptr, dsum_ptr, rs_ptr, DIM, L,
+                         NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC, HAS_BIAS, SOFTPLUS, HAS_RESET, True)
     else:
-        _fwd_local_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, st_ptr, dsum_ptr, DIM, L, NS, K,
-                         ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC, HAS_BIAS, SOFTPLUS, False)
+        _fwd_local_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, st_ptr, dsum_ptr, rs_ptr, DIM, L,
+                         NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC, HAS_BIAS, SOFTPLUS, HAS_RESET, False)
 
 
 @triton.jit
-def _fwd_local_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, st_ptr, dsum_ptr, DIM, L, NS, K,
-                     ssb, ssd, ssk, ssn, bidx, k, t, tt, T: tl.constexpr, BD: tl.constexpr, DFAC: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FULL: tl.constexpr):
+def _fwd_local_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, st_ptr, dsum_ptr, rs_ptr, DIM, L,
+                     NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T: tl.constexpr, BD: tl.constexpr,
+                     DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_RESET: tl.constexpr,
+                     FULL: tl.constexpr):
     """_fwd_local_kernel's work on its chunk (FULL: no step past the end, see _steps_mask)."""
     tmask = _steps_mask(t, L, FULL)
+    rs = _reset_steps(rs_ptr, bidx, t, tmask, L, HAS_RESET)
     for d0 in range(0, DIM, BD):
         d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM,
                                                      L, BD, DFAC, HAS_BIAS, SOFTPLUS)
@@ -366,7 +423,10 @@ def _fwd_local_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr,
         suffix = tl.flip(tl.cumsum(tl.flip(delta, 0), axis=0), 0)  # sum_{r >= t}: exact near the chunk end
         rem = suffix - delta
         du = delta * u
-        tl.store(dsum_ptr + (bidx * K + k) * DIM + d, _row(suffix, 0, T), mask=dmask)
+        if HAS_RESET:  # b_t reaches the chunk's end only without a reset in (t, end]
+            du = tl.where(_reset_counts(rs, T, BD, True) == 0.0, du, 0.0)
+        tl.store(dsum_ptr + (bidx * K + k) * DIM + d, _chunk_decay_sum(_row(suffix, 0, T), rs, T, BD, HAS_RESET),
+                 mask=dmask)
         for n in range(0, NS):
             An, Bn, Bn2 = _state_rows(A_ptr, B_ptr, B_ptr, bidx, n, d, t, dmask, tmask, NS, L)
             s = tl.sum(tl.exp2(rem * An[None, :]) * du * Bn[:, None], axis=0)
@@ -376,8 +436,9 @@ def _fwd_local_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr,
 @triton.jit
 def _combine_kernel(st_ptr, dsum_ptr, A_ptr, c_ptr, DIM, NS, K, ssb, ssd, ssk, ssn,
                     KC: tl.constexpr, BD: tl.constexpr, HAS_C: tl.constexpr, REVERSE: tl.constexpr,
-                    STAGES: tl.constexpr):
-    """In place on states-like st (state n, channels d), with Q_k = exp(A S_k) and c the carry:
+                    STAGES: tl.constexpr, HAS_RESET: tl.constexpr):
+    """In place on states-like st (state n, channels d), with Q_k = exp(A S_k) (0 for S_k = +inf
+    with HAS_RESET: a chunk with a reset) and c the carry:
     forward, st[k] <- Q_k st[k-1] + st[k] for k = 0.. K-1 (st[-1] = c or 0);
     REVERSE, st[k] <- st[k] + Q_k st[k+1] for k = K-1 .. 1 (st[K] = c or 0)."""
     bidx = tl.program_id(0).to(tl.int64)
@@ -400,7 +461,7 @@ def _combine_kernel(st_ptr, dsum_ptr, A_ptr, c_ptr, DIM, NS, K, ssb, ssd, ssk, s
         ptr = _state_ptr(st_ptr, bidx, d[None, :], kk[:, None], n, ssb, ssd, ssk, ssn)
         s = tl.load(ptr, mask=m, other=0.0)
         S = tl.load(dsum_ptr + (bidx * K + kk[:, None]) * DIM + d[None, :], mask=m, other=0.0)
-        pq, ps = tl.associative_scan((tl.exp2(S * An[None, :]), s), 0, _lin_comb)
+        pq, ps = tl.associative_scan((_chunk_decay(S, An[None, :], HAS_RESET), s), 0, _lin_comb)
         e = ps + pq * carry[None, :]
         tl.store(ptr, e, mask=m)
         carry = _row(e, KC - 1, KC)
@@ -408,30 +469,31 @@ def _combine_kernel(st_ptr, dsum_ptr, A_ptr, c_ptr, DIM, NS, K, ssb, ssd, ssk, s
 
 @triton.jit(do_not_specialize=["ST"])
 def _fwd_out_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
-                    z_ptr, zfw_ptr, zfx_ptr, h0_ptr, st_ptr, y_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, ST,
+                    z_ptr, zfw_ptr, zfx_ptr, h0_ptr, st_ptr, y_ptr, rs_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, ST,
                     T: tl.constexpr, BD: tl.constexpr, DFAC: tl.constexpr, HAS_BIAS: tl.constexpr,
                     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr,
-                    HAS_H0: tl.constexpr, WRITE_LAST: tl.constexpr):
+                    HAS_H0: tl.constexpr, WRITE_LAST: tl.constexpr, HAS_RESET: tl.constexpr):
     """y of chunk k, rescanned from the state before it; with WRITE_LAST also states[:, :, k]."""
     bidx, k, t, tt = _chunk_steps(K, ST, T)
     if (k + 1) * T <= L:
         _fwd_out_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr,
-                       zfx_ptr, h0_ptr, st_ptr, y_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC,
-                       HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0, WRITE_LAST, True)
+                       zfx_ptr, h0_ptr, st_ptr, y_ptr, rs_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD,
+                       DFAC, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0, WRITE_LAST, HAS_RESET, True)
     else:
         _fwd_out_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr,
-                       zfx_ptr, h0_ptr, st_ptr, y_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC,
-                       HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0, WRITE_LAST, False)
+                       zfx_ptr, h0_ptr, st_ptr, y_ptr, rs_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD,
+                       DFAC, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0, WRITE_LAST, HAS_RESET, False)
 
 
 @triton.jit
 def _fwd_out_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr, zfx_ptr,
-                   h0_ptr, st_ptr, y_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T: tl.constexpr,
+                   h0_ptr, st_ptr, y_ptr, rs_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T: tl.constexpr,
                    BD: tl.constexpr, DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr, HAS_H0: tl.constexpr,
-                   WRITE_LAST: tl.constexpr, FULL: tl.constexpr):
+                   WRITE_LAST: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr):
     """_fwd_out_kernel's work on its chunk (FULL: see _steps_mask)."""
     tmask = _steps_mask(t, L, FULL)
+    rs = _reset_steps(rs_ptr, bidx, t, tmask, L, HAS_RESET)
     for d0 in range(0, DIM, BD):
         d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM,
                                                      L, BD, DFAC, HAS_BIAS, SOFTPLUS)
@@ -441,7 +503,7 @@ def _fwd_out_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C
         for n in range(0, NS):
             An, Bn, Cn = _state_rows(A_ptr, B_ptr, C_ptr, bidx, n, d, t, dmask, tmask, NS, L)
             h0 = _start_state(st_ptr, h0_ptr, bidx, k, n, d, dmask, DIM, NS, ssb, ssd, ssk, ssn, HAS_H0)
-            a, b, h = _scan_states(delta, du, An, Bn, h0)
+            a, b, h = _scan_states(delta, du, An, Bn, h0, rs, HAS_RESET)
             y += h * Cn[:, None]
             if WRITE_LAST:
                 tl.store(_state_ptr(st_ptr, bidx, d, k, n, ssb, ssd, ssk, ssn), _row(h, T - 1, T), mask=dmask)
@@ -460,36 +522,41 @@ def _fwd_out_chunk(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C
 
 @triton.jit(do_not_specialize=["ST"])
 def _bwd_local_kernel(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, zfw_ptr, zfx_ptr,
-                      dout_ptr, dst_ptr, dsum_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, ST,
+                      dout_ptr, dst_ptr, dsum_ptr, rs_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, ST,
                       T: tl.constexpr, BD: tl.constexpr, DFAC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr):
+                      SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr, HAS_RESET: tl.constexpr):
     """Gradient w.r.t. chunk k's start state from inside it, r = sum_t exp(A S_t) C_t dy'_t, into
-    dst[:, :, k]; S_k into dsum[b, k, :]."""
+    dst[:, :, k]; S_k into dsum[b, k, :]. With resets only the steps before the chunk's first reset
+    count, and S_k = +inf if it has one (Q_k = 0)."""
     bidx, k, t, tt = _chunk_steps(K, ST, T)
     if (k + 1) * T <= L:
         _bwd_local_chunk(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, zfw_ptr, zfx_ptr, dout_ptr,
-                         dst_ptr, dsum_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC, HAS_BIAS,
-                         SOFTPLUS, HAS_Z, ZFAC, True)
+                         dst_ptr, dsum_ptr, rs_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC,
+                         HAS_BIAS, SOFTPLUS, HAS_Z, ZFAC, HAS_RESET, True)
     else:
         _bwd_local_chunk(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, zfw_ptr, zfx_ptr, dout_ptr,
-                         dst_ptr, dsum_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC, HAS_BIAS,
-                         SOFTPLUS, HAS_Z, ZFAC, False)
+                         dst_ptr, dsum_ptr, rs_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T, BD, DFAC,
+                         HAS_BIAS, SOFTPLUS, HAS_Z, ZFAC, HAS_RESET, False)
 
 
 @triton.jit
 def _bwd_local_chunk(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr, zfw_ptr, zfx_ptr, dout_ptr, dst_ptr,
-                     dsum_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T: tl.constexpr, BD: tl.constexpr,
-                     DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
-                     ZFAC: tl.constexpr, FULL: tl.constexpr):
+                     dsum_ptr, rs_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, bidx, k, t, tt, T: tl.constexpr,
+                     BD: tl.constexpr, DFAC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                     HAS_Z: tl.constexpr, ZFAC: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr):
     """_bwd_local_kernel's work on its chunk (FULL: see _steps_mask)."""
     tmask = _steps_mask(t, L, FULL)
+    rs = _reset_steps(rs_ptr, bidx, t, tmask, L, HAS_RESET)
     for d0 in range(0, DIM, BD):
         d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM,
                                                      L, BD, DFAC, HAS_BIAS, SOFTPLUS)
         _, _, _, dyp = _gated_dy(dout_ptr, z_ptr, zfw_ptr, zfx_ptr, rows, bidx * L, d, tt, dmask, tmask, m,
                                  HAS_Z, ZFAC)
         S = tl.cumsum(delta, axis=0)
-        tl.store(dsum_ptr + (bidx * K + k) * DIM + d, _row(S, T - 1, T), mask=dmask)
+        if HAS_RESET:  # the start state reaches step t only without a reset in [start, t]
+            dyp = tl.where(_reset_counts(rs, T, BD, False) == 0.0, dyp, 0.0)
+        tl.store(dsum_ptr + (bidx * K + k) * DIM + d, _chunk_decay_sum(_row(S, T - 1, T), rs, T, BD, HAS_RESET),
+                 mask=dmask)
         for n in range(0, NS):
             An, Cn2, Cn = _state_rows(A_ptr, C_ptr, C_ptr, bidx, n, d, t, dmask, tmask, NS, L)
             r = tl.sum(tl.exp2(S * An[None, :]) * dyp * Cn[:, None], axis=0)
@@ -500,14 +567,16 @@ def _bwd_local_chunk(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, C_ptr, z_ptr,
 def _bwd_main_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
                      z_ptr, zfw_ptr, zfx_ptr, h0_ptr, st_ptr, dst_ptr, dlast_ptr, dout_ptr,
                      du_ptr, ddelta_ptr, ddx_ptr, dz_ptr, dzx_ptr, dB_ptr, dC_ptr, dh0_ptr, y_ptr,
-                     pA_ptr, pv_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, ST,
+                     pA_ptr, pv_ptr, rs_ptr, DIM, L, NS, K, ssb, ssd, ssk, ssn, ST,
                      T: tl.constexpr, BD: tl.constexpr, DFAC: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr,
-                     HAS_H0: tl.constexpr, HAS_DLAST: tl.constexpr, WANT_H0: tl.constexpr, WANT_Y: tl.constexpr):
+                     HAS_H0: tl.constexpr, HAS_DLAST: tl.constexpr, WANT_H0: tl.constexpr, WANT_Y: tl.constexpr,
+                     HAS_RESET: tl.constexpr):
     """Backward through chunk k (see the module docstring), channel block by channel block. Per
     block j: dB, dC go to the partials dB[j], dC[j] (batch, d_state, L) and the factors'
     x-gradients to ddx[j], dzx[j] (batch, L); per program p: pA[p] (d_state, d_inner) = dA and
-    pv[p] (4, d_inner) = (dD, ddelta_bias, dw_delta, dw_z)."""
+    pv[p] (4, d_inner) = (dD, ddelta_bias, dw_delta, dw_z). Resets (HAS_RESET) enter through
+    a_t = 0 only (see _scan_states): h, dh, dh0 and every gradient follow."""
     bidx, k, t, tt = _chunk_steps(K, ST, T)
     prow = bidx * K + k
     for d0 in range(0, DIM, BD):
@@ -516,30 +585,31 @@ def _bwd_main_kernel(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr,
             _bwd_channels(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr,
                           zfx_ptr, h0_ptr, st_ptr, dst_ptr, dlast_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dh0_ptr,
                           y_ptr, pA_ptr + prow * NS * DIM, pv_ptr + prow * 4 * DIM, dB_ptr + jrow * NS * L,
-                          dC_ptr + jrow * NS * L, ddx_ptr, dzx_ptr, jrow, bidx, k, t, tt, d0, DIM, L, NS, K,
-                          ssb, ssd, ssk, ssn, T, BD, DFAC, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0, HAS_DLAST,
-                          WANT_H0, WANT_Y, True)
+                          dC_ptr + jrow * NS * L, ddx_ptr, dzx_ptr, rs_ptr, jrow, bidx, k, t, tt, d0, DIM, L, NS,
+                          K, ssb, ssd, ssk, ssn, T, BD, DFAC, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0,
+                          HAS_DLAST, WANT_H0, WANT_Y, HAS_RESET, True)
         else:
             _bwd_channels(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr,
                           zfx_ptr, h0_ptr, st_ptr, dst_ptr, dlast_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dh0_ptr,
                           y_ptr, pA_ptr + prow * NS * DIM, pv_ptr + prow * 4 * DIM, dB_ptr + jrow * NS * L,
-                          dC_ptr + jrow * NS * L, ddx_ptr, dzx_ptr, jrow, bidx, k, t, tt, d0, DIM, L, NS, K,
-                          ssb, ssd, ssk, ssn, T, BD, DFAC, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0, HAS_DLAST,
-                          WANT_H0, WANT_Y, False)
+                          dC_ptr + jrow * NS * L, ddx_ptr, dzx_ptr, rs_ptr, jrow, bidx, k, t, tt, d0, DIM, L, NS,
+                          K, ssb, ssd, ssk, ssn, T, BD, DFAC, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z, ZFAC, HAS_H0,
+                          HAS_DLAST, WANT_H0, WANT_Y, HAS_RESET, False)
 
 
 @triton.jit
 def _bwd_channels(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, zfw_ptr, zfx_ptr,
                   h0_ptr, st_ptr, dst_ptr, dlast_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dh0_ptr, y_ptr,
-                  pA_ptr, pv_ptr, dB_ptr, dC_ptr, ddx_ptr, dzx_ptr, jrow, bidx, k, t, tt, d0, DIM, L, NS, K,
-                  ssb, ssd, ssk, ssn, T: tl.constexpr, BD: tl.constexpr, DFAC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, ZFAC: tl.constexpr,
-                  HAS_H0: tl.constexpr, HAS_DLAST: tl.constexpr, WANT_H0: tl.constexpr, WANT_Y: tl.constexpr,
-                  FULL: tl.constexpr):
+                  pA_ptr, pv_ptr, dB_ptr, dC_ptr, ddx_ptr, dzx_ptr, rs_ptr, jrow, bidx, k, t, tt, d0, DIM, L, NS,
+                  K, ssb, ssd, ssk, ssn, T: tl.constexpr, BD: tl.constexpr, DFAC: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                  ZFAC: tl.constexpr, HAS_H0: tl.constexpr, HAS_DLAST: tl.constexpr, WANT_H0: tl.constexpr,
+                  WANT_Y: tl.constexpr, HAS_RESET: tl.constexpr, FULL: tl.constexpr):
     """Backward of chunk k for the channels d = d0 .. d0 + BD - 1: per state n, recompute h, get dh,
     store the rows n of this block's dB, dC partials, this program's dA row n and dh0; then the
     per-channel outputs (FULL: see _steps_mask)."""
     tmask = _steps_mask(t, L, FULL)
+    rs = _reset_steps(rs_ptr, bidx, t, tmask, L, HAS_RESET)
     # live across the loop over states: delta, du, dyp and the three sums (u, the raw delta, dout
     # and z are loaded again after it: keeping them would spill registers on a GPU)
     d, dmask, m, rows, _, delta = _channel_block(delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, bidx, d0, tt, tmask, DIM, L,
@@ -552,7 +622,7 @@ def _bwd_channels(u_ptr, delta_ptr, dfw_ptr, dfx_ptr, bias_ptr, A_ptr, B_ptr, C_
     for n in range(0, NS):
         An, Bn, Cn = _state_rows(A_ptr, B_ptr, C_ptr, bidx, n, d, t, dmask, tmask, NS, L)
         h0 = _start_state(st_ptr, h0_ptr, bidx, k, n, d, dmask, DIM, NS, ssb, ssd, ssk, ssn, HAS_H0)
-        a, b, h = _scan_states(delta, du, An, Bn, h0)
+        a, b, h = _scan_states(delta, du, An, Bn, h0, rs, HAS_RESET)
         if HAS_Z or WANT_Y:
             yp += h * Cn[:, None]
         tl.store(dC_ptr + n * L + t, tl.sum(h * dyp, axis=1), mask=tmask)
@@ -658,16 +728,16 @@ def _scan_sizes(u: Tensor, A: Tensor, chunk: int, block_d: Optional[int], num_wa
     return batch, dim, length, A.shape[1], T, triton.cdiv(length, T), bd, warps
 
 
-def _combine(st: Tensor, dsum: Tensor, A: Tensor, carry: Optional[Tensor], reverse: bool) -> None:
+def _combine(st: Tensor, dsum: Tensor, A: Tensor, carry: Optional[Tensor], reverse: bool, resets: bool) -> None:
     """Launch _combine_kernel on st (a (batch, d_inner, n_chunks, d_state) view), one program per
-    (sequence, state, channel block)."""
+    (sequence, state, channel block); ``resets``: dsum may hold +inf (chunks with a reset)."""
     batch, dim, nchunks, ns = st.shape
     kc = min(_KC, triton.next_power_of_2(nchunks))
     bd = min(_KC_BD if gpu_tiling(st.device) else 64, triton.next_power_of_2(dim))
     warps = max(1, bd // 32) * max(1, kc // _T_PER_THREAD)
     _combine_kernel[(batch, ns, triton.cdiv(dim, bd))](st, dsum, A, carry, dim, ns, nchunks, *st.stride(), KC=kc,
                                                        BD=bd, HAS_C=carry is not None, REVERSE=reverse,
-                                                       STAGES=COMBINE_STAGES, num_warps=warps)
+                                                       STAGES=COMBINE_STAGES, HAS_RESET=resets, num_warps=warps)
 
 
 def _states_buffer(batch: int, dim: int, nchunks: int, ns: int, device) -> Tensor:
@@ -689,10 +759,22 @@ def _fac(fac) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     return (None, None) if fac is None else (_c(fac[0]), _c(fac[1]))
 
 
+def _resets(resets: Optional[Tensor], batch: int, length: int) -> Optional[Tensor]:
+    """``resets`` (bool (batch, L)) as the kernels read it: contiguous uint8 (1: a reset); a
+    contiguous bool tensor is reinterpreted in place (a view: no copy, no kernel launch)."""
+    if resets is None:
+        return None
+    if tuple(resets.shape) != (batch, length):
+        raise ValueError(f"resets must have shape (batch, L) = {(batch, length)}, got {tuple(resets.shape)}")
+    resets = resets.detach().contiguous()
+    return resets.view(torch.uint8) if resets.dtype == torch.bool else resets.to(torch.uint8)
+
+
 def scan_forward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                  z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                  initial_state: Optional[Tensor] = None, dfac=None, zfac=None, chunk: int = CHUNK,
-                 last_out: Optional[Tensor] = None, block_d: Optional[int] = None, num_warps: Optional[int] = None):
+                 last_out: Optional[Tensor] = None, block_d: Optional[int] = None, num_warps: Optional[int] = None,
+                 resets: Optional[Tensor] = None):
     """Forward scan, no autograd. Returns ``(y, states, last)``.
 
     Layouts as :func:`selective_scan_triton` (``B``, ``C``: (batch, d_state, L)). ``dfac`` /
@@ -702,10 +784,13 @@ def scan_forward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: Te
     holds the state at the end of every chunk of ``_chunk_len(L, chunk)`` steps (pass it to
     :func:`scan_backward`); ``last`` = ``states[:, :, -1]`` (a view; or ``last_out``, a float32
     (batch, d_inner, d_state) buffer the last state is written into). ``block_d``: channels per
-    inner step, ``num_warps``: warps per program (powers of two; default: see :func:`_tiles`)."""
+    inner step, ``num_warps``: warps per program (powers of two; default: see :func:`_tiles`).
+    ``resets``: bool (batch, L) or None, the steps where the recurrence restarts
+    (:func:`selective_scan_triton`)."""
     batch, dim, length, ns, T, K, bd, warps = _scan_sizes(u, A, chunk, block_d, num_warps)
     dev = u.device
     u, delta, A, B, C, D, z, bias, h0 = map(_c, (u, delta, A, B, C, D, z, delta_bias, initial_state))
+    rs = _resets(resets, batch, length)
     (dfw, dfx), (zfw, zfx) = _fac(dfac), _fac(zfac)
     y = torch.empty(batch, dim, length, dtype=u.dtype, device=dev)
     if length == 0:
@@ -716,15 +801,15 @@ def scan_forward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: Te
     else:
         states = _states_buffer(batch, dim, K, ns, dev)
     flags = dict(T=T, BD=bd, DFAC=dfac is not None, HAS_BIAS=bias is not None, SOFTPLUS=bool(delta_softplus),
-                 num_warps=warps)
+                 HAS_RESET=rs is not None, num_warps=warps)
     with on_device(dev):
         if K > 1:  # chunk end states: local ends, then their combination (launches 1 and 2)
             dsum = torch.empty(batch, K, dim, dtype=torch.float32, device=dev)
-            _fwd_local_kernel[(batch * K,)](u, delta, dfw, dfx, bias, A, B, states, dsum, dim, length, ns, K,
+            _fwd_local_kernel[(batch * K,)](u, delta, dfw, dfx, bias, A, B, states, dsum, rs, dim, length, ns, K,
                                           *states.stride(), 1, **flags)
-            _combine(states, dsum, A, h0, reverse=False)
-        _fwd_out_kernel[(batch * K,)](u, delta, dfw, dfx, bias, A, B, C, D, z, zfw, zfx, h0, states, y, dim, length,
-                                    ns, K, *states.stride(), 1, HAS_D=D is not None,
+            _combine(states, dsum, A, h0, reverse=False, resets=rs is not None)
+        _fwd_out_kernel[(batch * K,)](u, delta, dfw, dfx, bias, A, B, C, D, z, zfw, zfx, h0, states, y, rs, dim,
+                                    length, ns, K, *states.stride(), 1, HAS_D=D is not None,
                                     HAS_Z=z is not None or zfac is not None, ZFAC=zfac is not None,
                                     HAS_H0=h0 is not None, WRITE_LAST=K == 1, **flags)
     last = states[:, :, K - 1]
@@ -737,10 +822,11 @@ def scan_backward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: T
                   z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
                   initial_state: Optional[Tensor], states: Optional[Tensor], dout: Tensor,
                   dlast: Optional[Tensor] = None, want_h0: bool = False, want_y: bool = False, dfac=None, zfac=None,
-                  chunk: int = CHUNK, block_d: Optional[int] = None, num_warps: Optional[int] = None):
+                  chunk: int = CHUNK, block_d: Optional[int] = None, num_warps: Optional[int] = None,
+                  resets: Optional[Tensor] = None):
     """Backward scan, no autograd; the inputs and tiling of :func:`scan_forward`, its ``states``
     (unused, may be None, for a single chunk), the gradients ``dout`` of ``y`` and ``dlast`` (or
-    None) of the last state.
+    None) of the last state, and the ``resets`` of the forward.
 
     Returns ``(du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, y)``: ``du``, ``ddelta``, ``dz`` in the
     dtypes of ``u``, ``delta``, ``z``; ``dB``, ``dC`` (batch, d_state, L), ``dA``, ``dD``,
@@ -752,6 +838,7 @@ def scan_backward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: T
     nblk = triton.cdiv(dim, bd)
     u, delta, A, B, C, D, z, bias, h0, dout, dlast = map(
         _c, (u, delta, A, B, C, D, z, delta_bias, initial_state, dout, dlast))
+    rs = _resets(resets, batch, length)
     (dfw, dfx), (zfw, zfx) = _fac(dfac), _fac(zfac)
     f32 = dict(dtype=torch.float32, device=dev)
     du = torch.empty_like(u)
@@ -764,7 +851,8 @@ def scan_backward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: T
     y = torch.empty(batch, dim, length, **f32) if want_y else None
     pA, pv = torch.empty(batch * K, ns, dim, **f32), torch.zeros(batch * K, 4, dim, **f32)  # per-program partials
     flags = dict(T=T, BD=bd, DFAC=dfac is not None, HAS_BIAS=bias is not None, SOFTPLUS=bool(delta_softplus),
-                 HAS_Z=z is not None or zfac is not None, ZFAC=zfac is not None, num_warps=warps)
+                 HAS_Z=z is not None or zfac is not None, ZFAC=zfac is not None, HAS_RESET=rs is not None,
+                 num_warps=warps)
     if length == 0 and want_h0 and dlast is not None:
         dh0 = dlast.float().clone()
     st = states if K > 1 else None
@@ -772,13 +860,13 @@ def scan_backward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: T
     with on_device(dev):
         if K > 1:
             dsum = torch.empty(batch, K, dim, **f32)
-            _bwd_local_kernel[(batch * K,)](delta, dfw, dfx, bias, A, C, z, zfw, zfx, dout, dst, dsum, dim, length, ns,
-                                          K, *dst.stride(), 1, **flags)
-            _combine(dst, dsum, A, dlast, reverse=True)
+            _bwd_local_kernel[(batch * K,)](delta, dfw, dfx, bias, A, C, z, zfw, zfx, dout, dst, dsum, rs, dim, length,
+                                          ns, K, *dst.stride(), 1, **flags)
+            _combine(dst, dsum, A, dlast, reverse=True, resets=rs is not None)
         if length > 0:
             _bwd_main_kernel[(batch * K,)](
                 u, delta, dfw, dfx, bias, A, B, C, D, z, zfw, zfx, h0, st, dst, dlast, dout,
-                du, ddelta, ddx, dz, dzx, dB, dC, dh0, y, pA, pv, dim, length, ns, K,
+                du, ddelta, ddx, dz, dzx, dB, dC, dh0, y, pA, pv, rs, dim, length, ns, K,
                 *(st.stride() if st is not None else (0, 0, 0, 0)), 1, HAS_D=D is not None, HAS_H0=h0 is not None,
                 HAS_DLAST=dlast is not None, WANT_H0=want_h0, WANT_Y=want_y, **flags)
     dD, dbias, ddw, dzw = pv.sum(0).unbind(0)
@@ -792,64 +880,72 @@ def scan_backward(u: Tensor, delta: Optional[Tensor], A: Tensor, B: Tensor, C: T
 class _TritonScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state,  # type: ignore[override]
-                softplus, chunk, block_d, num_warps, last_out):
+                softplus, chunk, block_d, num_warps, last_out, resets):
         y, states, last = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state,
-                                       chunk=chunk, last_out=last_out[0], block_d=block_d, num_warps=num_warps)
+                                       chunk=chunk, last_out=last_out[0], block_d=block_d, num_warps=num_warps,
+                                       resets=resets)
         ctx.set_materialize_grads(False)
         # one chunk (streaming): the backward starts from initial_state; states may be last_out
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                              states if states.shape[2] > 1 else None)
+                              states if states.shape[2] > 1 else None, resets)
         ctx.softplus, ctx.chunk, ctx.block_d, ctx.num_warps = softplus, chunk, block_d, num_warps
         return y, (last if last_out[0] is not None else last.clone())
 
     @staticmethod
     def backward(ctx, dy, dlast):  # type: ignore[override]
-        u, delta, A, B, C, D, z, bias, h0, states = ctx.saved_tensors
+        u, delta, A, B, C, D, z, bias, h0, states, resets = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, _ = scan_backward(
             u, delta, A, B, C, D, z, bias, ctx.softplus, h0, states, dy, dlast,
             want_h0=h0 is not None and ctx.needs_input_grad[8], chunk=ctx.chunk, block_d=ctx.block_d,
-            num_warps=ctx.num_warps)
+            num_warps=ctx.num_warps, resets=resets)
         cast = lambda g, x: None if x is None or g is None else g.to(x.dtype)  # noqa: E731
         return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(dbias, bias), cast(dh0, h0),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                           z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                           delta_softplus: bool = False, return_last_state: bool = False,
                           initial_state: Optional[Tensor] = None, last_out: Optional[Tensor] = None,
-                          chunk: int = CHUNK, block_d: Optional[int] = None, num_warps: Optional[int] = None):
+                          chunk: int = CHUNK, block_d: Optional[int] = None, num_warps: Optional[int] = None,
+                          resets: Optional[Tensor] = None):
     """Selective scan with the Triton kernels; signature and results of
     :func:`fsg.ssm.reference.selective_scan_ref` (``y`` in u's dtype, the last state float32),
     differentiable w.r.t. every tensor input. ``last_out``: a float32 (batch, d_inner, d_state)
     buffer to receive the last state (streaming; it must not be needed by anything else).
     ``chunk``, ``block_d``, ``num_warps``: tiling (powers of two; see :func:`scan_forward`). float64
-    inputs go to the reference."""
+    inputs go to the reference.
+
+    ``resets`` (bool (batch, L) or None): the recurrence restarts at the marked steps, ``h_t = b_t``
+    there (``a_t = 0``), so several sequences packed one after the other scan in one launch, each
+    from a zero state: a chunk's end state sums only its steps after its last reset, its
+    gradient w.r.t. its start state only its steps before its first reset, and the decay ``Q_k``
+    of a chunk with a reset is 0 (its ``S_k`` is stored as +inf)."""
     from fsg.ssm.reference import check_scan_shapes, selective_scan_ref
 
-    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, resets)
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]
     if any(t.dtype == torch.float64 for t in tensors):
         return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                                  return_last_state=return_last_state, initial_state=initial_state)
+                                  return_last_state=return_last_state, initial_state=initial_state, resets=resets)
     # the buffer travels inside a list: autograd must not treat it as an input
     y, last = _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), int(chunk),
-                                block_d, num_warps, [last_out])
+                                block_d, num_warps, [last_out], resets)
     return (y, last) if return_last_state else y
 
 
-def _lowmem_forward(u, delta, A, B, C, D, z, bias, dfac, zfac):
+def _lowmem_forward(u, delta, A, B, C, D, z, bias, dfac, zfac, resets=None):
     """:class:`fsg.ssm.lowmem.ScanKernels` ``forward`` with the Triton kernels."""
-    y, states, _ = scan_forward(u, delta, A, B, C, D, z, bias, True, None, dfac=dfac, zfac=zfac)
+    y, states, _ = scan_forward(u, delta, A, B, C, D, z, bias, True, None, dfac=dfac, zfac=zfac, resets=resets)
     return y, states
 
 
-def _lowmem_backward(u, delta, A, B, C, D, z, bias, states, dy, dfac, zfac):
+def _lowmem_backward(u, delta, A, B, C, D, z, bias, states, dy, dfac, zfac, resets=None):
     """:class:`fsg.ssm.lowmem.ScanKernels` ``backward`` with the Triton kernels."""
     du, ddelta, dA, dB, dC, dD, dz, dbias, _, y = scan_backward(u, delta, A, B, C, D, z, bias, True, None, states, dy,
-                                                               want_y=True, dfac=dfac, zfac=zfac)
+                                                               want_y=True, dfac=dfac, zfac=zfac, resets=resets)
     return du, ddelta, dA, dB, dC, dD, dz, dbias, y
 
 
@@ -857,10 +953,12 @@ def _lowmem_backward(u, delta, A, B, C, D, z, bias, states, dy, dfac, zfac):
 LOW_MEMORY_KERNELS = ScanKernels(_lowmem_forward, _lowmem_backward)
 
 
-def mamba_low_memory_triton(block, x: Tensor) -> Optional[Tensor]:
+def mamba_low_memory_triton(block, x: Tensor, resets: Optional[Tensor] = None) -> Optional[Tensor]:
     """The ``"triton"`` backend's ``mamba_low_memory`` op: ``block(x)`` keeping only ``x`` and the
     scan's chunk states (:class:`fsg.ssm.lowmem.MambaLowMemory`; the scan's forward runs once, not
-    twice as in a checkpointed block), or None for float64 (the reference then checkpoints)."""
+    twice as in a checkpointed block), or None for float64 (the reference then checkpoints; with
+    ``resets`` the caller must pass them on). ``resets``: bool (batch, L) or None, where the scan's
+    recurrence restarts (see :func:`selective_scan_triton`; the convolution is not reset)."""
     if any(t.dtype == torch.float64 for t in [x, *block.parameters()]):
         return None
-    return mamba_low_memory(block, x, LOW_MEMORY_KERNELS)
+    return mamba_low_memory(block, x, LOW_MEMORY_KERNELS, resets)
