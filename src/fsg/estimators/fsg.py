@@ -17,8 +17,9 @@ from fsg.estimators.base import STATE_DTYPES, Estimator, LayerContext, register_
 from fsg.estimators.config import EstimatorConfig, option
 from fsg.estimators.metaquant import LSTMFC
 from fsg.estimators.nets import ElementwiseMLP, SlowNet
+from fsg.ssm import packed_starts, supports_resets
 
-__all__ = ["FSG", "FSGConfig", "joint_rows"]
+__all__ = ["FSG", "FSGConfig", "PackPlan", "joint_rows", "pack_plan"]
 
 _LR = dict(kind="float", low=0, low_open=True)
 _SIZE = dict(kind="int", low=1)
@@ -40,6 +41,67 @@ def joint_rows(parts: List[Tensor], copy: bool = True) -> Optional[Tensor]:
         offset += t.shape[0] * t.stride(0)
     rows = sum(t.shape[0] for t in parts)
     return first.as_strided((rows,) + tuple(first.shape[1:]), first.stride(), first.storage_offset())
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """How :meth:`FSG.packed_slow_gradients` lays out the flat layout's sequences (one per layer,
+    ``[e_l, vec g⁽ᵗ⁻ᵏ⁾, …, vec g⁽ᵗ⁻¹⁾]``) for a few slow-net calls: ``calls`` the positions (in
+    the layers' order) of the layers packed in each call; ``lengths`` each call's row length;
+    ``resets`` each call's (1, length) tokens where the scan restarts; in the calls' rows
+    concatenated, ``lre_at`` the positions of the layers' first tokens, ``pieces`` the consecutive
+    pieces that make up the rows, ``(kind, layer position, size or entry)``: ``("gap", m, size)``
+    and ``("first", m, 1)`` zeros, ``("history", m, k)`` entry ``k`` of layer ``m``'s history; and
+    ``gather`` the positions of the layers' ``G_slow`` (each sequence's last ``n_l`` outputs) in
+    the layers' order."""
+
+    calls: Tuple[Tuple[int, ...], ...]
+    lengths: Tuple[int, ...]
+    resets: Tuple[Tensor, ...]
+    lre_at: Tensor
+    pieces: Tuple[Tuple[str, int, int], ...]
+    gather: Tensor
+
+
+def pack_plan(history: List[List[int]], first: int, gap: int, device) -> PackPlan:
+    """The :class:`PackPlan` of layers whose gradient histories have the entries of sizes
+    ``history[l]`` (oldest first; the last entry's size is the layer's ``n_l``), with ``first``
+    (0 or 1) leading token per sequence and ``gap`` zero tokens between packed sequences
+    (``d_conv − 1``, :mod:`fsg.ssm.packing`). Calls are filled first-fit by decreasing length,
+    none longer than the longest sequence (so no call needs more memory than that sequence's own
+    call); each call's layers in their order."""
+    lengths = [first + sum(h) for h in history]
+    cap = max(lengths)
+    calls: List[List[int]] = []
+    for l in sorted(range(len(history)), key=lambda l: -lengths[l]):
+        for members in calls:
+            if sum(lengths[m] + gap for m in members) + lengths[l] <= cap:
+                members.append(l)
+                break
+        else:
+            calls.append([l])
+    calls = [sorted(c) for c in calls]
+    calls.sort()
+    pieces, lre_at, gather = [], [None] * len(history), [None] * len(history)
+    resets, call_lengths, base = [], [], 0
+    for members in calls:
+        starts, total = packed_starts([lengths[m] for m in members], gap)
+        for j, (m, start) in enumerate(zip(members, starts)):
+            if j:
+                pieces.append(("gap", m, gap))
+            if first:
+                pieces.append(("first", m, 1))
+            pieces += [("history", m, k) for k in range(len(history[m]))]
+            lre_at[m] = base + start
+            end = base + start + lengths[m]
+            gather[m] = torch.arange(end - history[m][-1], end)
+        r = torch.zeros(1, total, dtype=torch.bool)
+        r[0, starts] = True
+        resets.append(r.to(device))
+        call_lengths.append(total)
+        base += total
+    return PackPlan(tuple(tuple(c) for c in calls), tuple(call_lengths), tuple(resets),
+                    torch.tensor(lre_at, device=device), tuple(pieces), torch.cat(gather).to(device))
 
 
 @dataclass(frozen=True)
@@ -80,9 +142,10 @@ class FSGConfig(EstimatorConfig):
     lre_lr: float = option(1e-3, "Adam learning rate of the layer embedding", **_LR)
     batch_layers: Optional[bool] = option(
         None, "mamba slow-net: run the fast-net once on all layers and the slow-net on several layers at once "
-        "(flat: layers of equal size; temporal: any layers; no call longer than the largest layer's; stream: all "
-        "layers in one call, their states one tensor), instead of once per layer; the same directions up to float "
-        "rounding, far fewer kernel launches on a GPU",
+        "(flat: the layers' sequences packed in rows where the scan backend restarts the state at resets, e.g. "
+        "Triton, else layers of equal size; temporal: any layers; no call longer than the largest layer's; stream: "
+        "all layers in one call, their states one tensor), instead of once per layer; the same directions up to "
+        "float rounding, far fewer kernel launches on a GPU",
         kind="bool", default_text="on when the slow-net is on CUDA")
     state_dtype: str = option("float32", "layout stream: dtype of the carried per-weight Mamba state; 16 bits halve "
                               "it and keep one copy (float32 arithmetic, rounded to nearest even when stored)",
@@ -168,10 +231,12 @@ class FSG(Estimator):
       memory saving needs: the backward pass through ``G_slow`` overwrites it with ``s⁽ᵗ⁾``.
     * ``batch_layers`` (the mamba slow-net): the trainer asks for all layers' directions at once
       (:meth:`directions_all`); the element-wise fast-net then runs once on all layers' ``W̃``
-      and, layouts flat and temporal, the slow-net on several layers at once
-      (:meth:`slow_gradients`; never more tokens per call than the largest layer's, so no more
-      memory); stream: all layers in one call (:meth:`stream_gradients`), the layers' carried
-      states rows of one tensor. On a GPU, where a step of this size is mostly kernel launches,
+      and the slow-net on several layers at once. Flat: the layers' sequences packed in rows,
+      the scan restarting at each (:meth:`packed_slow_gradients`, where the scan backend has
+      resets in its kernels: Triton, the reference), else layers of equal size as rows of one
+      call; temporal: layers as rows (:meth:`slow_gradients`); never more tokens per call than
+      the largest layer's, so no more memory. Stream: all layers in one call
+      (:meth:`stream_gradients`), the layers' carried states rows of one tensor. On a GPU, where a step of this size is mostly kernel launches,
       this divides their launches by the number of layers batched together.
       Unset: on when the slow-net is on CUDA (on the CPU, per layer keeps earlier runs' numbers
       bit for bit).
@@ -198,6 +263,7 @@ class FSG(Estimator):
         self.stream_states: List[Optional[tuple]] = []
         self._stream_spare: List[Optional[Tensor]] = []
         self.pending_stream: Dict[int, tuple] = {}
+        self._pack_plans: Dict[tuple, PackPlan] = {}
 
     def setup(self, layer_names, layer_shapes) -> None:
         super().setup(layer_names, layer_shapes)
@@ -295,6 +361,37 @@ class FSG(Estimator):
             for i, yi in zip(members, y.split([seqs[i].shape[0] for i in members])):
                 out[i] = self._g_slow(i, yi)
         return out
+
+    def packed_slow_gradients(self, indices: List[int]) -> Optional[Tensor]:
+        """Layout flat: ``G_slow`` of the layers ``indices``, flattened and concatenated, from a
+        few slow-net calls on their sequences packed in rows (:mod:`fsg.ssm.packing`: the scan
+        restarts at each sequence's first token, ``d_conv − 1`` zeros between sequences), laid out
+        by :func:`pack_plan` (calls no longer than the longest sequence: no more memory than the
+        per-layer calls). For ResNet-20 8 calls instead of :meth:`slow_gradients`' 14 (its layers
+        of equal size) and 22 per layer. Each sequence's outputs are its own call's up to float
+        rounding. None (the caller uses :meth:`slow_gradients`) where the scan backend for the
+        slow-net's device has no resets in its kernels (:func:`fsg.ssm.supports_resets`)."""
+        device = self.lre.weight.device if self.lre is not None else next(self.slow.parameters()).device
+        if self.layout != "flat" or not supports_resets(device):
+            return None
+        hist = [self._history(i) for i in indices]
+        gap, first = self.slow.mamba.d_conv - 1, int(self.lre is not None)
+        key = (tuple(tuple(h.numel() for h in hs) for hs in hist), first, gap, str(device))
+        plan = self._pack_plans.get(key)
+        if plan is None:
+            self._pack_plans.clear()  # one plan in use at a time (the history lengths grow at the start)
+            plan = self._pack_plans[key] = pack_plan([list(k) for k in key[0]], first, gap, device)
+        dtype = hist[0][-1].dtype
+        zeros = torch.zeros(max(gap, 1), dtype=dtype, device=device)
+        parts = [zeros[:size] if kind != "history" else hist[m][size].reshape(-1) for kind, m, size in plan.pieces]
+        rows = torch.cat(parts)  # the first tokens are zeros here, put in below (one differentiable op)
+        if first:
+            lre = self.lre.weight.view(-1)
+            values = lre if indices == list(range(lre.numel())) else lre[torch.tensor(indices, device=device)]
+            rows = rows.index_put((plan.lre_at,), values.to(dtype))
+        outs = [self.slow(seq.view(1, -1, 1), low_memory=self.recompute, resets=r).view(-1)
+                for seq, r in zip(rows.split(plan.lengths), plan.resets)]
+        return torch.cat(outs).index_select(0, plan.gather)
 
     def stream_gradient(self, index: int, seq: Tensor) -> Tensor:
         """Layout ``stream``: ``G_slow`` (n,) from the carried state ``s⁽ᵗ⁻¹⁾`` and the new token
@@ -400,7 +497,10 @@ class FSG(Estimator):
             return super().directions_all(contexts)
         indices = [c.index for c in contexts]
         # stream: one call on every layer's weights (their states one joint tensor), G_slow already flat
-        g_flat = self.stream_gradients(indices) if self.layout == "stream" else None
+        if self.layout == "stream":
+            g_flat = self.stream_gradients(indices)
+        else:  # flat: the layers' sequences packed in a few calls (where the backend can)
+            g_flat = self.packed_slow_gradients(indices)
         if g_flat is not None:
             g_slow = dict(zip(indices, g_flat.split([c.w_tilde.numel() for c in contexts])))
         elif self.layout == "stream":  # each layer's own carried state: the slow-net per layer

@@ -93,10 +93,11 @@ class SlowNet(nn.Module):
         super().__init__()
         self.mamba = Mamba(d_model=1, d_state=d_state, d_conv=d_conv, expand=expand)
 
-    def forward(self, seq: Tensor, low_memory: bool = False) -> Tensor:
+    def forward(self, seq: Tensor, low_memory: bool = False, resets: Optional[Tensor] = None) -> Tensor:
         """``low_memory``: keep (almost) no activations for the backward pass, recompute them
-        there (see :meth:`fsg.ssm.mamba.Mamba.forward`)."""
-        return self.mamba(seq, low_memory=low_memory)
+        there; ``resets``: several sequences packed in a row (see
+        :meth:`fsg.ssm.mamba.Mamba.forward`)."""
+        return self.mamba(seq, low_memory=low_memory, resets=resets)
 
     def stream(self, seq: Tensor, state=None, state_buffer: Optional[Tensor] = None, low_memory: bool = False):
         """Continue the recurrence by ``seq`` (B, T_new, 1) from ``state`` (None: start).

@@ -11,6 +11,7 @@ Modules:
   :func:`causal_conv1d_ref`, :func:`check_scan_shapes`), the fallback of every backend.
 * :mod:`fsg.ssm.cpu`: the compiled C kernels for the CPU (formerly ``fsg.scan_cpu``).
 * :mod:`fsg.ssm.backends`: :class:`Backend`, the registry, the selection and the dispatchers.
+* :mod:`fsg.ssm.packing`: several sequences in one row, for one scan with ``resets``.
 * :mod:`fsg.ssm.lowmem`: the low-memory Mamba block on a backend's scan kernels (``cpu``, ``triton``).
 * ``fsg.ssm.triton_scan``: Triton kernels for CUDA (optional; the ``"triton"`` backend).
 * :mod:`fsg.ssm.mamba`: the Mamba block (``d_model``-wide, ``mamba_ssm.Mamba``'s parameter names) and
@@ -25,13 +26,16 @@ Public API::
     list_backends() -> [name, ...];  set_backend(name);  use_backend(name)  (context manager)
     current_backend() -> "auto" | name;  select_backend(device) -> Backend (what "auto" picks)
     selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None)
+                   return_last_state=False, initial_state=None, resets=None)
+    supports_resets(device) -> bool  # the selected backend's kernels restart the state at resets
+    pack_sequences(seqs, gap) -> (row, resets, starts);  packed_starts(lengths, gap)
+                         # sequences packed in one row for one scan (fsg.ssm.packing)
     selective_scan_step(..., same arguments, last_out=None, state_dtype=None)
                          # streaming: state into last_out, stored as state_dtype (16 bits: rounded)
     mamba_stream(block, window, h, state_dtype, in_place=False, state_buffer=None)
                          # Mamba.stream's low-memory step (None: the backend has none)
     causal_conv1d(x, weight, bias=None, silu=False)
-    mamba_low_memory(block, x)
+    mamba_low_memory(block, x, resets=None)
     selective_scan_ref(...), causal_conv1d_ref(x, weight, bias=None, silu=False),
     check_scan_shapes(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None),
     check_conv_shapes(x, weight, bias=None), compute_dtype(dtype)
@@ -59,9 +63,11 @@ from fsg.ssm.backends import (
     selective_scan,
     selective_scan_step,
     set_backend,
+    supports_resets,
     unregister_backend,
     use_backend,
 )
+from fsg.ssm.packing import pack_sequences, packed_starts
 from fsg.ssm.reference import causal_conv1d as causal_conv1d_ref
 from fsg.ssm.reference import check_conv_shapes, check_scan_shapes, compute_dtype, selective_scan_ref
 
@@ -69,6 +75,7 @@ __all__ = [
     "AUTO", "Backend", "register_backend", "unregister_backend", "get_backend", "list_backends",
     "set_backend", "use_backend", "current_backend", "select_backend",
     "selective_scan", "selective_scan_step", "causal_conv1d", "mamba_low_memory", "mamba_stream",
+    "supports_resets", "pack_sequences", "packed_starts",
     "selective_scan_ref", "causal_conv1d_ref", "check_scan_shapes", "check_conv_shapes", "compute_dtype",
     "backends", "cpu", "reference",
 ]

@@ -9,6 +9,10 @@ A :class:`Backend` names a set of implementations of the state-space operations:
   return None to decline particular inputs;
 * ``mamba_low_memory(block, x)``: ``block(x)`` for a Mamba block, keeping (almost) no activations
   for the backward pass; may return None to decline;
+* ``resets``: a ``selective_scan`` or ``mamba_low_memory`` op that carries the attribute
+  ``supports_resets = True`` also takes ``resets=`` (batch, L) bool, the tokens where the state
+  restarts (several sequences packed in a row: :mod:`fsg.ssm.packing`); for the others such a
+  call goes to the reference scan (checkpointed, for the block);
 * ``selective_scan_step(..., last_out=None)``: the scan continued from ``initial_state`` by a few
   tokens (streaming), allowed to write the new state into the free float32 buffer ``last_out``
   (batch, d_inner, d_state) instead of allocating one. An op that also stores the state in 16 bits
@@ -85,6 +89,7 @@ __all__ = [
     "causal_conv1d",
     "mamba_low_memory",
     "mamba_stream",
+    "supports_resets",
 ]
 
 #: The selection name that picks a backend per device.
@@ -278,12 +283,28 @@ def select_backend(device: Union[str, torch.device]) -> Backend:
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, initial_state: Optional[Tensor] = None):
+                   return_last_state: bool = False, initial_state: Optional[Tensor] = None,
+                   resets: Optional[Tensor] = None):
     """Selective scan through the backend selected for ``u``'s device; same signature and
-    semantics as :func:`fsg.ssm.reference.selective_scan_ref`."""
+    semantics as :func:`fsg.ssm.reference.selective_scan_ref`. ``resets`` (batch, L) bool: the
+    state restarts at the True tokens (several sequences packed in a row, see
+    :mod:`fsg.ssm.packing`); run by the backend's op where it carries ``supports_resets``
+    (:func:`supports_resets`), else by the reference."""
     fn = select_backend(u.device).selective_scan or selective_scan_ref
-    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-              return_last_state=return_last_state, initial_state=initial_state)
+    kwargs = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                  return_last_state=return_last_state, initial_state=initial_state)
+    if resets is not None:
+        fn = fn if getattr(fn, "supports_resets", False) else selective_scan_ref
+        kwargs["resets"] = resets
+    return fn(u, delta, A, B, C, **kwargs)
+
+
+def supports_resets(device: Union[str, torch.device]) -> bool:
+    """Whether the backend selected for ``device`` scans with ``resets`` in its own kernels (its
+    ``selective_scan`` op carries ``supports_resets = True``; the reference's does), rather than
+    falling back to the reference (a Python loop over time): where it does, packing several
+    sequences in one call pays (:mod:`fsg.ssm.packing`)."""
+    return bool(getattr(select_backend(device).selective_scan or selective_scan_ref, "supports_resets", False))
 
 
 def selective_scan_step(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
@@ -357,15 +378,17 @@ def mamba_stream(block, window: Tensor, h: Optional[Tensor], state_dtype: torch.
     return op(block, window, h, state_dtype, in_place=in_place, state_buffer=state_buffer)
 
 
-def mamba_low_memory(block, x: Tensor) -> Tensor:
+def mamba_low_memory(block, x: Tensor, resets: Optional[Tensor] = None) -> Tensor:
     """``block(x)`` keeping (almost) no activations for the backward: the backend's
-    ``mamba_low_memory`` op, else ``torch.utils.checkpoint`` of ``block.plain_forward``."""
+    ``mamba_low_memory`` op, else ``torch.utils.checkpoint`` of ``block.plain_forward``.
+    ``resets`` (see :func:`selective_scan`) go to an op carrying ``supports_resets``; with another
+    op the block is checkpointed."""
     op = select_backend(x.device).mamba_low_memory
-    if op is not None:
-        out = op(block, x)
+    if op is not None and (resets is None or getattr(op, "supports_resets", False)):
+        out = op(block, x) if resets is None else op(block, x, resets=resets)
         if out is not None:
             return out
-    return torch.utils.checkpoint.checkpoint(block.plain_forward, x, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(block.plain_forward, x, resets, use_reentrant=False)
 
 
 # ---------------------------------------------------------------------------
@@ -445,12 +468,17 @@ def _triton_scan(*args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _triton_low_memory(block, x):
+def _triton_low_memory(block, x, resets=None):
     if _lazy_import("triton", _import_triton)[0] is None:
         return None  # a checkpointed block then
     from fsg.ssm.triton_scan import mamba_low_memory_triton
 
-    return mamba_low_memory_triton(block, x)
+    return mamba_low_memory_triton(block, x, resets=resets)
+
+
+# the ops whose own kernels take resets= (the reference's loop, the Triton kernels)
+selective_scan_ref.supports_resets = True  # type: ignore[attr-defined]
+_triton_scan.supports_resets = _triton_low_memory.supports_resets = True  # type: ignore[attr-defined]
 
 
 def _triton_stream(block, window, h, state_dtype, in_place=False, state_buffer=None):

@@ -270,7 +270,7 @@ class Mamba(nn.Module):
 
         self.out_proj = nn.Linear(d_inner, d_model, bias=False, **factory)
 
-    def forward(self, x: Tensor, low_memory: bool = False) -> Tensor:
+    def forward(self, x: Tensor, low_memory: bool = False, resets: Optional[Tensor] = None) -> Tensor:
         """``x``: ``(B, T, d_model)`` -> ``(B, T, d_model)``.
 
         ``low_memory=True`` keeps (almost) nothing of the block's activations for the backward
@@ -279,12 +279,21 @@ class Mamba(nn.Module):
         re-running the scan's forward (:func:`fsg.ssm.cpu.mamba_low_memory`); with a backend
         without that operation the block is checkpointed (``torch.utils.checkpoint``:
         recomputed in the backward pass). Same values and gradients.
+
+        ``resets`` (B, T) bool: sequences packed one after another in a row; the scan state
+        restarts (``h_{t-1} = 0``) at each True token (see :func:`fsg.ssm.selective_scan`). The
+        causal convolution is not reset: a packed sequence is independent of what precedes it
+        when ``d_conv - 1`` zero tokens precede it (:func:`pack_sequences` lays them out). Runs on
+        the backend's own kernels where :func:`fsg.ssm.supports_resets`, else on the reference scan.
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
+        if resets is not None and (resets.dtype != torch.bool or tuple(resets.shape) != tuple(x.shape[:2])):
+            raise ValueError(f"resets must be a bool tensor of shape (B, T) = {tuple(x.shape[:2])}, got "
+                             f"{resets.dtype} {tuple(resets.shape)}")
         if low_memory and torch.is_grad_enabled():
-            return _ssm.mamba_low_memory(self, x)
-        return self.plain_forward(x)
+            return _ssm.mamba_low_memory(self, x, resets=resets)
+        return self.plain_forward(x, resets)
 
     def stream(self, x: Tensor, state: Optional[tuple] = None, state_buffer: Optional[Tensor] = None,
                state_dtype: Optional[torch.dtype] = None, low_memory: bool = False, in_place: bool = False):
@@ -476,9 +485,10 @@ class Mamba(nn.Module):
         delta = _project(self.dt_proj.weight, dlt)  # (B, d_inner, T)
         return u, z, delta, Bt, Ct
 
-    def plain_forward(self, x: Tensor) -> Tensor:
+    def plain_forward(self, x: Tensor, resets: Optional[Tensor] = None) -> Tensor:
         """The block on ``x`` (B, T, d_model) with autograd keeping every activation (what
-        ``forward`` runs without ``low_memory``, and what a checkpointed block recomputes)."""
+        ``forward`` runs without ``low_memory``, and what a checkpointed block recomputes);
+        ``resets``: see :meth:`forward`."""
         u, z, delta, Bt, Ct = self.pre_scan(x)
         param_dtype = compute_dtype(self.A_log.dtype)
         A = -torch.exp(self.A_log.to(param_dtype))
@@ -492,6 +502,7 @@ class Mamba(nn.Module):
             z=z,
             delta_bias=self.dt_proj.bias.to(param_dtype),
             delta_softplus=True,
+            **({} if resets is None else {"resets": resets}),
         )  # (B, d_inner, T), already multiplied by silu(z)
         return torch.matmul(self.out_proj.weight, y.to(x.dtype)).transpose(1, 2)
 
