@@ -35,8 +35,9 @@ def joint_rows(parts: List[Tensor], copy: bool = True) -> Optional[Tensor]:
     storage = first.untyped_storage().data_ptr()
     offset = first.storage_offset()
     for t in parts:
-        if (t.dtype != first.dtype or t.device != first.device or t.shape[1:] != first.shape[1:] or t.stride() != first.stride()
-                or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset):
+        if (t.dtype != first.dtype or t.device != first.device or t.shape[1:] != first.shape[1:]
+                or t.stride() != first.stride() or t.untyped_storage().data_ptr() != storage
+                or t.storage_offset() != offset):
             return torch.cat(parts) if copy else None
         offset += t.shape[0] * t.stride(0)
     rows = sum(t.shape[0] for t in parts)
@@ -236,8 +237,9 @@ class FSG(Estimator):
       resets in its kernels: Triton, the reference), else layers of equal size as rows of one
       call; temporal: layers as rows (:meth:`slow_gradients`); never more tokens per call than
       the largest layer's, so no more memory. Stream: all layers in one call
-      (:meth:`stream_gradients`), the layers' carried states rows of one tensor. On a GPU, where a step of this size is mostly kernel launches,
-      this divides their launches by the number of layers batched together.
+      (:meth:`stream_gradients`), the layers' carried states rows of one tensor. On a GPU,
+      where a step of this size is mostly kernel launches, this divides their launches by the
+      number of layers batched together.
       Unset: on when the slow-net is on CUDA (on the CPU, per layer keeps earlier runs' numbers
       bit for bit).
     * options: :class:`FSGConfig` (``FSG(**options)`` = ``FSG(FSGConfig(**options))``).
@@ -383,7 +385,7 @@ class FSG(Estimator):
             plan = self._pack_plans[key] = pack_plan([list(k) for k in key[0]], first, gap, device)
         dtype = hist[0][-1].dtype
         zeros = torch.zeros(max(gap, 1), dtype=dtype, device=device)
-        parts = [zeros[:size] if kind != "history" else hist[m][size].reshape(-1) for kind, m, size in plan.pieces]
+        parts = [hist[m][arg].reshape(-1) if kind == "history" else zeros[:arg] for kind, m, arg in plan.pieces]
         rows = torch.cat(parts)  # the first tokens are zeros here, put in below (one differentiable op)
         if first:
             lre = self.lre.weight.view(-1)
